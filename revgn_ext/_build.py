@@ -1,0 +1,87 @@
+"""Build facts shared by setup.py (ahead-of-time) and the JIT path, so both compile the same thing.
+
+This module imports nothing from the package: setup.py runs it as a plain file.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+
+def cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+
+
+def want_cuda() -> bool:
+    """CUDA kernels when forced, or when nvcc and a CUDA build of torch are both present."""
+    if os.environ.get("REVGN_FORCE_CUDA", "0") == "1":
+        return True
+    import torch
+
+    return torch.version.cuda is not None and cuda_home() is not None
+
+
+def sources(with_cuda: bool) -> list[str]:
+    cpp = sorted(glob.glob(str(CSRC / "*.cpp")))
+    if not with_cuda:
+        return cpp
+    return cpp + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
+
+
+def cuda_include_dirs() -> list[str]:
+    """CUDA 13 wheels ship cuBLAS/cuSOLVER headers under site-packages/nvidia/cu13/include."""
+    dirs = []
+    for base in sys.path:
+        cand = Path(base) / "nvidia" / "cu13" / "include"
+        if cand.is_dir():
+            dirs.append(str(cand))
+    return dirs[:1]
+
+
+def compile_args(with_cuda: bool, debug: bool = False) -> dict:
+    opt = "-O0" if debug else "-O3"
+    cxx = [opt, "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    if with_cuda:
+        cxx.append("-DWITH_CUDA")
+    args = {"cxx": cxx}
+    if with_cuda:
+        args["nvcc"] = [opt, "-std=c++17", "-DWITH_CUDA", "--use_fast_math", "-lineinfo",
+                        "--expt-relaxed-constexpr"]
+    return args
+
+
+def jit_load() -> str:
+    """Build csrc with torch.utils.cpp_extension.load (ninja) and register the ops; returns the .so."""
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda = want_cuda()
+    if with_cuda and "CUDA_HOME" not in os.environ and cuda_home():
+        os.environ["CUDA_HOME"] = cuda_home()
+    build_dir = Path(os.environ.get("REVGN_JIT_DIR", Path.home() / ".cache" / "revgn_ext" /
+                                    f"torch{torch.__version__}{'-cuda' if with_cuda else ''}"))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    args = compile_args(with_cuda)
+    cpp_extension.load(
+        name="revgn_ext_jit",
+        sources=sources(with_cuda),
+        extra_cflags=args["cxx"],
+        extra_cuda_cflags=args.get("nvcc"),
+        extra_include_paths=cuda_include_dirs() if with_cuda else None,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=os.environ.get("REVGN_VERBOSE_BUILD", "0") == "1",
+    )
+    return str(build_dir / "revgn_ext_jit.so")

@@ -1,0 +1,39 @@
+"""Argument validation shared by the ops and the optimizers.
+
+Every check raises ``ValueError`` that names the offending argument, before anything is computed or
+written, so a bad call never leaves partial state behind.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, ndim: int | None = None, float_only: bool = True,
+                 finite: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if float_only and t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+    if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    """All tensors share dtype and device; the message names the first one that differs."""
+    ref_name, ref = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(f"{name} has size {t.shape[dim]} in dimension {dim}, expected {expected} ({what}); "
+                         f"got shape {tuple(t.shape)}")

@@ -1,0 +1,154 @@
+"""Pure-PyTorch references for every op in ``revgn_ext.ops``.
+
+These few lines are the specification: each C++/CUDA kernel is an optimisation of the function of the
+same name here, and the tests compare the two. They also serve as the fallback when the compiled
+extension is not available.
+"""
+from __future__ import annotations
+
+import torch
+
+# Jitter schedule shared by every backend: first try the damped Gram as given; after a failed
+# factorisation add ``scale * JITTER_START * JITTER_GROWTH**k`` (scale = mean of the Gram's diagonal),
+# doubling down until the jitter reaches ``scale`` itself. With jitter >= scale the matrix is PD with
+# condition number <= n + 1, so the last try cannot fail for finite input.
+JITTER_START = 1e-10
+JITTER_GROWTH = 10.0
+
+
+def jitter_schedule(dtype: torch.dtype) -> list[float]:
+    """Relative jitters tried after a failed Cholesky, smallest first, ending at 1.0."""
+    start = max(JITTER_START, 10.0 * torch.finfo(dtype).eps)
+    out = []
+    j = start
+    while j < 1.0:
+        out.append(j)
+        j *= JITTER_GROWTH
+    out.append(1.0)
+    return out
+
+
+def gram(A: torch.Tensor, append_ones: bool = False) -> torch.Tensor:
+    """G = A A^T, or [A, 1][A, 1]^T = A A^T + 1 1^T with ``append_ones``. A: (B, n, m) -> (B, n, n)."""
+    G = A @ A.mT
+    if append_ones:
+        G = G + 1.0
+    return G
+
+
+def gram_factor(A: torch.Tensor, damping: torch.Tensor, append_ones: bool = False):
+    """Cholesky factor of G + (lambda + jitter) I, retrying failed matrices with growing jitter.
+
+    Returns ``(L, info, jitter)``: L (B, n, n) lower triangular, info (B,) int32 with the number of
+    retries each matrix needed (0 = clean; -1 = every retry failed, L then holds the Jacobi factor
+    sqrt(diag)), jitter (B,) the absolute jitter that was added.
+    """
+    B, n, _ = A.shape
+    G = gram(A, append_ones)
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    G = G + damping.reshape(B, 1, 1) * eye
+    L, status = torch.linalg.cholesky_ex(G)
+    info = torch.zeros(B, dtype=torch.int32, device=A.device)
+    jitter = torch.zeros(B, dtype=A.dtype, device=A.device)
+    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(A.dtype).tiny)
+    for b in range(B):
+        if status[b] == 0:
+            continue
+        info[b] = -1
+        for k, rel in enumerate(jitter_schedule(A.dtype)):
+            Lb, sb = torch.linalg.cholesky_ex(G[b] + rel * scale[b] * eye)
+            if sb == 0:
+                L[b], info[b], jitter[b] = Lb, k + 1, rel * scale[b]
+                break
+        if info[b] < 0:
+            L[b] = torch.diag(G[b].diagonal().clamp_min(torch.finfo(A.dtype).tiny).sqrt())
+            jitter[b] = scale[b]
+    return L, info, jitter
+
+
+def gram_solve(A: torch.Tensor, L: torch.Tensor, R: torch.Tensor, append_ones: bool = False):
+    """A^T (L L^T)^{-1} R. A: (B, n, m), L: (B, n, n), R: (B, n, k) -> (B, m [+1], k)."""
+    U = torch.cholesky_solve(R, L)
+    out = A.mT @ U
+    if append_ones:
+        out = torch.cat([out, U.sum(dim=-2, keepdim=True)], dim=-2)
+    return out
+
+
+def gram_cholesky_solve(A, R, damping, append_ones=False):
+    """A^T (A A^T + lambda I)^{-1} R (ones column appended to A when asked), with jitter on failure.
+
+    Returns ``(out, info, jitter)`` as :func:`gram_factor` and :func:`gram_solve`.
+    """
+    L, info, jitter = gram_factor(A, damping, append_ones)
+    return gram_solve(A, L, R, append_ones), info, jitter
+
+
+# --------------------------------------------------------------------------------------------------
+# Reversible coupling layer
+#   F(U) = act(U V_F) W_F^T + b_F,  G(U) = act(U V_G) W_G^T + b_G   (V = None: no bottleneck, act(U))
+#   forward:  y1 = x1 + F(x2),  y2 = x2 + G(y1)      inverse:  x2 = y2 - G(y1),  x1 = y1 - F(x2)
+# Shapes: x*, y* (n, d/2); V*, W* (d/2, M); b* (d/2,). Without a bottleneck W* is (d/2, d/2).
+# --------------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ("identity", "relu", "tanh", "gelu")
+
+
+def activation(name: str, z: torch.Tensor) -> torch.Tensor:
+    if name == "identity":
+        return z
+    if name == "relu":
+        return torch.relu(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "gelu":
+        return torch.nn.functional.gelu(z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def activation_grad(name: str, z: torch.Tensor) -> torch.Tensor:
+    """act'(z), elementwise."""
+    if name == "identity":
+        return torch.ones_like(z)
+    if name == "relu":
+        return (z > 0).to(z.dtype)
+    if name == "tanh":
+        return 1.0 - torch.tanh(z) ** 2
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+        return cdf + z * pdf
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def _pre(U, V):
+    return U if V is None else U @ V
+
+
+def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation_name="relu", return_features=False):
+    """(y1, y2, hF, hG) with hF = act(x2 V_F), hG = act(y1 V_G) when ``return_features``, else None."""
+    hF = activation(activation_name, _pre(x2, VF))
+    y1 = x1 + hF @ WF.mT + bF
+    hG = activation(activation_name, _pre(y1, VG))
+    y2 = x2 + hG @ WG.mT + bG
+    if return_features:
+        return y1, y2, hF, hG
+    return y1, y2, None, None
+
+
+def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation_name="relu"):
+    """(x1, x2) with x2 = y2 - G(y1), x1 = y1 - F(x2)."""
+    x2 = y2 - activation(activation_name, _pre(y1, VG)) @ WG.mT - bG
+    x1 = y1 - activation(activation_name, _pre(x2, VF)) @ WF.mT - bF
+    return x1, x2
+
+
+def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation_name="relu"):
+    """Tangent of the inverse at (y1, x2) along (dy1, dy2):
+
+    dx2 = dy2 - (act'(y1 V_G) * (dy1 V_G)) W_G^T,   dx1 = dy1 - (act'(x2 V_F) * (dx2 V_F)) W_F^T.
+    ``x2`` is the block's input half (what the inverse returns), ``y1`` its first output half.
+    """
+    dx2 = dy2 - (activation_grad(activation_name, _pre(y1, VG)) * _pre(dy1, VG)) @ WG.mT
+    dx1 = dy1 - (activation_grad(activation_name, _pre(x2, VF)) * _pre(dx2, VF)) @ WF.mT
+    return dx1, dx2
