@@ -1,0 +1,290 @@
+"""Datasets for the experiments, read from local files only (no downloads).
+
+``load_dataset(name, data_dir=None) -> (x_train, y_train, x_test, y_test)`` returns float32 ``(N, d)``
+features and int64 ``(N,)`` labels as torch tensors, standardised with statistics of the training
+split only.
+
+* ``"digits"``: scikit-learn's bundled 8x8 digits (1797 images, d = 64, 10 classes), split 80 / 20
+  by a fixed permutation.
+* ``"fashion-mnist"`` / ``"mnist"``: IDX files (``train-images-idx3-ubyte.gz`` ...), by default from
+  Debian's ``dataset-fashion-mnist`` folder ``/usr/share/datasets/fashion-mnist``.
+* ``"cifar10"``: the python-pickle batches of ``cifar-10-batches-py``, read by a restricted unpickler
+  that only builds numpy arrays, lists, dicts, bytes, str and numbers.
+* ``"synthetic"``: a Gaussian mixture made from a seed, for tests.
+
+Every reader checks the sizes a file claims against what the file holds before allocating, and a
+malformed file raises ``ValueError`` naming the file and the problem.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import pickletools
+import struct
+from math import prod
+
+import numpy as np
+import torch
+
+__all__ = ["DATASETS", "DEFAULT_DIRS", "load_dataset", "read_idx", "read_cifar_batch", "synthetic"]
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "synthetic")
+DEFAULT_DIRS = {
+    "fashion-mnist": "/usr/share/datasets/fashion-mnist",
+    "mnist": "/usr/share/datasets/mnist",
+    "cifar10": "cifar-10-batches-py",
+}
+
+# A file claiming more than this is refused before anything is read (the largest real file here,
+# CIFAR-10's training set, is 150 MB).
+MAX_BYTES = 1 << 32
+_CHUNK = 1 << 20
+
+
+def load_dataset(name: str = "digits", data_dir: str | None = None):
+    """Load ``name`` as ``(x_train, y_train, x_test, y_test)``: float32 ``(N, d)``, int64 ``(N,)``."""
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {', '.join(DATASETS)}; got {name!r}")
+    if name == "digits":
+        x_tr, y_tr, x_te, y_te = _digits()
+    elif name == "synthetic":
+        return synthetic()
+    elif name in ("fashion-mnist", "mnist"):
+        x_tr, y_tr, x_te, y_te = _idx_dataset(name, data_dir or DEFAULT_DIRS[name])
+    else:
+        x_tr, y_tr, x_te, y_te = _cifar10(data_dir or DEFAULT_DIRS[name])
+    x_tr, x_te = _standardise(x_tr, x_te, scale=16.0 if name == "digits" else 255.0,
+                              channels=3 if name == "cifar10" else 1)
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.int64)),
+            torch.from_numpy(x_te), torch.from_numpy(y_te.astype(np.int64)))
+
+
+def _standardise(x_tr: np.ndarray, x_te: np.ndarray, scale: float, channels: int):
+    """Pixels ``/ scale`` to [0, 1], then ``(x - mean) / std`` per colour channel with training-set statistics.
+
+    Per channel rather than per pixel, so that constant border pixels stay finite and the image's
+    spatial contrast is kept.
+    """
+    out = []
+    tr = x_tr.astype(np.float64).reshape(len(x_tr), channels, -1) / scale
+    te = x_te.astype(np.float64).reshape(len(x_te), channels, -1) / scale
+    mean = tr.mean(axis=(0, 2), keepdims=True)
+    std = tr.std(axis=(0, 2), keepdims=True) + 1e-8
+    for x in (tr, te):
+        out.append(((x - mean) / std).reshape(len(x), -1).astype(np.float32))
+    return out
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    n_test = len(order) // 5
+    test, train = order[:n_test], order[n_test:]
+    x = digits.data.astype(np.float32)
+    return x[train], digits.target[train], x[test], digits.target[test]
+
+
+def synthetic(n_train: int = 512, n_test: int = 256, features: int = 16, classes: int = 4,
+              noise: float = 1.0, seed: int = 0):
+    """A Gaussian mixture: class means ``N(0, I)`` in ``features`` dims, samples ``mean + noise * N(0, I)``."""
+    for arg, value in (("n_train", n_train), ("n_test", n_test), ("features", features), ("classes", classes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, features, generator=g)
+
+    def draw(n):
+        y = torch.randint(classes, (n,), generator=g)
+        return means[y] + noise * torch.randn(n, features, generator=g), y
+
+    x_tr, y_tr = draw(n_train)
+    x_te, y_te = draw(n_test)
+    return x_tr.float(), y_tr.long(), x_te.float(), y_te.long()
+
+
+# --------------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+# --------------------------------------------------------------------------------------------------
+
+_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _open(path: str):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _read_exact(f, n: int, path: str, what: str) -> bytes:
+    """Read exactly ``n`` bytes in chunks, so memory grows only with data the file really holds."""
+    buf = bytearray()
+    try:
+        while len(buf) < n:
+            chunk = f.read(min(_CHUNK, n - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+    except (OSError, EOFError, gzip.BadGzipFile) as e:  # corrupt or cut gzip stream
+        raise ValueError(f"{path}: cannot read {what}: {e}") from None
+    if len(buf) < n:
+        raise ValueError(f"{path}: truncated: {what} needs {n} bytes but the file holds only {len(buf)}")
+    return bytes(buf)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) into a numpy array of the header's shape.
+
+    Header: two zero bytes, a type byte, the number of dimensions, then each dimension as a big-endian
+    uint32; the data follow in C order. The claimed size is checked against ``MAX_BYTES`` and against
+    the bytes actually present before anything of that size is allocated.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        head = _read_exact(f, 4, path, "the IDX magic number")
+        if head[0] != 0 or head[1] != 0 or head[2] not in _IDX_TYPES or head[3] == 0:
+            raise ValueError(f"{path}: not an IDX file (bad magic number {head.hex()}; expected 0000TTNN with "
+                             f"type TT in {sorted(hex(t) for t in _IDX_TYPES)})")
+        dtype, ndim = _IDX_TYPES[head[2]], head[3]
+        dims = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path, "the IDX dimensions"))
+        nbytes = prod(dims) * dtype.itemsize
+        if nbytes > MAX_BYTES:
+            raise ValueError(f"{path}: header claims dimensions {dims} ({nbytes} bytes), more than the "
+                             f"{MAX_BYTES}-byte limit; the file is corrupt")
+        data = _read_exact(f, nbytes, path, f"data of shape {dims}")
+        try:
+            extra = f.read(1)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: cannot read past the data: {e}") from None
+        if extra:
+            raise ValueError(f"{path}: trailing bytes after the {nbytes} data bytes of shape {dims}")
+    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find(folder: str, names: tuple[str, ...], dataset: str) -> str:
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    hint = "install Debian's dataset-fashion-mnist or pass --data-dir" if dataset == "fashion-mnist" \
+        else "pass --data-dir pointing to the folder with the files"
+    raise FileNotFoundError(f"{dataset}: none of {', '.join(names)} found in {folder} ({hint})")
+
+
+def _idx_dataset(dataset: str, folder: str):
+    splits = []
+    for prefix in ("train", "t10k"):
+        pair = []
+        for kind, rank in (("images", 3), ("labels", 1)):
+            stems = (f"{prefix}-{kind}-idx{rank}-ubyte", f"{prefix}-{kind}.idx{rank}-ubyte")
+            path = _find(folder, tuple(s + ext for s in stems for ext in (".gz", "")), dataset)
+            array = read_idx(path)
+            if array.ndim != rank:
+                raise ValueError(f"{path}: expected {rank} dimensions for {kind}, the header has {array.ndim}")
+            pair.append((path, array))
+        (ipath, images), (lpath, labels) = pair
+        if len(images) != len(labels):
+            raise ValueError(f"{ipath} holds {len(images)} images but {lpath} holds {len(labels)} labels")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"{lpath}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+        splits.append((images.reshape(len(images), -1), labels))
+    (x_tr, y_tr), (x_te, y_te) = splits
+    if x_tr.shape[1] != x_te.shape[1]:
+        raise ValueError(f"{dataset} in {folder}: training images have {x_tr.shape[1]} pixels, "
+                         f"test images {x_te.shape[1]}")
+    return x_tr, y_tr, x_te, y_te
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 python-pickle batches
+# --------------------------------------------------------------------------------------------------
+
+# Everything a numpy array pickle (protocols 2 to 5, numpy 1 or 2) needs, and nothing that can run code.
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol 2 writes bytes from Python 3
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise ValueError(f"{self.path}: refusing to unpickle {module}.{name}; a CIFAR-10 batch may only "
+                             f"contain numpy arrays, lists, dicts, bytes, str and numbers")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise ValueError(f"{self.path}: refusing a persistent id in the pickle")
+
+
+def _unpickle(path: str):
+    size = os.path.getsize(path)
+    if size > MAX_BYTES:
+        raise ValueError(f"{path}: file of {size} bytes is larger than the {MAX_BYTES}-byte limit")
+    with open(path, "rb") as f:
+        raw = f.read()
+    # Walking the opcodes first checks every length the pickle claims against the bytes present, so a
+    # forged length cannot make the unpickler allocate it.
+    try:
+        for _ in pickletools.genops(io.BytesIO(raw)):
+            pass
+    except Exception as e:  # pickletools reports malformed input as ValueError or others
+        raise ValueError(f"{path}: not a valid pickle: {e}") from None
+    try:
+        return _RestrictedUnpickler(io.BytesIO(raw), path).load()
+    except Exception as e:
+        if isinstance(e, ValueError) and str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: cannot unpickle: {type(e).__name__}: {e}") from None
+
+
+def _get(batch: dict, key: str):
+    for k in (key.encode(), key):
+        if k in batch:
+            return batch[k]
+    return None
+
+
+def read_cifar_batch(path: str):
+    """Read one CIFAR-10 batch: ``(images uint8 (N, 3072), labels int64 (N,))``."""
+    path = os.fspath(path)
+    batch = _unpickle(path)
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a dict, the pickle holds a {type(batch).__name__}")
+    data, labels = _get(batch, "data"), _get(batch, "labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
+        n = len(labels) if isinstance(labels, (list, np.ndarray)) else type(labels).__name__
+        raise ValueError(f"{path}: 'labels' must be a list of {len(data)} ints, got {n}")
+    if isinstance(labels, list) and not all(type(v) is int for v in labels):
+        raise ValueError(f"{path}: 'labels' must hold ints only")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    return data, labels
+
+
+def _cifar10(folder: str):
+    if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")):
+        folder = os.path.join(folder, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise FileNotFoundError(f"cifar10: {', '.join(missing)} not found in {folder} (pass --data-dir "
+                                f"pointing to cifar-10-batches-py)")
+    batches = [read_cifar_batch(os.path.join(folder, n)) for n in names]
+    x_tr = np.concatenate([b[0] for b in batches[:5]])
+    y_tr = np.concatenate([b[1] for b in batches[:5]])
+    return x_tr, y_tr, batches[5][0], batches[5][1]
