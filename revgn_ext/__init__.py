@@ -6,7 +6,8 @@
   pure-PyTorch references in :mod:`revgn_ext.reference`.
 """
 from . import ops, reference
+from .model import RevMLP
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__"]
+__all__ = ["ops", "reference", "__version__", "RevMLP"]
