@@ -34,13 +34,45 @@ def perturb(model, scale, seed=1):
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def test_ntk_matvec_matches_dense():
+@pytest.mark.parametrize("mode", ["jvp", "double_vjp", "auto"])
+def test_ntk_matvec_matches_dense(mode):
     model = tiny_model()
     x = torch.randn(4, 3, dtype=torch.float64)
     v = torch.randn(4, 2, dtype=torch.float64)
     K = dense_ntk(model, x)
-    Kv = dg.ntk_matvec(model, x, v)
+    Kv = dg.ntk_matvec(model, x, v, mode=mode)
     torch.testing.assert_close(Kv.flatten(), K @ v.flatten(), rtol=1e-12, atol=1e-12)
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """tanh with a backward formula (itself differentiable) but no JVP rule."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_ntk_matvec_falls_back_without_forward_mode():
+    model = tiny_model()
+    model[1] = type("Act", (nn.Module,), {"forward": lambda self, x: _NoForwardMode.apply(x)})()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    v = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        dg.ntk_matvec(model, x, v, mode="jvp")
+    model_ref = tiny_model()
+    K = dense_ntk(model_ref, x)
+    torch.testing.assert_close(dg.ntk_matvec(model, x, v).flatten(), K @ v.flatten(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="mode must be"):
+        dg.ntk_matvec(model, x, v, mode="dense")
 
 
 def test_ntk_matvec_at_given_params_and_partly_frozen_model():

@@ -21,14 +21,32 @@ def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _jvp_by_double_vjp(f, primals, tangents):
+    """``J u`` by reverse mode only: ``g(w) = J^T w`` is linear in w, so ``d <g(w), u> / dw = J u``.
+
+    For models whose ops have a backward formula but no forward-mode (JVP) rule.
+    """
+    theta = tuple(p.detach().requires_grad_() for p in primals)
+    with torch.enable_grad():
+        out = f(*theta)
+        w = torch.zeros_like(out, requires_grad=True)
+        g = torch.autograd.grad(out, theta, w, create_graph=True)
+        (Ju,) = torch.autograd.grad(g, w, tangents)
+    return out, Ju
+
+
 def ntk_matvec(model: nn.Module, x: torch.Tensor, v: torch.Tensor,
-               params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+               params: Mapping[str, torch.Tensor] | None = None, mode: str = "auto") -> torch.Tensor:
     """Empirical NTK product ``K v = J (J^T v)`` with ``J = d model(x) / d theta`` at ``params``.
 
     ``v`` has the output's shape ``(n, K)``. ``J^T v`` is one VJP and ``J u`` one JVP, so K (an
     ``nK x nK`` matrix) and J are never formed. ``params`` maps names of trainable parameters to values
     (default: the model's current ones); parameters not named keep the model's values.
+    ``mode``: "jvp" (forward mode), "double_vjp" (``J u`` as the gradient of ``<J^T w, u>`` in w, for
+    ops without a forward-mode rule) or "auto" (forward mode, falling back to double VJP).
     """
+    if mode not in ("auto", "jvp", "double_vjp"):
+        raise ValueError(f"mode must be 'auto', 'jvp' or 'double_vjp', got {mode!r}")
     if params is None:
         params = trainable_params(model)
     names = list(params)
@@ -41,7 +59,14 @@ def ntk_matvec(model: nn.Module, x: torch.Tensor, v: torch.Tensor,
     if v.shape != out.shape:
         raise ValueError(f"v must have the model output's shape {tuple(out.shape)}, got {tuple(v.shape)}")
     u = pullback(v.to(out.dtype))
-    _, Kv = jvp(f, primals, u)
+    if mode == "double_vjp":
+        return _jvp_by_double_vjp(f, primals, u)[1].detach()
+    try:
+        _, Kv = jvp(f, primals, u)
+    except (RuntimeError, NotImplementedError):
+        if mode == "jvp":
+            raise
+        _, Kv = _jvp_by_double_vjp(f, primals, u)
     return Kv.detach()
 
 
