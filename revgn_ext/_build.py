@@ -52,12 +52,12 @@ def cuda_include_dirs() -> list[str]:
 
 def compile_args(with_cuda: bool, debug: bool = False) -> dict:
     opt = "-O0" if debug else "-O3"
-    cxx = [opt, "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    cxx = [opt]
     if with_cuda:
         cxx.append("-DWITH_CUDA")
     args = {"cxx": cxx}
     if with_cuda:
-        args["nvcc"] = [opt, "-std=c++17", "-DWITH_CUDA", "--use_fast_math", "-lineinfo",
+        args["nvcc"] = [opt, "-DWITH_CUDA", "--use_fast_math", "-lineinfo",
                         "--expt-relaxed-constexpr"]
     return args
 

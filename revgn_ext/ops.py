@@ -87,11 +87,11 @@ def _check_A(A, check_finite: bool) -> torch.Tensor:
 
 
 def _check_R(R, A, check_finite: bool) -> torch.Tensor:
-    check_tensor("R", R, ndim=3, finite=check_finite)
+    check_tensor("R", R, ndim=3, finite=False)
     check_same(("A", "R"), (A, R))
     check_dim("R", R, 0, A.shape[0], "batch size of A")
     check_dim("R", R, 1, A.shape[1], "rows of A")
-    return R
+    return check_tensor("R", R, finite=check_finite)
 
 
 def gram_factor(A: torch.Tensor, damping=0.0, append_ones: bool = False,

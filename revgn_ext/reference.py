@@ -8,24 +8,33 @@ from __future__ import annotations
 
 import torch
 
-# Jitter schedule shared by every backend: first try the damped Gram as given; after a failed
-# factorisation add ``scale * JITTER_START * JITTER_GROWTH**k`` (scale = mean of the Gram's diagonal),
-# doubling down until the jitter reaches ``scale`` itself. With jitter >= scale the matrix is PD with
-# condition number <= n + 1, so the last try cannot fail for finite input.
+# Failure policy shared by every backend. A factorisation fails when a pivot L_jj^2 falls to
+# ``PIVOT_FLOOR * eps * scale`` or below (scale = mean of the damped Gram's diagonal, 1 for an all-zero
+# Gram): such a pivot is rounding noise of a singular matrix, and solving with it would amplify noise.
+# A failed matrix is retried with jitter ``rel * scale`` for rel in ``jitter_schedule``, growing tenfold
+# up to ``scale`` itself, where the matrix is PD with condition number <= n + 1 and cannot fail.
+PIVOT_FLOOR = 10.0
 JITTER_START = 1e-10
 JITTER_GROWTH = 10.0
 
 
 def jitter_schedule(dtype: torch.dtype) -> list[float]:
     """Relative jitters tried after a failed Cholesky, smallest first, ending at 1.0."""
-    start = max(JITTER_START, 10.0 * torch.finfo(dtype).eps)
+    j = max(JITTER_START, 10.0 * PIVOT_FLOOR * torch.finfo(dtype).eps)
     out = []
-    j = start
     while j < 1.0:
         out.append(j)
         j *= JITTER_GROWTH
     out.append(1.0)
     return out
+
+
+def _cholesky_ok(G: torch.Tensor, floor: torch.Tensor):
+    """Batched Cholesky; ``ok`` is False where it failed or a pivot is at or below ``floor``."""
+    L, status = torch.linalg.cholesky_ex(G)
+    pivots = L.diagonal(dim1=-2, dim2=-1)
+    ok = (status == 0) & ((pivots * pivots) > floor.unsqueeze(-1)).all(-1)
+    return L, ok
 
 
 def gram(A: torch.Tensor, append_ones: bool = False) -> torch.Tensor:
@@ -47,21 +56,25 @@ def gram_factor(A: torch.Tensor, damping: torch.Tensor, append_ones: bool = Fals
     G = gram(A, append_ones)
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     G = G + damping.reshape(B, 1, 1) * eye
-    L, status = torch.linalg.cholesky_ex(G)
+    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).abs()
+    # An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
+    scale = torch.where((scale > 0) & scale.isfinite(), scale, torch.ones_like(scale))
+    floor = PIVOT_FLOOR * torch.finfo(A.dtype).eps * scale
+    L, ok = _cholesky_ok(G, floor)
     info = torch.zeros(B, dtype=torch.int32, device=A.device)
     jitter = torch.zeros(B, dtype=A.dtype, device=A.device)
-    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(A.dtype).tiny)
     for b in range(B):
-        if status[b] == 0:
+        if ok[b]:
             continue
         info[b] = -1
         for k, rel in enumerate(jitter_schedule(A.dtype)):
-            Lb, sb = torch.linalg.cholesky_ex(G[b] + rel * scale[b] * eye)
-            if sb == 0:
+            Lb, okb = _cholesky_ok(G[b] + rel * scale[b] * eye, floor[b])
+            if okb:
                 L[b], info[b], jitter[b] = Lb, k + 1, rel * scale[b]
                 break
         if info[b] < 0:
-            L[b] = torch.diag(G[b].diagonal().clamp_min(torch.finfo(A.dtype).tiny).sqrt())
+            d = G[b].diagonal()
+            L[b] = torch.diag(torch.where(d.isfinite() & (d > 0), d, torch.ones_like(d)).sqrt())
             jitter[b] = scale[b]
     return L, info, jitter
 

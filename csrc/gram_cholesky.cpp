@@ -1,0 +1,137 @@
+// Batched Gram-Cholesky solve: schema-independent helpers and the CPU kernels.
+#include "gram_cholesky.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+namespace revgn {
+
+double dtype_eps(at::ScalarType dtype) {
+  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                              : static_cast<double>(std::numeric_limits<float>::epsilon());
+}
+
+std::vector<double> jitter_schedule(at::ScalarType dtype) {
+  std::vector<double> out;
+  for (double j = std::max(1e-10, 10.0 * kPivotFloor * dtype_eps(dtype)); j < 1.0; j *= 10.0) out.push_back(j);
+  out.push_back(1.0);
+  return out;
+}
+
+void check_gram_args(const at::Tensor& A, const at::Tensor& damping) {
+  TORCH_CHECK(A.dim() == 3, "revgn: A must be (B, n, m), got ", A.sizes());
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "revgn: A must be float32 or float64");
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == A.size(0), "revgn: damping must be (B,)");
+  TORCH_CHECK(damping.scalar_type() == A.scalar_type() && damping.device() == A.device(),
+              "revgn: damping must match A's dtype and device");
+}
+
+void check_solve_args(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R) {
+  TORCH_CHECK(A.dim() == 3 && L.dim() == 3 && R.dim() == 3, "revgn: A, L, R must be 3-d");
+  TORCH_CHECK(L.size(0) == A.size(0) && L.size(1) == A.size(1) && L.size(2) == A.size(1),
+              "revgn: L must be (B, n, n) for A of shape ", A.sizes());
+  TORCH_CHECK(R.size(0) == A.size(0) && R.size(1) == A.size(1), "revgn: R must be (B, n, k)");
+  TORCH_CHECK(A.scalar_type() == L.scalar_type() && A.scalar_type() == R.scalar_type(),
+              "revgn: A, L, R must share a dtype");
+}
+
+at::Tensor damped_gram(const at::Tensor& A, const at::Tensor& damping, bool append_ones) {
+  const int64_t B = A.size(0), n = A.size(1);
+  // beta * G + A A^T with G prefilled: the ones block and the diagonal ride along in one GEMM.
+  at::Tensor G = append_ones ? at::ones({B, n, n}, A.options()) : at::zeros({B, n, n}, A.options());
+  G.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
+  G.baddbmm_(A, A.transpose(1, 2));
+  return G;
+}
+
+at::Tensor gram_solve(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones) {
+  check_solve_args(A, L, R);
+  const int64_t B = A.size(0), m = A.size(2), k = R.size(2);
+  at::Tensor U = at::cholesky_solve(R, L, /*upper=*/false);
+  at::Tensor out = at::empty({B, m + (append_ones ? 1 : 0), k}, R.options());
+  if (append_ones) {
+    out.narrow(1, 0, m).copy_(at::bmm(A.transpose(1, 2), U));
+    out.narrow(1, m, 1).copy_(U.sum(1, /*keepdim=*/true));
+  } else {
+    at::bmm_out(out, A.transpose(1, 2), U);
+  }
+  return out;
+}
+
+namespace {
+
+// Cholesky of one matrix; false when it fails or a pivot is at or below the floor (see kPivotFloor).
+bool cholesky_ok(const at::Tensor& G, double floor, at::Tensor& L) {
+  auto [Lb, status] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
+  L = Lb;
+  if (status.item<int>() != 0) return false;
+  const at::Tensor pivots = Lb.diagonal();
+  return (pivots * pivots).gt(floor).all().item<bool>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor& A, const at::Tensor& damping,
+                                                               bool append_ones) {
+  check_gram_args(A, damping);
+  const int64_t B = A.size(0), n = A.size(1);
+  at::Tensor G = damped_gram(A, damping, append_ones);
+  at::Tensor scale = G.diagonal(0, -2, -1).mean(-1).abs().to(at::kDouble);
+  // An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
+  scale.masked_fill_(scale.le(0).logical_or(scale.isfinite().logical_not()), 1.0);
+  const at::Tensor floor = scale * (kPivotFloor * dtype_eps(A.scalar_type()));
+  auto [L, status] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
+  const at::Tensor pivots = L.diagonal(0, -2, -1);
+  const at::Tensor ok = status.eq(0).logical_and((pivots * pivots).gt(floor.to(A.scalar_type()).unsqueeze(-1)).all(-1));
+  at::Tensor info = at::zeros({B}, A.options().dtype(at::kInt));
+  at::Tensor jitter = at::zeros({B}, A.options());
+  auto ok_a = ok.accessor<bool, 1>();
+  auto info_a = info.accessor<int, 1>();
+  auto scale_a = scale.accessor<double, 1>();
+  auto floor_a = floor.accessor<double, 1>();
+  const std::vector<double> schedule = jitter_schedule(A.scalar_type());
+  const at::Tensor eye = at::eye(n, A.options());
+  for (int64_t b = 0; b < B; ++b) {
+    if (ok_a[b]) continue;
+    const at::Tensor Gb = G[b];
+    info_a[b] = -1;
+    for (size_t t = 0; t < schedule.size(); ++t) {
+      const double add = schedule[t] * scale_a[b];
+      at::Tensor Lb;
+      if (cholesky_ok(Gb + add * eye, floor_a[b], Lb)) {
+        L[b].copy_(Lb);
+        info_a[b] = static_cast<int>(t + 1);
+        jitter[b].fill_(add);
+        break;
+      }
+    }
+    if (info_a[b] < 0) {  // non-finite input only: a diagonal factor keeps the result finite
+      const at::Tensor d = Gb.diagonal();
+      L[b].copy_(at::diag(at::where(d.isfinite().logical_and(d.gt(0)), d, at::ones_like(d)).sqrt()));
+      jitter[b].fill_(scale_a[b]);
+    }
+  }
+  return {L.contiguous(), info, jitter};  // LAPACK hands back column-major factors
+}
+
+at::Tensor gram_solve_cpu(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones) {
+  return gram_solve(A, L, R, append_ones);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_cholesky_solve_cpu(const at::Tensor& A, const at::Tensor& R,
+                                                                       const at::Tensor& damping,
+                                                                       bool append_ones) {
+  auto [L, info, jitter] = gram_factor_cpu(A, damping, append_ones);
+  return {gram_solve(A, L, R, append_ones), info, jitter};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(revgn, CPU, m) {
+  m.impl("gram_factor", &gram_factor_cpu);
+  m.impl("gram_solve", &gram_solve_cpu);
+  m.impl("gram_cholesky_solve", &gram_cholesky_solve_cpu);
+}
+
+}  // namespace revgn
