@@ -1,0 +1,1 @@
+"""Curvature pieces: loss factors, Gram assembly, targets and solves."""

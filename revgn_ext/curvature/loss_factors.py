@@ -1,0 +1,118 @@
+"""Per-sample square-root factors of the loss Hessian, for the EGN push-through solve.
+
+For a batch of outputs f (b, c) and per-sample losses l(f_i, y_i), the mean loss is
+L = (1/b) sum_i l(f_i, y_i). Each factor below returns
+
+* e_i = dl/df_i, the per-sample residual (not divided by b),
+* S_i with S_i S_i^T = d^2 l / df_i^2 = Q_i, the exact square root of the loss Hessian,
+* t_i with S_i t_i = e_i, so that J^T e = (S^T J)^T t.
+
+S_i is stored implicitly as ``S_i = diag(s_i) - p_i s_i^T`` (``s`` None means S = I, ``p`` None means
+S_i = diag(s_i)); :func:`apply_factor`, :func:`apply_factor_transpose` and :func:`factor_matrix` use
+that form, so applying S or S^T costs O(b c) instead of O(b c^2).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LossFactor", "mse_factor", "cross_entropy_factor", "binary_cross_entropy_factor",
+           "LOSS_FACTORS", "apply_factor", "apply_factor_transpose", "factor_matrix"]
+
+
+class LossFactor(NamedTuple):
+    """Loss, residual e, target t and the factor S_i = diag(s_i) - p_i s_i^T of Q_i = S_i S_i^T.
+
+    Shapes: ``loss`` scalar, ``residual``/``target``/``s``/``p`` (b, c); ``s``/``p`` may be None.
+    """
+    loss: torch.Tensor
+    residual: torch.Tensor
+    target: torch.Tensor
+    s: torch.Tensor | None
+    p: torch.Tensor | None
+
+
+def mse_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
+    """MSE, l = 0.5 ||f_i - y_i||^2: e_i = f_i - y_i, Q_i = I, so S_i = I and t_i = e_i.
+
+    f, y: (b, c).
+    """
+    e = f - y
+    loss = 0.5 * e.square().sum() / f.shape[0]
+    return LossFactor(loss, e, e, None, None)
+
+
+def cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
+    """Softmax cross-entropy, l = -log softmax(f_i)[y_i], with p_i = softmax(f_i):
+
+    e_i = p_i - onehot(y_i),  Q_i = diag p_i - p_i p_i^T,
+    S_i = diag(sqrt p_i) - p_i sqrt(p_i)^T  (S_i S_i^T = Q_i because sqrt(p)^T sqrt(p) = 1),
+    t_i = e_i / sqrt(p_i)  (S_i t_i = e_i - p_i 1^T e_i = e_i because 1^T e_i = 0).
+
+    f: (b, c) logits, y: (b,) int64 class indices. Computed from log-probabilities, so t stays finite
+    while log p does: t_ia = sqrt(p_ia) - [a = y_i] / sqrt(p_ia).
+    """
+    logp = torch.log_softmax(f, dim=1)
+    p = logp.exp()
+    s = (0.5 * logp).exp()
+    onehot = F.one_hot(y, f.shape[1]).to(f.dtype)
+    e = p - onehot
+    t = s - onehot * (-0.5 * logp).exp()
+    loss = -logp.gather(1, y[:, None]).sum() / f.shape[0]
+    return LossFactor(loss, e, t, s, p)
+
+
+def binary_cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
+    """Binary cross-entropy on one logit, l = -y log sigma(f) - (1 - y) log(1 - sigma(f)), y in [0, 1]:
+
+    e = sigma(f) - y,  Q = q = sigma(f)(1 - sigma(f)),  S = sqrt(q),
+    t = e / sqrt(q) = (1 - y) exp(f/2) - y exp(-f/2)   (since (1 - sigma)/sigma = exp(-f)).
+
+    f, y: (b, 1).
+    """
+    e = torch.sigmoid(f) - y
+    s = (0.5 * (F.logsigmoid(f) + F.logsigmoid(-f))).exp()
+    t = (1 - y) * (0.5 * f).exp() - y * (-0.5 * f).exp()
+    loss = F.binary_cross_entropy_with_logits(f, y, reduction="sum") / f.shape[0]
+    return LossFactor(loss, e, t, s, None)
+
+
+LOSS_FACTORS = {
+    "mse": mse_factor,
+    "cross_entropy": cross_entropy_factor,
+    "binary_cross_entropy": binary_cross_entropy_factor,
+}
+
+
+def apply_factor(factor: LossFactor, u: torch.Tensor) -> torch.Tensor:
+    """S u per sample: S_i u_i = s_i * u_i - p_i (s_i . u_i). u: (b, c)."""
+    if factor.s is None:
+        return u
+    out = factor.s * u
+    if factor.p is not None:
+        out = out - factor.p * (factor.s * u).sum(1, keepdim=True)
+    return out
+
+
+def apply_factor_transpose(factor: LossFactor, v: torch.Tensor) -> torch.Tensor:
+    """S^T v per sample: S_i^T v_i = s_i * v_i - s_i (p_i . v_i). v: (b, c)."""
+    if factor.s is None:
+        return v
+    out = factor.s * v
+    if factor.p is not None:
+        out = out - factor.s * (factor.p * v).sum(1, keepdim=True)
+    return out
+
+
+def factor_matrix(factor: LossFactor) -> torch.Tensor:
+    """Dense S as (b, c, c), S[i] = S_i = diag(s_i) - p_i s_i^T. Column a of S_i is s_ia (e_a - p_i)."""
+    b, c = factor.residual.shape
+    eye = torch.eye(c, dtype=factor.residual.dtype, device=factor.residual.device)
+    if factor.s is None:
+        return eye.expand(b, c, c).clone()
+    S = torch.diag_embed(factor.s)
+    if factor.p is not None:
+        S = S - factor.p[:, :, None] * factor.s[:, None, :]
+    return S

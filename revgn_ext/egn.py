@@ -1,0 +1,354 @@
+"""EGN: exact Gauss-Newton / Levenberg-Marquardt for any ``nn.Module`` (Korbit et al., arXiv 2405.14402).
+
+For a batch of b samples with c outputs, mean loss L(w) = (1/b) sum_i l(f_i, y_i), residual e = dL/df * b,
+Q = blockdiag(d^2 l / df_i^2) = S S^T and J = df/dw ((b c) x d), the LM direction solves
+
+    (J^T Q J / b + lambda I) dir = -J^T e / b.
+
+With the push-through identity it becomes a (b c) x (b c) symmetric positive definite solve:
+
+    dir = -J^T S u,    (S^T J J^T S + b lambda I) u = t,    S t = e,
+
+factored by Cholesky. K = S^T J J^T S comes from :mod:`revgn_ext.curvature.gram` (layerwise for linear
+models, without forming J) and J^T (S u) is one vector-Jacobian product.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ._checks import check_tensor
+from .curvature.gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
+                             gram_assembler)
+from .curvature.loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
+from .reference import jitter_schedule
+
+__all__ = ["EGN", "cholesky_with_jitter"]
+
+
+def cholesky_with_jitter(M: torch.Tensor):
+    """Cholesky factor of the SPD matrix M, retrying with M + rel * mean(diag M) I on failure.
+
+    Uses the jitter schedule of the Gram ops (:func:`revgn_ext.reference.jitter_schedule`). Returns
+    ``(L, retries, jitter)``; ``L`` is None (retries -1) when every try failed, which only happens for
+    non-finite M.
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return L, 0, 0.0
+    scale = float(M.diagonal().mean().abs().clamp_min(torch.finfo(M.dtype).tiny))
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    for k, rel in enumerate(jitter_schedule(M.dtype), start=1):
+        L, info = torch.linalg.cholesky_ex(M + rel * scale * eye)
+        if int(info) == 0:
+            return L, k, rel * scale
+    return None, -1, scale
+
+
+def _all_finite(tensors) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class EGN(Optimizer):
+    """Exact Gauss-Newton / Levenberg-Marquardt optimizer for any ``nn.Module``.
+
+    Args:
+        model: the network; its trainable parameters (``requires_grad``) are optimised, in
+            ``model.parameters()`` order. Samples must not interact (no BatchNorm in training mode).
+        lr: step size alpha (the largest step when ``line_search`` is on). Default 0.1.
+        damping: lambda in (J^T Q J / b + lambda I) dir = -g. Default 1.0.
+        loss: "mse" (0.5 ||f - y||^2 per sample), "cross_entropy" (softmax, integer labels) or
+            "binary_cross_entropy" (one logit, targets in [0, 1]); averaged over the batch.
+        line_search: Armijo backtracking on the same batch: alpha0 = min(1.5 alpha_prev, lr), accept if
+            L(w + alpha d) <= L(w) + armijo * alpha g^T d, else alpha *= backtrack, at most max_tries.
+        momentum: beta of the bias-corrected EMA of directions, m = beta m + (1 - beta) dir,
+            step along m / (1 - beta^t). Default 0.
+        adaptive_damping: update lambda from the gain ratio rho = actual / predicted decrease, predicted
+            from the quadratic model g^T s + 0.5 ||S^T J s||^2 / b: lambda *= damping_increase if
+            rho < 0.25, lambda *= damping_decrease if rho > 0.75, clipped to [min_damping, max_damping].
+            Defaults 1.01 and 0.99 as in the authors' code.
+        gram: "auto" (layerwise where possible, else torch.func), "layerwise" or "functional".
+        memory_limit: bytes allowed for the Gram and, on the functional path, the Jacobian.
+
+    ``step(x, y)`` returns a dict of statistics (``loss`` is the pre-step loss); a step whose update is not
+    finite is refused, leaving parameters and state as they were.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1.0, loss: str = "mse",
+                 line_search: bool = False, momentum: float = 0.0, adaptive_damping: bool = False, *,
+                 damping_increase: float = 1.01, damping_decrease: float = 0.99, min_damping: float = 1e-8,
+                 max_damping: float = 1e8, armijo: float = 0.1, backtrack: float = 0.8, max_tries: int = 15,
+                 gram: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_number("lr", lr, low=0.0, low_open=True)
+        _check_number("damping", damping, low=0.0)
+        if loss not in LOSS_FACTORS:
+            raise ValueError(f"loss must be one of {sorted(LOSS_FACTORS)}, got {loss!r}")
+        for name, flag in (("line_search", line_search), ("adaptive_damping", adaptive_damping)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        _check_number("damping_increase", damping_increase, low=1.0)
+        _check_number("damping_decrease", damping_decrease, low=0.0, high=1.0, low_open=True)
+        _check_number("min_damping", min_damping, low=0.0)
+        _check_number("max_damping", max_damping, low=min_damping)
+        _check_number("armijo", armijo, low=0.0, high=1.0, high_open=True)
+        _check_number("backtrack", backtrack, low=0.0, high=1.0, low_open=True, high_open=True)
+        if not isinstance(max_tries, int) or max_tries < 1:
+            raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
+        if not isinstance(memory_limit, int) or memory_limit <= 0:
+            raise ValueError(f"memory_limit must be a positive int (bytes), got {memory_limit!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters (requires_grad=True)")
+        defaults = dict(lr=lr, damping=damping, loss=loss, line_search=line_search, momentum=momentum,
+                        adaptive_damping=adaptive_damping, damping_increase=damping_increase,
+                        damping_decrease=damping_decrease, min_damping=min_damping, max_damping=max_damping,
+                        armijo=armijo, backtrack=backtrack, max_tries=max_tries, gram=gram,
+                        memory_limit=memory_limit)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("EGN doesn't support per-parameter options (parameter groups)")
+        self.model = model
+        self._assembler = gram_assembler(model, params, gram, memory_limit)
+
+    # ----------------------------------------------------------------------------------------------
+    # The LM direction
+    # ----------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, x, y) -> None:
+        p0 = self.param_groups[0]["params"][0]
+        check_tensor("x", x)
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+        if x.dtype != p0.dtype:
+            raise ValueError(f"x has dtype {x.dtype} but the model's parameters have {p0.dtype}")
+        if x.device != p0.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {p0.device}")
+        if not isinstance(y, torch.Tensor):
+            raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+        if y.dim() == 0 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"y must have the batch size of x ({x.shape[0]}), got shape {tuple(y.shape)}")
+        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+            raise ValueError("y contains NaN or Inf")
+
+    def _targets(self, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """y in the form the loss factor expects, checked against the outputs f (b, c)."""
+        b, c = f.shape
+        loss = self.param_groups[0]["loss"]
+        if loss == "cross_entropy":
+            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+                raise ValueError(f"y must be a 1-d tensor of integer class labels for cross_entropy, got "
+                                 f"{y.dtype} of shape {tuple(y.shape)}")
+            if c < 2:
+                raise ValueError("cross_entropy needs at least 2 model outputs; use binary_cross_entropy")
+            if bool(((y < 0) | (y >= c)).any()):
+                raise ValueError(f"y holds labels outside [0, {c}) (the model has {c} outputs)")
+            return y.long()
+        if y.numel() != b * c:
+            raise ValueError(f"y must hold {c} value(s) per sample to match the model output {tuple(f.shape)}, "
+                             f"got shape {tuple(y.shape)}")
+        y = y.reshape(b, c).to(f.dtype)
+        if loss == "binary_cross_entropy":
+            if c != 1:
+                raise ValueError(f"binary_cross_entropy needs one model output (logit), got {c}")
+            if bool(((y < 0) | (y > 1)).any()):
+                raise ValueError("y must lie in [0, 1] for binary_cross_entropy")
+        elif y.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"y must be floating point for mse, got {y.dtype}")
+        return y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._assembler.forward(x)
+        except UnsupportedModelError:
+            if self.param_groups[0]["gram"] != "auto":
+                raise
+            # The model looked linear but is not usable layerwise at run time (e.g. a layer reused).
+            group = self.param_groups[0]
+            self._assembler = FunctionalGram(self.model, group["params"], group["memory_limit"])
+            return self._assembler.forward(x)
+
+    def _solve(self, x, y, lam: float) -> dict:
+        """Everything one step needs: pre-step loss, dir, and the Gram products for predicted decrease."""
+        group = self.param_groups[0]
+        params = group["params"]
+        self._check_inputs(x, y)
+        check_samplewise(self.model)
+        f = self._forward(x)
+        y = self._targets(y, f)
+        factor = LOSS_FACTORS[group["loss"]](f.detach(), y)
+        out = {"f": f, "y": y, "factor": factor, "loss": factor.loss.detach(), "direction": None,
+               "retries": 0, "jitter": 0.0}
+        if not _all_finite([factor.loss, factor.target]):
+            return out
+        b, c = f.shape
+        n = b * c
+        columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]
+        K = self._assembler.gram(f, columns)
+        M = K.clone()
+        M.diagonal().add_(b * lam)
+        L, out["retries"], out["jitter"] = cholesky_with_jitter(M)
+        if L is None:
+            return out
+        t = factor.target.reshape(n, 1)
+        u = torch.cholesky_solve(t, L)
+        Ku = (K @ u).reshape(b, c)
+        v = apply_factor(factor, u.reshape(b, c))
+        grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+        out["direction"] = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        out["Ku"] = Ku
+        out["tKu"] = (t.reshape(b, c) * Ku).sum()
+        return out
+
+    @torch.no_grad()
+    def _loss_at(self, x, y) -> torch.Tensor:
+        f = self.model(x).reshape(x.shape[0], -1)
+        return LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
+
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """The LM direction dir = -J^T S u on the batch (x, y), one tensor per trainable parameter.
+
+        Nothing is stepped and no state changes. Raises RuntimeError when the loss at the current
+        parameters is not finite.
+        """
+        with torch.enable_grad():
+            sol = self._solve(x, y, self.param_groups[0]["damping"])
+        if sol["direction"] is None:
+            raise RuntimeError(f"the loss or its curvature at the current parameters is not finite "
+                               f"(loss {float(sol['loss'])}); no direction exists")
+        return [d.detach() for d in sol["direction"]]
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+    # ----------------------------------------------------------------------------------------------
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One EGN step on the batch (x, y). Returns statistics; ``stats["loss"]`` is the pre-step loss."""
+        group = self.param_groups[0]
+        params = group["params"]
+        lam = float(group["damping"])
+        state = self.state[params[0]]
+        with torch.enable_grad():
+            sol = self._solve(x, y, lam)
+        stats = {"loss": float(sol["loss"]), "new_loss": None, "damping": lam, "alpha": 0.0,
+                 "line_search_tries": 0, "accepted": False, "cholesky_retries": sol["retries"],
+                 "cholesky_jitter": sol["jitter"], "rho": None, "refused": None, "gram": self._assembler.method}
+        if sol["retries"] > 0:
+            warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol['retries']} jitter retries "
+                          f"(jitter {sol['jitter']:.3g})", RuntimeWarning, stacklevel=2)
+        direction = sol["direction"]
+        if direction is None or not _all_finite(direction):
+            stats["refused"] = "non-finite loss, Gram or direction"
+            warnings.warn(f"EGN: step refused, {stats['refused']}; parameters unchanged", RuntimeWarning,
+                          stacklevel=2)
+            stats["damping"] = stats["next_damping"] = lam
+            return stats
+
+        b = sol["f"].shape[0]
+        beta = group["momentum"]
+        step_count = state.get("step", 0) + 1
+        needs_model = group["line_search"] or group["adaptive_damping"]
+        if beta > 0:
+            buffers = [self.state[p].get("momentum_buffer", torch.zeros_like(p)) for p in params]
+            buffers = [beta * m + (1 - beta) * d for m, d in zip(buffers, direction)]
+            d_step = [m / (1 - beta ** step_count) for m in buffers]
+        else:
+            d_step = direction
+        if needs_model:
+            gTd, quad = self._model_terms(sol, d_step, beta > 0)
+
+        alpha = float(group["lr"])
+        loss0 = sol["loss"]
+        backup = [p.detach().clone() for p in params]
+        new_loss = None
+        if group["line_search"]:
+            if "alpha" in state:
+                alpha = min(1.5 * state["alpha"], alpha)
+            accepted = False
+            for tries in range(1, group["max_tries"] + 1):
+                _set_params(params, backup, d_step, alpha)
+                new_loss = self._loss_at(x, sol["y"])
+                if bool(new_loss <= loss0 + group["armijo"] * alpha * gTd):
+                    accepted = True
+                    break
+                if tries < group["max_tries"]:
+                    alpha *= group["backtrack"]
+            stats["line_search_tries"] = tries
+            state["alpha"] = alpha
+        else:
+            _set_params(params, backup, d_step, alpha)
+            accepted = True
+            if group["adaptive_damping"]:
+                new_loss = self._loss_at(x, sol["y"])
+
+        if accepted and not _all_finite(params):
+            accepted = False
+            stats["refused"] = "non-finite parameters after the update"
+        if not accepted:
+            with torch.no_grad():
+                for p, w in zip(params, backup):
+                    p.copy_(w)
+        else:
+            state["step"] = step_count
+            if beta > 0:
+                for p, m in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = m
+
+        if group["adaptive_damping"]:
+            predicted = -(alpha * gTd + 0.5 * alpha ** 2 * quad)
+            actual = float(loss0 - new_loss) if new_loss is not None else -math.inf
+            rho = actual / predicted if predicted > 0 and math.isfinite(actual) else -math.inf
+            if rho < 0.25:
+                lam *= group["damping_increase"]
+            elif rho > 0.75:
+                lam *= group["damping_decrease"]
+            group["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
+            stats["rho"] = rho
+        stats.update(accepted=accepted, alpha=alpha if accepted else 0.0, next_damping=group["damping"],
+                     new_loss=None if new_loss is None else float(new_loss))
+        return stats
+
+    def _model_terms(self, sol: dict, d_step: list[torch.Tensor], with_momentum: bool):
+        """g^T d and ||S^T J d||^2 / b of the quadratic model along the step direction d.
+
+        For d = dir = -J^T S u both come from the Gram: g^T d = -t^T K u / b and S^T J d = -K u. A
+        momentum direction needs one VJP for g = J^T e / b and a JVP (double backward) for J d.
+        """
+        f, factor = sol["f"], sol["factor"]
+        b = f.shape[0]
+        if not with_momentum:
+            return float(-sol["tKu"] / b), float(sol["Ku"].square().sum() / b)
+        params = self.param_groups[0]["params"]
+        with torch.enable_grad():
+            g = torch.autograd.grad(f, params, grad_outputs=factor.residual / b, retain_graph=True,
+                                    allow_unused=True)
+            z = torch.zeros_like(f, requires_grad=True)
+            vjp = torch.autograd.grad(f, params, grad_outputs=z, create_graph=True, allow_unused=True)
+            pairs = [(v, d) for v, d in zip(vjp, d_step) if v is not None]
+            Jd = torch.autograd.grad([v for v, _ in pairs], z, grad_outputs=[d for _, d in pairs])[0]
+        gTd = sum(float((gi * d).sum()) for gi, d in zip(g, d_step) if gi is not None)
+        return gTd, float(apply_factor_transpose(factor, Jd.detach()).square().sum() / b)
+
+
+def _set_params(params, base, direction, alpha: float) -> None:
+    """w = base + alpha d, in place."""
+    with torch.no_grad():
+        for p, w, d in zip(params, base, direction):
+            p.copy_(w).add_(d, alpha=alpha)
+
+
+def _check_number(name: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
