@@ -89,10 +89,12 @@ class NTKSimilarity:
     """``mean_p cos(K_0 v_p, K_t v_p)`` with ``K_0 v_p`` computed once, for tracking during training.
 
     ``probes`` is ``(P, n, K)`` or an int P, in which case P standard-normal probes are drawn from a
-    generator seeded with ``seed`` (so a resumed run sees the same probes).
+    generator seeded with ``seed`` (so a resumed run sees the same probes). ``K0v`` (a list of P
+    tensors) restores products saved from an earlier instance instead of recomputing them.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, probes, init_params=None, seed: int = 0):
+    def __init__(self, model: nn.Module, x: torch.Tensor, probes, init_params=None, seed: int = 0,
+                 K0v=None):
         self.model, self.x = model, x
         if isinstance(probes, int):
             if probes < 1:
@@ -103,7 +105,12 @@ class NTKSimilarity:
             probes = torch.randn((probes, *shape), generator=g, dtype=torch.float64).to(x.device, x.dtype)
         check_tensor("probes", probes, ndim=3)
         self.probes = probes
-        self.K0v = [ntk_matvec(model, x, v, init_params) for v in probes]
+        if K0v is not None:
+            if len(K0v) != len(probes) or any(k.shape != v.shape for k, v in zip(K0v, probes)):
+                raise ValueError("K0v must hold one product of each probe's shape")
+            self.K0v = list(K0v)
+        else:
+            self.K0v = [ntk_matvec(model, x, v, init_params) for v in probes]
 
     def __call__(self) -> float:
         sims = [_cosine(k0v, ntk_matvec(self.model, self.x, v)) for k0v, v in zip(self.K0v, self.probes)]

@@ -1,0 +1,187 @@
+"""``python -m revgn_ext.experiments {train,reproduce}``: command-line front end.
+
+* ``train`` runs one optimizer in one setting (``--optimizer``, ``--setting``).
+* ``reproduce`` runs GN, Adam and SGD in full batch and mini-batch, then writes figures and REPORT.md.
+
+Sizes left unset come from the dataset's preset (:data:`.config.PRESETS`); learning rates left unset
+are the paper's, with GN's converted to this package's convention (official x L).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+from ..data import DATASETS
+from . import plots, report
+from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
+from .runner import CHECKPOINT, run
+
+
+def _hidden(text: str):
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive int or 'none'")
+    return value
+
+
+def _csv(choices):
+    def parse(text: str):
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [t for t in items if choices is not None and t not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices}, got {text!r}")
+        return items
+    return parse
+
+
+def _lr(text: str):
+    """``VALUE``, ``OPT=VALUE`` or ``OPT:SETTING=VALUE``."""
+    key, _, value = text.rpartition("=")
+    opt, _, setting = key.partition(":")
+    if opt and opt not in OPTIMIZERS or setting and setting not in SETTINGS:
+        raise argparse.ArgumentTypeError(f"expected VALUE, OPT=VALUE or OPT:SETTING=VALUE with OPT in "
+                                         f"{OPTIMIZERS} and SETTING in {SETTINGS}, got {text!r}")
+    try:
+        lr = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learning rate must be a number, got {value!r}") from None
+    return (opt or None, setting or None, lr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m revgn_ext.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--data-dir", default=None, help="folder with the dataset files (default per dataset)")
+    g.add_argument("--max-train", type=int, default=None, help="use only the first N training samples")
+    g.add_argument("--max-test", type=int, default=None, help="use only the first N test samples")
+    g = common.add_argument_group("model (RevMLP)")
+    g.add_argument("--blocks", type=int, default=None, help="L, number of coupling blocks")
+    g.add_argument("--hidden", type=_hidden, default=None, help="bottleneck width M ('none': no bottleneck)")
+    g.add_argument("--activations", type=_csv(None), default=("identity", "relu"),
+                   help="comma-separated, one per block; the last repeats (default identity,relu)")
+    g.add_argument("--weight-std", type=float, default=1e-3, help="std of the initial W (paper 1e-3)")
+    g = common.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size")
+    g.add_argument("--full-batch-size", type=int, default=None,
+                   help="full-batch setting trains on the first N samples (paper 1024)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--lr", type=_lr, action="append", default=[], metavar="[OPT[:SETTING]=]LR",
+                   help="learning rate, repeatable: 0.01 (train), adam=1e-3, gn:full=1.0. Default: the "
+                        "paper's (MNIST full GN 0.5 / Adam 1e-4 / SGD 0.1, mini GN 0.1 / Adam 1e-4 / SGD 0.1; "
+                        "CIFAR full GN 1.0 / Adam 1e-5 / SGD 0.01, mini GN 0.1 / Adam 1e-4 / SGD 0.01), "
+                        "GN's times L for this package's target-share convention")
+    g.add_argument("--target", default="identity", choices=("identity", "newton", "damped"),
+                   help="RevGN function-space target")
+    g.add_argument("--damping", type=float, default=None, help="RevGN damping (relative; default RevGN's)")
+    g.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    g = common.add_argument_group("diagnostics and output")
+    g.add_argument("--diag-every", type=int, default=1, help="NTK/CKA/weight diagnostics every N epochs")
+    g.add_argument("--diag-samples", type=int, default=256, help="training samples for CKA")
+    g.add_argument("--ntk-samples", type=int, default=64, help="training samples for the NTK")
+    g.add_argument("--ntk-probes", type=int, default=4, help="random output-space probes for the NTK")
+    g.add_argument("--out", default=None, help="output folder (default runs/<...>)")
+    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+    t = sub.add_parser("train", parents=[common], help="one optimizer in one setting")
+    t.add_argument("--optimizer", default="gn", choices=OPTIMIZERS)
+    t.add_argument("--setting", default="mini", choices=SETTINGS,
+                   help="full: first --full-batch-size samples, one step per epoch; mini: --batch-size")
+    r = sub.add_parser("reproduce", parents=[common], help="GN, Adam and SGD in both settings, plus REPORT.md")
+    r.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=OPTIMIZERS)
+    r.add_argument("--settings", type=_csv(SETTINGS), default=SETTINGS)
+    r.add_argument("--full-epochs", type=int, default=None, help="epochs (= steps) of the full-batch runs")
+    return parser
+
+
+def pick_lr(entries, optimizer: str, setting: str, allow_bare: bool):
+    """The most specific ``--lr`` entry for (optimizer, setting), or None for the paper's default."""
+    best, rank = None, -1
+    for opt, st, lr in entries:
+        if opt is None and not allow_bare:
+            raise ValueError("reproduce runs several optimizers: give learning rates as OPT=LR or "
+                             "OPT:SETTING=LR, e.g. --lr gn=1.0")
+        if (opt in (None, optimizer)) and (st in (None, setting)):
+            r = (opt is not None) + 2 * (st is not None)
+            if r >= rank:
+                best, rank = lr, r
+    return best
+
+
+def make_config(args, optimizer: str, setting: str) -> RunConfig:
+    preset = PRESETS[args.dataset]
+
+    def pick(name):
+        value = getattr(args, name)
+        return preset[name] if value is None else value
+
+    epochs = pick("epochs")
+    if setting == "full" and getattr(args, "full_epochs", None) is not None:
+        epochs = args.full_epochs
+    elif setting == "full" and args.command == "reproduce" and args.epochs is None:
+        epochs = preset["full_epochs"]
+    return RunConfig(optimizer=optimizer, setting=setting, dataset=args.dataset, data_dir=args.data_dir,
+                     blocks=pick("blocks"), hidden=args.hidden if args.hidden is not None else preset["hidden"],
+                     activations=args.activations, weight_std=args.weight_std, batch_size=pick("batch_size"),
+                     full_batch_size=pick("full_batch_size"), epochs=epochs,
+                     lr=pick_lr(args.lr, optimizer, setting, allow_bare=args.command == "train"),
+                     target=args.target, damping=args.damping, loss=args.loss, seed=args.seed,
+                     dtype=args.dtype, max_train=args.max_train, max_test=args.max_test,
+                     diag_every=args.diag_every, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
+                     ntk_probes=args.ntk_probes)
+
+
+def execute(args, argv) -> int:
+    command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "train":
+        plan = [(args.optimizer, args.setting)]
+        out = args.out or os.path.join("runs", f"{args.dataset}-{args.optimizer}-{args.setting}")
+        run_dirs = {plan[0]: out}
+    else:
+        plan = [(o, s) for s in args.settings for o in args.optimizers]
+        out = args.out or os.path.join("runs", f"reproduce-{args.dataset}")
+        run_dirs = {k: os.path.join(out, f"{k[0]}-{k[1]}") for k in plan}
+    configs = {k: make_config(args, *k) for k in plan}  # validates every option before any training
+    runs, cache, t0 = {}, {}, time.perf_counter()
+    for key in plan:
+        resume = args.resume and os.path.isfile(os.path.join(run_dirs[key], CHECKPOINT))
+        if args.resume and args.command == "train" and not resume:
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {os.path.join(run_dirs[key], CHECKPOINT)}")
+        runs[key] = run(configs[key], run_dirs[key], device=args.device, resume=resume,
+                        progress=not args.no_progress, data_cache=cache, label=f"{key[0]} {key[1]}")
+    wall = time.perf_counter() - t0
+    title = f"{args.dataset}, L={configs[plan[0]].blocks}, M={configs[plan[0]].hidden}"
+    figures = plots.make_figures(runs, os.path.join(out, "figures"), title)
+    path = report.write_report(runs, configs, out, figures, command_line,
+                               extra=f"Wall time of this invocation: {wall:.0f} s (device {args.device}).")
+    print(report.markdown_table(report.summary_rows(runs, configs)))
+    if args.command == "reproduce":
+        for f in report.findings(runs):
+            print(f"[{f.verdict}] {f.claim}\n    {f.evidence}")
+    print(f"\nmetrics: {', '.join(os.path.join(d, 'metrics.jsonl') for d in run_dirs.values())}")
+    print(f"figures: {os.path.join(out, 'figures')}/ ({', '.join(os.path.basename(p) for p in figures.values())})")
+    print(f"report:  {path}")
+    print(f"wall time: {wall:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return execute(args, argv)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -1,0 +1,297 @@
+"""One training run: an optimizer (GN, Adam or SGD) on RevMLP in full-batch or mini-batch mode.
+
+Per epoch it records (one JSON line and one CSV row):
+
+* ``train_loss``: running mean of the pre-update batch losses (epoch 0: loss of the untrained model
+  on the full-batch subset);
+* ``test_loss``, ``test_acc``;
+* ``loss_change_pct``: mean over the epoch's steps of ``100 (L_after - L_before) / L_before`` on the
+  same batch;
+* ``ntk_similarity``: mean over probes of ``cos(K_0 v, K_t v)``, ``K = J J^T`` on a fixed subset;
+* ``cka_block{l}``: linear CKA of block l's output ``[Y1, Y2]`` versus its output at init;
+* ``weight_norm_ratio``, ``weight_relative_change``, ``weight_cosine``: all trainable parameters
+  versus init.
+
+A checkpoint (model, optimizer state, RNG state, the init references and the history) is written
+atomically after every epoch; resuming from it continues the run exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import diagnostics as dg
+from ..data import load_dataset
+from ..model import RevMLP
+from .config import RunConfig
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+CONFIG_JSON = "config.json"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None):
+    """The dataset (cut to max_train / max_test), on ``device`` in the run's dtype."""
+    key = (cfg.dataset, cfg.data_dir)
+    if cache is not None and key in cache:
+        tensors = cache[key]
+    else:
+        tensors = load_dataset(cfg.dataset, cfg.data_dir)
+        if cache is not None:
+            cache[key] = tensors
+    x_tr, y_tr, x_te, y_te = tensors
+    if cfg.max_train is not None:
+        x_tr, y_tr = x_tr[:cfg.max_train], y_tr[:cfg.max_train]
+    if cfg.max_test is not None:
+        x_te, y_te = x_te[:cfg.max_test], y_te[:cfg.max_test]
+    dtype = getattr(torch, cfg.dtype)
+    return (x_tr.to(device, dtype), y_tr.to(device), x_te.to(device, dtype), y_te.to(device))
+
+
+def build_model(cfg: RunConfig, in_features: int, num_classes: int, device: torch.device) -> RevMLP:
+    return RevMLP(in_features, num_classes, num_blocks=cfg.blocks, hidden=cfg.hidden,
+                  activations=cfg.activations, weight_std=cfg.weight_std, seed=cfg.seed,
+                  dtype=getattr(torch, cfg.dtype), device=device)
+
+
+def build_optimizer(cfg: RunConfig, model: RevMLP):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    from ..revgn import RevGN
+
+    kwargs = dict(lr=cfg.lr, target=cfg.target, loss=cfg.loss)
+    if cfg.damping is not None:
+        kwargs["damping"] = cfg.damping
+    return RevGN(model, **kwargs)
+
+
+def batch_loss(cfg: RunConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if cfg.loss == "cross_entropy":
+        return F.cross_entropy(logits, y)
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return 0.5 * ((logits - onehot) ** 2).sum(1).mean()
+
+
+@torch.no_grad()
+def evaluate(cfg: RunConfig, model: RevMLP, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048):
+    """(mean loss, accuracy) over (x, y) in chunks."""
+    total, correct = 0.0, 0
+    for i in range(0, len(x), chunk):
+        logits = model(x[i:i + chunk])
+        total += float(batch_loss(cfg, logits, y[i:i + chunk])) * len(logits)
+        correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
+    return total / len(x), correct / len(x)
+
+
+def epoch_batches(cfg: RunConfig, n_train: int, epoch: int):
+    """Index tensors of this epoch's batches. The shuffle depends only on (seed, epoch), so a resumed
+    run sees the same batches."""
+    if cfg.setting == "full":
+        return [torch.arange(min(cfg.full_batch_size, n_train))]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(n_train, generator=g)
+    return list(order.split(cfg.batch_size))
+
+
+class Tracker:
+    """Reference quantities at init and the per-epoch diagnostics computed against them."""
+
+    def __init__(self, cfg: RunConfig, model: RevMLP, x_train: torch.Tensor, state: dict | None = None):
+        self.model = model
+        self.x = x_train[:cfg.diag_samples]
+        x_ntk = self.x[:cfg.ntk_samples]
+        if state is None:
+            init = dg.trainable_params(model)
+            self.init_params = [init[n] for n in init]
+            self.features0 = self.block_features()
+            self.ntk = dg.NTKSimilarity(model, x_ntk, cfg.ntk_probes, seed=cfg.seed)
+        else:
+            self.init_params = state["init_params"]
+            self.features0 = state["features0"]
+            self.ntk = dg.NTKSimilarity(model, x_ntk, state["probes"], K0v=state["K0v"])
+
+    def state(self) -> dict:
+        return {"init_params": self.init_params, "features0": self.features0, "probes": self.ntk.probes,
+                "K0v": self.ntk.K0v}
+
+    @torch.no_grad()
+    def block_features(self) -> list:
+        return [torch.cat([b.y1, b.y2], dim=1) for b in self.model.forward_with_trace(self.x).blocks]
+
+    def __call__(self) -> dict:
+        out = {"ntk_similarity": self.ntk()}
+        for l, (f0, f) in enumerate(zip(self.features0, self.block_features()), start=1):
+            out[f"cka_block{l}"] = dg.linear_cka(f0, f) if torch.isfinite(f).all() else math.nan
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        change = dg.weight_change(params, self.init_params)
+        out.update({f"weight_{k}": v for k, v in change.items()})
+        return out
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_checkpoint(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def _write_metrics(out_dir: str, history: list) -> None:
+    with open(os.path.join(out_dir, METRICS_JSONL), "w") as f:
+        for row in history:  # NaN (e.g. no loss change at epoch 0) is written as null: strict JSON
+            f.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
+                                for k, v in row.items()}) + "\n")
+    keys = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(os.path.join(out_dir, METRICS_CSV), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _scalar_stats(stats) -> dict:
+    """Numeric scalars of an optimizer's stats dict (tensors of one element included)."""
+    out = {}
+    for k, v in (stats or {}).items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def train_step(cfg: RunConfig, model: RevMLP, opt, x: torch.Tensor, y: torch.Tensor):
+    """One optimizer step; returns (pre-step loss, post-step loss on the same batch, stats)."""
+    if cfg.optimizer == "gn":
+        stats = opt.step(x, y)
+        before = float(stats["loss"])
+    else:
+        opt.zero_grad(set_to_none=True)
+        loss = batch_loss(cfg, model(x), y)
+        loss.backward()
+        opt.step()
+        before, stats = float(loss), {}
+    with torch.no_grad():
+        after = float(batch_loss(cfg, model(x), y))
+    return before, after, _scalar_stats(stats)
+
+
+def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool = False,
+        progress: bool = True, data_cache: dict | None = None, label: str | None = None) -> list:
+    """Train ``cfg`` writing metrics, config and checkpoints to ``out_dir``; returns the history rows.
+
+    With ``resume`` the run continues from ``out_dir``'s checkpoint (which must exist and have a
+    matching config) up to ``cfg.epochs``.
+    """
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    ckpt = None
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        cfg.check_resumable(RunConfig.from_dict(ckpt["config"]))
+    with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=1)
+
+    x_tr, y_tr, x_te, y_te = prepare_data(cfg, dev, data_cache)
+    num_classes = int(torch.cat([y_tr, y_te]).max()) + 1
+    model = build_model(cfg, x_tr.shape[1], num_classes, dev)
+    opt = build_optimizer(cfg, model)
+
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        tracker = Tracker(cfg, model, x_tr, ckpt["tracker"])
+        history, start = ckpt["history"], ckpt["epoch"] + 1
+        _set_rng_state(ckpt["rng"], dev)
+    else:
+        torch.manual_seed(cfg.seed)
+        tracker = Tracker(cfg, model, x_tr)
+        full = x_tr[:cfg.full_batch_size], y_tr[:cfg.full_batch_size]
+        train_loss, _ = evaluate(cfg, model, *full)
+        test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
+        history = [{"epoch": 0, "step": 0, "train_loss": train_loss, "test_loss": test_loss,
+                    "test_acc": test_acc, "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
+        start = 1
+    history = history[:start]  # rows written after the checkpoint (a crash mid-epoch) are redone
+    _write_metrics(out_dir, history)
+
+    label = label or cfg.name
+    epochs = tqdm(range(start, cfg.epochs + 1), desc=label, initial=start - 1, total=cfg.epochs,
+                  disable=not progress, leave=True, dynamic_ncols=True)
+    step = history[-1]["step"]
+    elapsed = history[-1]["time_s"]
+    for epoch in epochs:
+        batches = epoch_batches(cfg, len(x_tr), epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress or len(batches) == 1,
+                   dynamic_ncols=True)
+        t0 = time.perf_counter()
+        loss_sum, count, changes, stat_sums = 0.0, 0, [], {}
+        for idx in bar:
+            idx = idx.to(dev)
+            before, after, stats = train_step(cfg, model, opt, x_tr[idx], y_tr[idx])
+            step += 1
+            loss_sum += before * len(idx)
+            count += len(idx)
+            changes.append(100.0 * (after - before) / before if before > 0 else math.nan)
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{before:.4f}")
+        elapsed += time.perf_counter() - t0
+        test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
+        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "test_loss": test_loss,
+               "test_acc": test_acc, "loss_change_pct": sum(changes) / len(changes)}
+        if epoch % cfg.diag_every == 0 or epoch == cfg.epochs:
+            row.update(tracker())
+        row["time_s"] = elapsed
+        row.update({f"opt_{k}": v / len(batches) for k, v in stat_sums.items() if k != "loss"})
+        history.append(row)
+        epochs.set_postfix(train=f"{row['train_loss']:.4f}", test=f"{test_loss:.4f}", acc=f"{test_acc:.3f}")
+        _write_metrics(out_dir, history)
+        _save_checkpoint(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                                     "optimizer": opt.state_dict(), "rng": _rng_state(dev),
+                                     "tracker": tracker.state(), "history": history})
+    epochs.close()
+    return history
+
+
+def load_history(out_dir: str) -> list:
+    """The history rows of a finished or interrupted run, from its metrics.jsonl."""
+    with open(os.path.join(out_dir, METRICS_JSONL)) as f:
+        return [json.loads(line) for line in f if line.strip()]
