@@ -1,0 +1,145 @@
+"""Right inverse of a RevMLP's Jacobian: Delta with J Delta = dZ (SPEC section 3, steps 2-6).
+
+Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of the target (sum s_l = 1):
+
+* transport: D_L = dZ, D_{l-1} = (dX_l/dX_{l-1})^{-1} D_l, the tangent of block l's inverse at X_l
+  (:func:`revgn_ext.ops.coupling_inverse_tangent`, hand-written, no forward-mode autograd);
+* per block, with A_F = [act(X2 V_F), 1] and A_G = [act(Y1 V_G), 1] (n x (M+1)):
+      Theta_F = A_F^+ (s_l D_l^(1))
+      K       = (act'(Y1 V_G) * ((A_F Theta_F) V_G)) W_G^T      (how F's update moves Y2 through G)
+      Theta_G = A_G^+ (s_l D_l^(2) - K)
+  where Theta stacks [dW^T; db^T], so block l moves its own output by exactly s_l D_l when each A has
+  full row rank n, and by the least-squares fit otherwise;
+* A^+ R = A^T (A A^T + lambda I)^{-1} R through the n x n Gram (ones column implicit:
+  A A^T = H H^T + 1 1^T); all 2L Grams depend only on forward features, so they are factored in one
+  batched :func:`revgn_ext.ops.gram_factor` call before the solves.
+
+``solver="svd"`` instead uses the official truncated pseudo-inverse: singular values of A below
+max(rtol * s_max, atol) are dropped (and the kept ones filtered as s / (s^2 + lambda)).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .. import ops, reference
+
+__all__ = ["SOLVERS", "BlockDelta", "transport_targets", "gram_damping", "right_inverse"]
+
+SOLVERS = ("cholesky", "svd")
+
+
+class BlockDelta(NamedTuple):
+    """The update of one block, shaped like its parameters."""
+    WF: torch.Tensor
+    bF: torch.Tensor
+    WG: torch.Tensor
+    bG: torch.Tensor
+
+
+def transport_targets(blocks: Sequence, traces: Sequence, dZ1: torch.Tensor, dZ2: torch.Tensor) -> list:
+    """[(D_l^(1), D_l^(2)) for l = 1..L]: D_L = dZ, D_{l-1} = JVP of block l's inverse along D_l.
+
+    ``blocks[l]`` has VF, WF, VG, WG, activation; ``traces[l]`` has the block's input half x2 and
+    output half y1 (the linearisation point).
+    """
+    D = [None] * len(blocks)
+    D[-1] = (dZ1, dZ2)
+    for l in range(len(blocks) - 1, 0, -1):
+        b, t = blocks[l], traces[l]
+        D[l - 1] = ops.coupling_inverse_tangent(t.y1, t.x2, *D[l], b.VF, b.WF, b.VG, b.WG, b.activation,
+                                                check_finite=False)
+    return D
+
+
+def gram_damping(A: torch.Tensor, damping: float, relative: bool) -> torch.Tensor:
+    """Absolute lambda per Gram (B,): ``damping * mean(diag(A A^T + 1 1^T))`` when relative."""
+    B, n, _ = A.shape
+    if not relative:
+        return A.new_full((B,), float(damping))
+    mean_diag = torch.linalg.vector_norm(A.reshape(B, -1), dim=1).square() / n + 1.0
+    # An overflowing Gram must end in a non-finite update the optimizer refuses, not in an error here.
+    return torch.nan_to_num(damping * mean_diag, nan=0.0, posinf=torch.finfo(A.dtype).max)
+
+
+def _activation_slope(name: str, h: torch.Tensor, pre) -> torch.Tensor | None:
+    """act'(z) read off the features h = act(z) where that is exact (None means all ones); GELU is
+    not invertible, so its pre-activation z = pre() is recomputed."""
+    if name == "identity":
+        return None
+    if name == "relu":
+        return (h > 0).to(h.dtype)
+    if name == "tanh":
+        return 1.0 - h * h
+    return reference.activation_grad(name, pre())
+
+
+class _CholeskySolver:
+    """A_i^+ R = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R with all B factors from one batched call."""
+
+    def __init__(self, A: torch.Tensor, lam: torch.Tensor):
+        self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
+
+    def __call__(self, i: int, R: torch.Tensor) -> torch.Tensor:
+        f = self.factor
+        one = ops.GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
+        return ops.gram_solve(one, R[None], check_finite=False)[0]
+
+    def report(self) -> dict:
+        return {"info": self.factor.info, "jitter": self.factor.jitter}
+
+
+class _SVDSolver:
+    """Truncated pinv: A^+ R = V diag(phi(s)) U^T R with phi(s) = s / (s^2 + lambda) for
+    s >= max(rtol * s_max, atol) and 0 otherwise (A = U diag(s) V^T, ones column explicit)."""
+
+    def __init__(self, A: torch.Tensor, lam: torch.Tensor, rtol: float, atol: float):
+        ones = A.new_ones(A.shape[0], A.shape[1], 1)
+        U, s, Vh = torch.linalg.svd(torch.cat([A, ones], dim=2), full_matrices=False)
+        keep = s >= torch.clamp(rtol * s[:, :1], min=atol)
+        self.U, self.Vh = U, Vh
+        self.phi = torch.where(keep, s / (s * s + lam[:, None]), torch.zeros_like(s))
+        self.rank = keep.sum(1)
+
+    def __call__(self, i: int, R: torch.Tensor) -> torch.Tensor:
+        return self.Vh[i].mT @ (self.phi[i][:, None] * (self.U[i].mT @ R))
+
+    def report(self) -> dict:
+        return {"rank": self.rank}
+
+
+def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: Sequence[float],
+                  damping: float = 0.0, relative_damping: bool = True, solver: str = "cholesky",
+                  rtol: float = 1e-2, atol: float = 1e-5) -> tuple[list, dict]:
+    """Delta with J Delta = dZ for a stack of coupling blocks (formulas in the module docstring).
+
+    Args:
+        blocks: per block, an object with VF, WF, VG, WG (V may be None) and ``activation``.
+        traces: per block, the forward trace with x2, y1, hF = act(X2 V_F), hG = act(Y1 V_G).
+        dZ: target at the output, (n, d).
+        shares: s_l per block, summing to one.
+        damping: lambda, relative to mean(diag(A A^T)) of each Gram unless ``relative_damping=False``.
+        solver: "cholesky" (batched Gram factor) or "svd" (truncated pinv with ``rtol``, ``atol``).
+    Returns:
+        ([BlockDelta per block], report) where report holds per-Gram tensors in the order
+        F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda) and "info", "jitter" (Cholesky retries,
+        see :class:`revgn_ext.ops.GramFactor`) or "rank" (SVD).
+    """
+    half = dZ.shape[1] // 2
+    D = transport_targets(blocks, traces, dZ[:, :half], dZ[:, half:])
+    A = torch.stack([h for t in traces for h in (t.hF, t.hG)])
+    lam = gram_damping(A, damping, relative_damping)
+    solve = _CholeskySolver(A, lam) if solver == "cholesky" else _SVDSolver(A, lam, rtol, atol)
+
+    deltas = []
+    for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
+        width = t.hF.shape[1]
+        theta_F = solve(2 * l, s * D1)
+        dY1 = torch.addmm(theta_F[width], t.hF, theta_F[:width])
+        slope = _activation_slope(b.activation, t.hG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG)
+        dzG = dY1 if b.VG is None else dY1 @ b.VG
+        K = (dzG if slope is None else slope * dzG) @ b.WG.mT
+        theta_G = solve(2 * l + 1, s * D2 - K)
+        deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
+    return deltas, {"damping": lam, **solve.report()}

@@ -1,0 +1,171 @@
+"""RevGN: exact, tractable Gauss-Newton for RevMLP (Buffelli et al., arXiv 2411.07979).
+
+One step on a batch (x, y), with Z = X_L the network output, logits = Z Q and J = dZ/dtheta:
+
+    E     = function-space target in logit space (n x K)      (revgn_ext.curvature.targets)
+    dZ    = E Q^T                                              (lift to the output, n x d)
+    Delta = right inverse of J applied to dZ, J Delta = dZ     (revgn_ext.curvature.right_inverse)
+    theta <- theta - lr * Delta
+
+so to first order the logits move by -lr * E. With target="identity" and cross-entropy this is the
+paper's update E = softmax(z) - onehot(y).
+
+Learning rates from the paper: the official code gives every block the full target dZ, so its
+total step is L times ours for the same number; its learning rate equals ours divided by L. To
+reproduce a paper setting use ``lr = L * lr_paper`` with the default shares 1/L (MNIST full batch:
+GN 0.5 with L = 2 -> lr = 1.0 here).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ._checks import check_tensor
+from .curvature import right_inverse as ri
+from .curvature import targets as tg
+from .model import RevMLP
+
+__all__ = ["RevGN"]
+
+DAMPING_MODES = ("relative", "absolute")
+
+
+class RevGN(torch.optim.Optimizer):
+    """Exact Gauss-Newton step for a :class:`~revgn_ext.RevMLP`: ``theta <- theta - lr * Delta`` with
+    ``J Delta = E Q^T`` (see the module docstring for the math and the paper's learning rates).
+
+    Args:
+        model: the RevMLP whose W and b are trained (all of them; V and Q are fixed buffers).
+        lr: step size (ours = L * the official code's, see above).
+        damping: lambda of ``A^+ R = A^T (A A^T + lambda I)^{-1} R``; relative to mean(diag(A A^T)) of
+            each Gram by default. 0 gives the exact right inverse when every A has full row rank n
+            (n <= M and non-linear blocks; a linear block has rank <= d/2 + 1).
+        target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i) or "damped"
+            (E_i = (H_i + target_damping I)^{-1} g_i).
+        loss: "cross_entropy" (y: int labels) or "mse" (0.5 ||z - y||^2 per sample; y: (n, K) floats
+            or int labels, one-hot encoded).
+        shares: s_l, the fraction of the target block l produces; non-negative, sum 1; default 1/L.
+        damping_mode: "relative" or "absolute".
+        solver: "cholesky" (one batched Gram factorisation) or "svd" (the official truncated pinv:
+            singular values below max(rtol * s_max, atol) are dropped).
+        target_damping: mu of the "damped" target.
+
+    ``step(x, y)`` returns a stats dict: "loss" (pre-step batch loss), "refused" (True when the update
+    was not finite and the parameters were left untouched), per-Gram lists in the order
+    F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda), "info" and "jitter" (Cholesky retries and the
+    jitter they added; info -1 = all retries failed) or "rank" (SVD), and "exact" (damping 0, n <= M and
+    every Gram factored cleanly at full rank).
+    """
+
+    def __init__(self, model: RevMLP, lr: float = 0.1, damping: float = 1e-4, target: str = "identity",
+                 loss: str = "cross_entropy", *, shares=None, damping_mode: str = "relative",
+                 solver: str = "cholesky", rtol: float = 1e-2, atol: float = 1e-5,
+                 target_damping: float = 1e-3) -> None:
+        if not isinstance(model, RevMLP):
+            raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
+        _check_number("lr", lr, positive=True)
+        _check_number("damping", damping)
+        _check_number("rtol", rtol)
+        _check_number("atol", atol)
+        _check_number("target_damping", target_damping, positive=True)
+        for name, value, allowed in (("target", target, tg.TARGETS), ("loss", loss, tg.LOSSES),
+                                     ("damping_mode", damping_mode, DAMPING_MODES),
+                                     ("solver", solver, ri.SOLVERS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        L = model.num_blocks
+        shares = (1.0 / L,) * L if shares is None else tuple(float(s) for s in shares)
+        if len(shares) != L or not all(math.isfinite(s) and s >= 0 for s in shares) \
+                or abs(sum(shares) - 1.0) > 1e-6:
+            raise ValueError(f"shares must be {L} non-negative numbers summing to 1, got {shares}")
+        params = list(model.parameters())
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"model has frozen parameters {frozen}; RevGN updates every W and b")
+        defaults = dict(lr=lr, damping=damping, target=target, loss=loss, shares=shares,
+                        damping_mode=damping_mode, solver=solver, rtol=rtol, atol=atol,
+                        target_damping=target_damping)
+        super().__init__(params, defaults)
+        self.model = model
+
+    # ------------------------------------------------------------------------------------------
+    def _check_batch(self, x, y) -> None:
+        model, loss = self.model, self.param_groups[0]["loss"]
+        model.check_input(x, "x", finite=True)
+        n, K = x.shape[0], model.num_classes
+        check_tensor("y", y, float_only=False, finite=False)
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+        if y.is_floating_point():
+            if loss == "cross_entropy":
+                raise ValueError(f"y must hold integer class labels for cross_entropy, got {y.dtype}")
+            check_tensor("y", y, ndim=2)
+            if tuple(y.shape) != (n, K):
+                raise ValueError(f"y must have shape ({n}, {K}) (batch size of x, num_classes), "
+                                 f"got {tuple(y.shape)}")
+            return
+        if y.dtype in (torch.bool, torch.complex64, torch.complex128) or y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x), got "
+                             f"{y.dtype} {tuple(y.shape)}")
+        if bool(((y < 0) | (y >= K)).any()):
+            raise ValueError(f"y has labels outside [0, {K}) (num_classes={K}): "
+                             f"min {int(y.min())}, max {int(y.max())}")
+
+    def _direction(self, x, y):
+        """(loss, [BlockDelta per block], report); the direction is not yet scaled by -lr."""
+        self._check_batch(x, y)
+        group = self.param_groups[0]
+        model = self.model
+        n, M = x.shape[0], model.width
+        if n > M:
+            warnings.warn(f"RevGN: batch size n={n} exceeds the bottleneck width M={M}; the Grams are "
+                          "rank-deficient, so the step is a damped least-squares fit, not exact "
+                          "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=3)
+        trace = model.forward_with_trace(x)
+        loss = tg.loss_value(trace.logits, y, group["loss"])
+        if not bool(torch.isfinite(trace.logits).all()):
+            # Finite x, but the forward overflowed: there is no direction to compute.
+            nan = [ri.BlockDelta(*(torch.full_like(p, math.nan) for p in (b.WF, b.bF, b.WG, b.bG)))
+                   for b in model.blocks]
+            return loss, nan, {}
+        E = tg.function_space_target(trace.logits, y, group["loss"], group["target"], group["target_damping"])
+        dZ = E @ model.Q.mT
+        deltas, report = ri.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
+                                          group["damping_mode"] == "relative", group["solver"],
+                                          group["rtol"], group["atol"])
+        return loss, deltas, report
+
+    @torch.no_grad()
+    def direction(self, x: torch.Tensor, y: torch.Tensor) -> list:
+        """Delta with J Delta = E Q^T, one tensor per parameter in ``model.parameters()`` order
+        (the step would be ``theta - lr * Delta``). NaN when the forward pass overflows at x."""
+        _, deltas, _ = self._direction(x, y)
+        return [t for d in deltas for t in d]
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
+        loss, deltas, report = self._direction(x, y)
+        flat = [t for d in deltas for t in d]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in flat]).all())
+        if finite:
+            by_param = dict(zip(self.model.parameters(), flat))
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(by_param[p], alpha=-group["lr"])
+                    state = self.state[p]
+                    state["step"] = state.get("step", 0) + 1
+        stats = {"loss": float(loss), "refused": not finite, "batch_size": x.shape[0]}
+        stats.update({k: v.tolist() for k, v in report.items()})
+        n = x.shape[0]
+        clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
+        stats["exact"] = bool(self.param_groups[0]["damping"] == 0 and n <= self.model.width and clean)
+        return stats
+
+
+def _check_number(name: str, value, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
