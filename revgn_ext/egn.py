@@ -235,7 +235,7 @@ class EGN(Optimizer):
         group = self.param_groups[0]
         params = group["params"]
         lam = float(group["damping"])
-        state = self.state[params[0]]
+        state = self.state.get(params[0], {})  # read only: a refused step must leave no state behind
         with torch.enable_grad():
             sol = self._solve(x, y, lam)
         stats = {"loss": float(sol["loss"]), "new_loss": None, "damping": lam, "alpha": 0.0,
@@ -282,7 +282,7 @@ class EGN(Optimizer):
                 if tries < group["max_tries"]:
                     alpha *= group["backtrack"]
             stats["line_search_tries"] = tries
-            state["alpha"] = alpha
+            self.state[params[0]]["alpha"] = alpha
         else:
             _set_params(params, backup, d_step, alpha)
             accepted = True
@@ -297,7 +297,7 @@ class EGN(Optimizer):
                 for p, w in zip(params, backup):
                     p.copy_(w)
         else:
-            state["step"] = step_count
+            self.state[params[0]]["step"] = step_count
             if beta > 0:
                 for p, m in zip(params, buffers):
                     self.state[p]["momentum_buffer"] = m

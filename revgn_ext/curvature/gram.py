@@ -65,7 +65,11 @@ def layerwise_obstacle(model: nn.Module, params) -> str | None:
     names = {id(p): n for n, p in model.named_parameters()}
     for p in params:
         if id(p) not in linear_params:
-            return f"parameter '{names.get(id(p), '?')}' does not belong to an nn.Linear layer"
+            name = names.get(id(p), "?")
+            owner = name.rpartition(".")[0]
+            kind = type(model.get_submodule(owner)).__name__ if name != "?" else "?"
+            return (f"parameter '{name}' of module '{owner or type(model).__name__}' ({kind}) does not belong "
+                    "to an nn.Linear layer")
     for name, module in model.named_modules():
         leaf = next(module.children(), None) is None
         if leaf and not isinstance(module, (nn.Linear,) + SAMPLEWISE_MODULES):
