@@ -43,7 +43,10 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["revgn_ext", "revgn_ext.*"]),
+    packages=find_packages(include=["revgn_ext", "revgn_ext.*"]) + ["revgn_ext._csrc"],
+    # The kernel sources travel with the package so that REVGN_JIT=1 can build them after install.
+    package_dir={"revgn_ext._csrc": "csrc"},
+    package_data={"revgn_ext._csrc": ["*.cpp", "*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.h"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "experiments": ["tqdm", "matplotlib", "scikit-learn"],

@@ -10,8 +10,10 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+# In a source tree the kernels live in ROOT/csrc; an installed package carries a copy in _csrc.
+CSRC = ROOT / "csrc" if (ROOT / "csrc" / "revgn.cpp").exists() else PACKAGE / "_csrc"
 
 
 def cuda_home() -> str | None:
@@ -68,8 +70,10 @@ def jit_load() -> str:
     from torch.utils import cpp_extension
 
     with_cuda = want_cuda()
-    if with_cuda and "CUDA_HOME" not in os.environ and cuda_home():
-        os.environ["CUDA_HOME"] = cuda_home()
+    if with_cuda and cuda_home():
+        # cpp_extension resolved its CUDA_HOME when first imported, possibly from a bare nvcc on PATH.
+        os.environ.setdefault("CUDA_HOME", cuda_home())
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     build_dir = Path(os.environ.get("REVGN_JIT_DIR", Path.home() / ".cache" / "revgn_ext" /
                                     f"torch{torch.__version__}{'-cuda' if with_cuda else ''}"))
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,78 @@
+# Set-up, tests, main job and benchmarks. Everything runs in a local virtual environment (.venv).
+#
+#   make demo    create .venv, install the package (compiling the kernels), run the main job
+#   make test    same set-up, then the test suite and the CMake build check
+#   make bench   microbenchmarks (kernels vs their pure-PyTorch references)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch
+DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn matplotlib tqdm
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+# nvcc lives in /usr/local/cuda on these machines; torch.utils.cpp_extension reads CUDA_HOME.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+# Without a GPU to detect, torch would compile for every architecture it knows; build for Hopper
+# unless told otherwise.
+ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) $(shell find revgn_ext -name '*.py')
+PYTEST_ARGS ?=
+# -P: import the installed package, not the source tree beside it.
+RUN := $(PY) -P
+
+.PHONY: venv install check-build test test-reference pytest cmake-check demo bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
+	touch $@
+
+venv: $(VENV)/.deps
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.installed
+
+check-build: install
+	cd /tmp && $(abspath $(PY)) -c "import json, revgn_ext; print('revgn_ext', json.dumps(revgn_ext.ops.build_info()))"
+	@if [ "$${REVGN_EXPECT_CUDA:-0}" = "1" ]; then \
+	  cd /tmp && $(abspath $(PY)) -c "import revgn_ext, sys; i = revgn_ext.ops.build_info(); \
+	  sys.exit(0 if i['cuda_kernels'] else 'CUDA kernels were expected in the build but are missing')"; fi
+
+pytest: install
+	$(RUN) -m pytest python_tests -q -ra $(PYTEST_ARGS)
+
+test-reference: install
+	REVGN_BACKEND=reference $(RUN) -m pytest python_tests -q -ra $(PYTEST_ARGS)
+
+cmake-check: venv
+	rm -rf build/cmake
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DREVGN_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(subst .,,$(firstword $(TORCH_CUDA_ARCH_LIST))))
+	cmake --build build/cmake -j $(MAX_JOBS)
+	REVGN_BACKEND=reference $(RUN) -c "import torch; torch.ops.load_library('build/cmake/librevgn_ops.so'); \
+	  A = torch.randn(2, 3, 4, dtype=torch.float64); out = torch.ops.revgn.gram_cholesky_solve(A, torch.randn(2, 3, 1, dtype=torch.float64), torch.ones(2, dtype=torch.float64), True)[0]; \
+	  print('CMake library loads and runs:', tuple(out.shape))"
+
+test: check-build pytest cmake-check
+
+demo: install
+	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo
+
+bench: install
+	$(RUN) -m pytest benchmarks/bench_gram.py -q --benchmark-json=build/bench_gram.json
+	$(RUN) benchmarks/summarize.py build/bench_gram.json benchmarks/results/gram_cpu.md
+
+clean:
+	rm -rf build dist *.egg-info revgn_ext/_C*.so runs/demo $(VENV)/.installed
