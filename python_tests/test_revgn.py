@@ -321,7 +321,7 @@ def test_bad_inputs_raise_before_touching_parameters():
 
 def test_bad_constructor_arguments():
     m, _, _ = make()
-    cases = [(dict(lr=0.0), "lr"), (dict(lr=math.nan), "lr"), (dict(damping=-1.0), "damping"),
+    cases = [(dict(lr=-0.1), "lr"), (dict(lr=math.nan), "lr"), (dict(damping=-1.0), "damping"),
              (dict(target="gauss"), "target"), (dict(loss="hinge"), "loss"), (dict(solver="qr"), "solver"),
              (dict(damping_mode="rel"), "damping_mode"), (dict(shares=(0.5, 0.5)), "shares"),
              (dict(shares=(0.5, 0.5, 0.5)), "shares"), (dict(target_damping=0.0), "target_damping")]

@@ -65,7 +65,7 @@ class RevGN(torch.optim.Optimizer):
                  target_damping: float = 1e-3) -> None:
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
-        _check_number("lr", lr, positive=True)
+        _check_number("lr", lr)
         _check_number("damping", damping)
         _check_number("rtol", rtol)
         _check_number("atol", atol)
@@ -149,7 +149,9 @@ class RevGN(torch.optim.Optimizer):
         """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
         loss, deltas, report = self._direction(x, y)
         flat = [t for d in deltas for t in d]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in flat]).all())
+        # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
+        finite = bool(torch.isfinite(norm))
         if finite:
             by_param = dict(zip(self.model.parameters(), flat))
             for group in self.param_groups:
@@ -157,7 +159,8 @@ class RevGN(torch.optim.Optimizer):
                     p.add_(by_param[p], alpha=-group["lr"])
                     state = self.state[p]
                     state["step"] = state.get("step", 0) + 1
-        stats = {"loss": float(loss), "refused": not finite, "batch_size": x.shape[0]}
+        stats = {"loss": float(loss), "refused": not finite, "direction_norm": float(norm),
+                 "batch_size": x.shape[0]}
         stats.update({k: v.tolist() for k, v in report.items()})
         n = x.shape[0]
         clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
