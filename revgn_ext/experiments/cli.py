@@ -22,7 +22,7 @@ from .runner import CHECKPOINT, run
 
 def _hidden(text: str):
     if text.lower() == "none":
-        return None
+        return "none"  # kept distinct from an unset option (None), which means the preset
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive int or 'none'")
@@ -133,7 +133,7 @@ def make_config(args, optimizer: str, setting: str) -> RunConfig:
     elif setting == "full" and args.command == "reproduce" and args.epochs is None:
         epochs = preset["full_epochs"]
     return RunConfig(optimizer=optimizer, setting=setting, dataset=args.dataset, data_dir=args.data_dir,
-                     blocks=pick("blocks"), hidden=args.hidden if args.hidden is not None else preset["hidden"],
+                     blocks=pick("blocks"), hidden=None if args.hidden == "none" else pick("hidden"),
                      activations=args.activations, weight_std=args.weight_std, batch_size=pick("batch_size"),
                      full_batch_size=pick("full_batch_size"), epochs=epochs,
                      lr=pick_lr(args.lr, optimizer, setting, allow_bare=args.command == "train"),
