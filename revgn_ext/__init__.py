@@ -6,10 +6,11 @@
   pure-PyTorch references in :mod:`revgn_ext.reference`.
 """
 from . import ops, reference
+from . import data, diagnostics
 from .egn import EGN
 from .model import RevMLP
 from .revgn import RevGN
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN"]
+__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN", "data", "diagnostics"]
