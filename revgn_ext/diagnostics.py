@@ -21,18 +21,27 @@ def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _jvp_by_double_vjp(f, primals, tangents):
-    """``J u`` by reverse mode only: ``g(w) = J^T w`` is linear in w, so ``d <g(w), u> / dw = J u``.
+def _kv_functorch(f, primals, v):
+    out, pullback = vjp(f, *primals)
+    if v.shape != out.shape:
+        raise ValueError(f"v must have the model output's shape {tuple(out.shape)}, got {tuple(v.shape)}")
+    u = pullback(v.to(out.dtype))
+    return jvp(f, primals, u)[1]
 
-    For models whose ops have a backward formula but no forward-mode (JVP) rule.
-    """
+
+def _kv_autograd(f, primals, v):
+    """``J^T v`` by one backward pass, then ``J u`` by reverse mode only: ``g(w) = J^T w`` is linear
+    in w, so ``d <g(w), u> / dw = J u``. For ops whose autograd formula is not visible to torch.func."""
     theta = tuple(p.detach().requires_grad_() for p in primals)
     with torch.enable_grad():
         out = f(*theta)
+        if v.shape != out.shape:
+            raise ValueError(f"v must have the model output's shape {tuple(out.shape)}, got {tuple(v.shape)}")
+        u = torch.autograd.grad(out, theta, v.to(out.dtype), retain_graph=True)
         w = torch.zeros_like(out, requires_grad=True)
         g = torch.autograd.grad(out, theta, w, create_graph=True)
-        (Ju,) = torch.autograd.grad(g, w, tangents)
-    return out, Ju
+        (Ju,) = torch.autograd.grad(g, w, u)
+    return Ju
 
 
 def ntk_matvec(model: nn.Module, x: torch.Tensor, v: torch.Tensor,
@@ -42,11 +51,12 @@ def ntk_matvec(model: nn.Module, x: torch.Tensor, v: torch.Tensor,
     ``v`` has the output's shape ``(n, K)``. ``J^T v`` is one VJP and ``J u`` one JVP, so K (an
     ``nK x nK`` matrix) and J are never formed. ``params`` maps names of trainable parameters to values
     (default: the model's current ones); parameters not named keep the model's values.
-    ``mode``: "jvp" (forward mode), "double_vjp" (``J u`` as the gradient of ``<J^T w, u>`` in w, for
-    ops without a forward-mode rule) or "auto" (forward mode, falling back to double VJP).
+    ``mode``: "functorch" (torch.func.vjp then torch.func.jvp), "autograd" (a backward pass, then
+    ``J u`` as the gradient of ``<J^T w, u>`` in w: reverse mode only, for custom ops that torch.func
+    cannot transform) or "auto" (functorch, falling back to autograd).
     """
-    if mode not in ("auto", "jvp", "double_vjp"):
-        raise ValueError(f"mode must be 'auto', 'jvp' or 'double_vjp', got {mode!r}")
+    if mode not in ("auto", "functorch", "autograd"):
+        raise ValueError(f"mode must be 'auto', 'functorch' or 'autograd', got {mode!r}")
     if params is None:
         params = trainable_params(model)
     names = list(params)
@@ -55,19 +65,14 @@ def ntk_matvec(model: nn.Module, x: torch.Tensor, v: torch.Tensor,
     def f(*theta):
         return functional_call(model, dict(zip(names, theta)), (x,))
 
-    out, pullback = vjp(f, *primals)
-    if v.shape != out.shape:
-        raise ValueError(f"v must have the model output's shape {tuple(out.shape)}, got {tuple(v.shape)}")
-    u = pullback(v.to(out.dtype))
-    if mode == "double_vjp":
-        return _jvp_by_double_vjp(f, primals, u)[1].detach()
+    if mode == "autograd":
+        return _kv_autograd(f, primals, v).detach()
     try:
-        _, Kv = jvp(f, primals, u)
+        return _kv_functorch(f, primals, v).detach()
     except (RuntimeError, NotImplementedError):
-        if mode == "jvp":
+        if mode == "functorch":
             raise
-        _, Kv = _jvp_by_double_vjp(f, primals, u)
-    return Kv.detach()
+    return _kv_autograd(f, primals, v).detach()
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
