@@ -4,7 +4,7 @@ Configs (float32, activations identity then ReLU as in the paper):
 * cpu:   d=784, L=2, M=2048, n=256  (CPU-scaled)
 * mnist: d=784, L=2, M=8000, n=1024 (the paper's MNIST config; run only when CUDA is available)
 
-Usage: python benchmarks/bench_revgn_step.py [--repeats 5] [--configs cpu,mnist] [--out PATH]
+Usage: python benchmarks/bench_revgn_step.py [--repeats 5] [--configs cpu,mnist] [--device cpu|cuda] [--out PATH]
 Writes a markdown table (default benchmarks/results/revgn.md) naming the machine.
 """
 from __future__ import annotations
@@ -96,9 +96,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", default=None, help="comma list of " + ",".join(CONFIGS))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "revgn.md"))
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.configs.split(",") if args.configs else (["cpu", "mnist"] if device.type == "cuda" else ["cpu"])
 
     rows = []

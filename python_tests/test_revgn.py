@@ -401,3 +401,40 @@ def test_non_finite_solve_is_refused(monkeypatch):
     assert stats["refused"] is True and math.isfinite(stats["loss"])
     for b, p in zip(before, m.parameters()):
         assert torch.equal(b, p)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "svd"])
+def test_solver_fit_equals_A_theta(solver, monkeypatch):
+    """The fit A Theta that feeds the cross-term K (R - mu U for Cholesky, U diag(s phi) U^T R for SVD)
+    equals the product with the explicit ones column, also for a jittered and a failed factorisation."""
+    from revgn_ext import ops
+    from revgn_ext.curvature import right_inverse as ri
+
+    torch.manual_seed(0)
+    A = torch.randn(3, 6, 9, dtype=f64)
+    A[1, 5] = A[1, 4]  # singular Gram: needs jitter at zero damping
+    R = torch.randn(6, 4, dtype=f64)
+    lam = torch.tensor([1e-3, 0.0, 0.5], dtype=f64)
+    solve = ri._CholeskySolver(A, lam) if solver == "cholesky" else ri._SVDSolver(A, lam, 1e-10, 0.0)
+    if solver == "cholesky":
+        assert solve.factor.info.tolist()[1] > 0
+    A1 = torch.cat([A, torch.ones(3, 6, 1, dtype=f64)], 2)
+    for i in range(3):
+        theta, fit = solve(i, R)
+        # The jittered Gram has condition ~1e10, so both sides carry ~1e-6 rounding there.
+        tol = 1e-5 if (i == 1 and solver == "cholesky") else 1e-9
+        torch.testing.assert_close(fit, A1[i] @ theta, rtol=tol, atol=tol)
+    if solver == "cholesky":
+        real = ops.gram_factor
+
+        def failing(A, damping, append_ones=False, check_finite=True):
+            f = real(A, damping, append_ones, check_finite)
+            G = A @ A.mT + 1.0
+            L = torch.diag_embed(G.diagonal(dim1=-2, dim2=-1).sqrt())
+            return ops.GramFactor(A, L, torch.full_like(f.info, -1), f.jitter, append_ones)
+
+        monkeypatch.setattr(ri.ops, "gram_factor", failing)
+        solve = ri._CholeskySolver(A, lam)
+        for i in range(3):
+            theta, fit = solve(i, R)
+            torch.testing.assert_close(fit, A1[i] @ theta, rtol=1e-12, atol=1e-12)

@@ -76,15 +76,29 @@ def _activation_slope(name: str, h: torch.Tensor, pre) -> torch.Tensor | None:
 
 
 class _CholeskySolver:
-    """A_i^+ R = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R with all B factors from one batched call."""
+    """A_i^+ R = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R with all B factors from one batched call.
+
+    Also returns the fit A_i Theta without a GEMM: with L L^T = A A^T + mu I (mu = lambda + jitter) and
+    U = (L L^T)^{-1} R, A Theta = A A^T U = R - mu U. A matrix whose retries all failed has a diagonal
+    stand-in factor for which this does not hold; its fit is formed by the GEMM.
+    """
 
     def __init__(self, A: torch.Tensor, lam: torch.Tensor):
         self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
+        self.mu = (lam + self.factor.jitter).tolist()
+        self.failed = (self.factor.info < 0).tolist()
 
-    def __call__(self, i: int, R: torch.Tensor) -> torch.Tensor:
+    def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
         one = ops.GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
-        return ops.gram_solve(one, R[None], check_finite=False)[0]
+        theta = ops.gram_solve(one, R[None], check_finite=False)[0]
+        if self.failed[i]:
+            fit = torch.addmm(theta[-1], f.A[i], theta[:-1])
+        elif self.mu[i] == 0.0:
+            fit = R
+        else:
+            fit = R - self.mu[i] * torch.cholesky_solve(R, f.L[i])
+        return theta, fit
 
     def report(self) -> dict:
         return {"info": self.factor.info, "jitter": self.factor.jitter}
@@ -98,12 +112,16 @@ class _SVDSolver:
         ones = A.new_ones(A.shape[0], A.shape[1], 1)
         U, s, Vh = torch.linalg.svd(torch.cat([A, ones], dim=2), full_matrices=False)
         keep = s >= torch.clamp(rtol * s[:, :1], min=atol)
-        self.U, self.Vh = U, Vh
+        self.U, self.s, self.Vh = U, s, Vh
         self.phi = torch.where(keep, s / (s * s + lam[:, None]), torch.zeros_like(s))
         self.rank = keep.sum(1)
 
-    def __call__(self, i: int, R: torch.Tensor) -> torch.Tensor:
-        return self.Vh[i].mT @ (self.phi[i][:, None] * (self.U[i].mT @ R))
+    def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Theta, A Theta) with A Theta = U diag(s phi(s)) U^T R."""
+        UR = self.U[i].mT @ R
+        theta = self.Vh[i].mT @ (self.phi[i][:, None] * UR)
+        fit = self.U[i] @ ((self.s[i] * self.phi[i])[:, None] * UR)
+        return theta, fit
 
     def report(self) -> dict:
         return {"rank": self.rank}
@@ -135,11 +153,10 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
     deltas = []
     for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
         width = t.hF.shape[1]
-        theta_F = solve(2 * l, s * D1)
-        dY1 = torch.addmm(theta_F[width], t.hF, theta_F[:width])
+        theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
         slope = _activation_slope(b.activation, t.hG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG)
         dzG = dY1 if b.VG is None else dY1 @ b.VG
         K = (dzG if slope is None else slope * dzG) @ b.WG.mT
-        theta_G = solve(2 * l + 1, s * D2 - K)
+        theta_G, _ = solve(2 * l + 1, s * D2 - K)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
     return deltas, {"damping": lam, **solve.report()}
