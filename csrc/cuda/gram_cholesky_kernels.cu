@@ -1,6 +1,8 @@
-// One thread block factors one matrix (left-looking Cholesky): warp 0 forms each pivot, all warps then
-// fill the column below it, each row's dot product spread over the 32 lanes for coalesced reads. A
-// failed pivot restarts the matrix with the next jitter; no host round trip is needed.
+// Library path of the batched Gram-Cholesky factorisation (large n): cuSOLVER has factored every
+// matrix; one thread block per matrix checks the factor against the pivot floor and, only if it failed,
+// refactors the matrix with growing jitter (left-looking Cholesky: warp 0 forms each pivot, all warps
+// then fill the column below it, each row's dot product spread over the 32 lanes for coalesced reads).
+// Failures are rare, so this kernel costs one pass over the diagonals; there is no host round trip.
 #include "gram_cholesky_kernels.h"
 
 #include <cmath>
@@ -20,9 +22,9 @@ __device__ T warp_sum(T v) {
 }
 
 template <typename T>
-__global__ void cholesky_with_jitter_kernel(const T* __restrict__ G_all, T* __restrict__ L_all,
-                                            int* __restrict__ info, T* __restrict__ jitter_out, int n,
-                                            JitterSchedule schedule) {
+__global__ void verify_or_retry_kernel(const T* __restrict__ G_all, T* __restrict__ L_all,
+                                       const int* __restrict__ status, int* __restrict__ info,
+                                       T* __restrict__ jitter_out, int n, JitterSchedule schedule) {
   const int b = blockIdx.x;
   const T* G = G_all + static_cast<size_t>(b) * n * n;
   T* L = L_all + static_cast<size_t>(b) * n * n;
@@ -39,13 +41,27 @@ __global__ void cholesky_with_jitter_kernel(const T* __restrict__ G_all, T* __re
     // An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
     if (lane == 0) scale = (fabs(s / n) > T(0) && isfinite(s)) ? fabs(s / n) : T(1);
   }
+  if (threadIdx.x == 0) failed = status[b] != 0;
   __syncthreads();
-
   const T floor = static_cast<T>(schedule.pivot_floor) * scale;
-  int attempt = 0;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const T p = L[static_cast<size_t>(j) * n + j];
+    if (!(p * p > floor)) failed = 1;  // also catches NaN pivots
+  }
+  __syncthreads();
+  if (!failed) {
+    if (threadIdx.x == 0) {
+      info[b] = 0;
+      jitter_out[b] = T(0);
+    }
+    return;
+  }
+
+  int attempt = 1;
   T added = 0;
   for (; attempt <= schedule.count; ++attempt) {
-    added = attempt == 0 ? T(0) : static_cast<T>(schedule.rel[attempt - 1]) * scale;
+    added = static_cast<T>(schedule.rel[attempt - 1]) * scale;
+    __syncthreads();
     if (threadIdx.x == 0) failed = 0;
     __syncthreads();
     for (int j = 0; j < n; ++j) {
@@ -77,7 +93,6 @@ __global__ void cholesky_with_jitter_kernel(const T* __restrict__ G_all, T* __re
       __syncthreads();
     }
     if (!failed) break;
-    __syncthreads();
   }
 
   const bool ok = attempt <= schedule.count;
@@ -100,20 +115,21 @@ __global__ void cholesky_with_jitter_kernel(const T* __restrict__ G_all, T* __re
 }  // namespace
 
 template <typename T>
-void cholesky_with_jitter(const T* G, T* L, int* info, T* jitter, int B, int n, const JitterSchedule& schedule,
-                          cudaStream_t stream) {
+void verify_or_retry_cholesky(const T* G, T* L, const int* status, int* info, T* jitter, int B, int n,
+                              const JitterSchedule& schedule, cudaStream_t stream) {
   if (B == 0) return;
-  cholesky_with_jitter_kernel<T><<<B, kThreads, 0, stream>>>(G, L, info, jitter, n, schedule);
+  verify_or_retry_kernel<T><<<B, kThreads, 0, stream>>>(G, L, status, info, jitter, n, schedule);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("revgn: cholesky_with_jitter launch failed: ") + cudaGetErrorString(err));
+    throw std::runtime_error(std::string("revgn: verify_or_retry_cholesky launch failed: ") +
+                             cudaGetErrorString(err));
   }
 }
 
-template void cholesky_with_jitter<float>(const float*, float*, int*, float*, int, int, const JitterSchedule&,
-                                          cudaStream_t);
-template void cholesky_with_jitter<double>(const double*, double*, int*, double*, int, int,
-                                           const JitterSchedule&, cudaStream_t);
+template void verify_or_retry_cholesky<float>(const float*, float*, const int*, int*, float*, int, int,
+                                              const JitterSchedule&, cudaStream_t);
+template void verify_or_retry_cholesky<double>(const double*, double*, const int*, int*, double*, int, int,
+                                               const JitterSchedule&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace revgn
