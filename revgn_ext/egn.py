@@ -192,15 +192,14 @@ class EGN(Optimizer):
         b, c = f.shape
         n = b * c
         columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]
-        K = self._assembler.gram(f, columns)
-        M = K.clone()
-        M.diagonal().add_(b * lam)
+        M = self._assembler.gram(f, columns)
+        M.diagonal().add_(b * lam)   # in place: the Gram is large and only needed damped, K = M - b lambda I
         L, out["retries"], out["jitter"] = cholesky_with_jitter(M)
         if L is None:
             return out
         t = factor.target.reshape(n, 1)
         u = torch.cholesky_solve(t, L)
-        Ku = (K @ u).reshape(b, c)
+        Ku = (t - (b * lam) * u).reshape(b, c)   # K u = (M - b lambda I) u with M u = t: no extra product
         v = apply_factor(factor, u.reshape(b, c))
         grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
         out["direction"] = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]

@@ -148,16 +148,15 @@ class LayerwiseGram:
             for G, g in zip(grads, ga):
                 if g is not None:
                     G[:, a] = g
-        K = None
+        K = f.new_zeros(b * c, b * c)
         for (name, layer), G in zip(self.layers, grads):
             X = self.records[name][0][0]
             kernel = X @ X.T if id(layer.weight) in self.trainable else X.new_zeros(b, b)
             if layer.bias is not None and id(layer.bias) in self.trainable:
                 kernel += 1.0
             G = G.reshape(b * c, -1)
-            term = G @ G.T
-            term.view(b, c, b, c).mul_(kernel[:, None, :, None])
-            K = term if K is None else K.add_(term)
+            # One fused pass per layer: K += kernel (x) (G G^T), the kernel broadcast over output pairs.
+            K.view(b, c, b, c).addcmul_(kernel[:, None, :, None], (G @ G.T).view(b, c, b, c))
         return K
 
 
