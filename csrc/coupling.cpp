@@ -84,6 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_forward(
     const CouplingKernels& k, const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& VF,
     const at::Tensor& WF, const at::Tensor& bF, const at::Tensor& VG, const at::Tensor& WG, const at::Tensor& bG,
     std::string_view activation, bool return_features) {
+  // The ops have their own autograd formula (or none); the ATen calls inside must not record a graph.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Activation act = parse_activation(activation);
   check_block(x1, x2, VF, WF, VG, WG);
   check_bias("bF", bF, x1);
@@ -104,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_inverse(const CouplingKernels& k, co
                                                     const at::Tensor& WF, const at::Tensor& bF,
                                                     const at::Tensor& VG, const at::Tensor& WG,
                                                     const at::Tensor& bG, std::string_view activation) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Activation act = parse_activation(activation);
   check_block(y1, y2, VF, WF, VG, WG);
   check_bias("bF", bF, y1);
@@ -140,6 +143,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_inverse_tangent(const CouplingKernel
                                                             const at::Tensor& dy2, const at::Tensor& VF,
                                                             const at::Tensor& WF, const at::Tensor& VG,
                                                             const at::Tensor& WG, std::string_view activation) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Activation act = parse_activation(activation);
   check_block(y1, x2, VF, WF, VG, WG);
   check_matrix("dy1", dy1, y1, y1.size(0), y1.size(1));

@@ -197,3 +197,97 @@ def test_cuda_matches_cpu_kernel(n):
     cpu, _, _ = torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)
     gpu, _, _ = torch.ops.revgn.gram_cholesky_solve(A.cuda(), R.cuda(), lam.cuda(), True)
     assert rel_err(gpu, cpu) < 1e-10
+
+
+# ---- CUDA paths: fused shared-memory kernel (small n) and cuSOLVER + verify/retry (large n) ------------
+# Sizes straddle the fused path's limits (n = 192 for float32 by measurement, 144 for float64 by shared
+# memory), its register-row steps (n = 32, 64, 128) and its column chunk (k = 32); the last shape has
+# more (matrix, chunk) blocks than SMs, which takes the factor-then-solve launch pair.
+THRESHOLD_SHAPES = [(2, 32, 70, 32), (2, 33, 70, 33), (3, 64, 130, 1), (2, 65, 140, 64), (2, 128, 260, 31),
+                    (2, 129, 260, 3), (2, 144, 300, 5), (2, 145, 300, 2), (1, 192, 400, 2), (1, 193, 400, 2),
+                    (1, 256, 520, 1), (5, 40, 60, 960)]
+
+
+def poison_cuda():
+    """Fill freed CUDA allocator memory with NaN, so an output element the kernel never writes shows up."""
+    big = torch.full((1 << 24,), float("nan"), device="cuda")
+    del big
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("append_ones", [False, True])
+@pytest.mark.parametrize("shape", THRESHOLD_SHAPES)
+def test_cuda_paths_across_threshold(shape, append_ones, dtype):
+    A, R, lam = random_problem(*shape, dtype, "cuda", seed=sum(shape))
+    want = dense_solution(A, R, lam, append_ones)
+    poison_cuda()
+    out, info, jitter = torch.ops.revgn.gram_cholesky_solve(A, R, lam, append_ones)
+    assert bool(torch.isfinite(out).all()) and rel_err(out, want) < tol(dtype)
+    assert info.tolist() == [0] * shape[0] and jitter.tolist() == [0.0] * shape[0]
+    poison_cuda()
+    L, info_f, _ = torch.ops.revgn.gram_factor(A, lam, append_ones)
+    Lr, _, _ = reference.gram_factor(A, lam, append_ones)
+    assert bool(torch.isfinite(L).all()) and rel_err(L, Lr) < tol(dtype) and torch.equal(info_f, info)
+    assert bool((L.triu(1) == 0).all())
+    poison_cuda()
+    solved = torch.ops.revgn.gram_solve(A, L, R, append_ones)
+    assert bool(torch.isfinite(solved).all()) and rel_err(solved, want) < tol(dtype)
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("n", [20, 150])
+def test_cuda_fused_and_library_paths_agree(n, monkeypatch):
+    A, R, lam = random_problem(3, n, n + 30, 40, torch.float64, "cuda", seed=n)
+    fused = torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)
+    monkeypatch.setenv("REVGN_GRAM_FUSED_MAX_N", "0")
+    library = torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)
+    assert rel_err(fused[0], library[0]) < 1e-10
+    assert torch.equal(fused[1], library[1]) and torch.equal(fused[2], library[2])
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_jitter_semantics_match_reference(dtype, fused, monkeypatch):
+    # Duplicated rows and an all-zero Gram, with damping 0: the same retries and jitter as the reference.
+    if not fused:
+        monkeypatch.setenv("REVGN_GRAM_FUSED_MAX_N", "0")
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 24, 30, generator=g, dtype=torch.float64)
+    A = torch.cat([base, base[:, :6]], dim=1).to(dtype=dtype, device="cuda")
+    A[2] = 0
+    R = torch.randn(3, 30, 4, generator=g, dtype=torch.float64).to(dtype=dtype, device="cuda")
+    lam = torch.zeros(3, dtype=dtype, device="cuda")
+    for append_ones in (False, True):
+        L, info, jitter = torch.ops.revgn.gram_factor(A, lam, append_ones)
+        Lr, info_r, jitter_r = reference.gram_factor(A, lam, append_ones)
+        assert torch.equal(info.cpu(), info_r.cpu()) and bool((info > 0).all()), (info, info_r)
+        assert torch.allclose(jitter, jitter_r, rtol=1e-5, atol=0)
+        assert rel_err(L, Lr) < (1e-6 if dtype == torch.float64 else 1e-2)
+        out, info_s, _ = torch.ops.revgn.gram_cholesky_solve(A, R, lam, append_ones)
+        assert torch.equal(info_s, info) and bool(torch.isfinite(out).all())
+
+
+@requires_cuda_kernels
+def test_cuda_library_path_never_returns_nan_for_non_finite_input(monkeypatch):
+    monkeypatch.setenv("REVGN_GRAM_FUSED_MAX_N", "0")
+    A = torch.randn(2, 3, 4, device="cuda")
+    A[1, 0, 0] = float("nan")
+    L, info, jitter = torch.ops.revgn.gram_factor(A, torch.zeros(2, device="cuda"), False)
+    assert info.tolist() == [0, -1]
+    assert bool(torch.isfinite(L).all()) and bool(torch.isfinite(jitter).all())
+
+
+@requires_cuda_kernels
+@pytest.mark.parametrize("n", [40, 170])
+def test_cuda_non_contiguous_inputs_both_paths(n):
+    A = torch.randn(2, n + 20, n, dtype=torch.float64, device="cuda").mT  # (2, n, n + 20), column-major
+    R = torch.randn(2, 37, n, dtype=torch.float64, device="cuda").mT     # (2, n, 37), column stride n
+    lam = torch.full((2,), 0.3, dtype=torch.float64, device="cuda")
+    assert not A.is_contiguous() and not R.is_contiguous()
+    out, _, _ = torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)
+    assert rel_err(out, dense_solution(A, R, lam, True)) < 1e-10
+    L, _, _ = torch.ops.revgn.gram_factor(A, lam, True)
+    assert rel_err(torch.ops.revgn.gram_solve(A, L.mT.contiguous().mT, R, True),
+                   dense_solution(A, R, lam, True)) < 1e-10
