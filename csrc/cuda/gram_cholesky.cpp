@@ -37,12 +37,12 @@ cuda::JitterSchedule device_schedule(at::ScalarType dtype) {
   return s;
 }
 
-// Largest n on the fused path: the measured crossover, capped by shared memory; REVGN_GRAM_FUSED_MAX_N
-// lowers it (0 disables the fused path), which the benchmarks use to time both paths.
+// Largest n on the fused path: the measured crossover, capped by shared memory. REVGN_GRAM_FUSED_MAX_N
+// replaces the crossover (0 disables the fused path), which the benchmarks use to time both paths.
 int64_t fused_max_n(at::ScalarType dtype) {
-  int64_t n = std::min<int64_t>(kFusedMaxN, cuda::fused_gram_max_n(static_cast<int>(c10::elementSize(dtype))));
-  if (const char* env = std::getenv("REVGN_GRAM_FUSED_MAX_N")) n = std::min<int64_t>(n, std::atoll(env));
-  return n;
+  const int64_t cap = cuda::fused_gram_max_n(static_cast<int>(c10::elementSize(dtype)));
+  const char* env = std::getenv("REVGN_GRAM_FUSED_MAX_N");
+  return std::min<int64_t>(cap, env != nullptr ? std::atoll(env) : kFusedMaxN);
 }
 
 template <typename T>

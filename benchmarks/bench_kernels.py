@@ -1,0 +1,242 @@
+"""Fused kernels against the eager pure-PyTorch reference and torch.compile of the reference.
+
+Ops: coupling_forward / coupling_inverse / coupling_inverse_tangent (ReLU, float32) and
+gram_cholesky_solve (float32, ones column, damping 1e-3 * mean diag, k = 392 right-hand sides = d/2
+of the MNIST config). On CUDA it also times the fused Gram path against the library path (cuSOLVER)
+for n around the crossover (REVGN_GRAM_FUSED_MAX_N=0 forces the library path).
+
+Sizes (from the task): coupling n in {256, 1024}, d/2 in {392, 1536}, M in {2048, 8000}; Gram B in
+{4, 12}, n in {64, 128, 256, 512, 1024}, m = 8000. CPU runs use reduced sizes (see CPU_*) so that a
+run stays within a few minutes on a small machine.
+
+Timing: CUDA uses triton.testing.do_bench (CUDA events, median) when Triton is present, else CUDA
+events with the median of repeats; CPU uses the median of perf_counter repeats.
+
+Usage: python benchmarks/bench_kernels.py [--device cpu|cuda] [--out benchmarks/results/kernels.md]
+The results table for the device replaces that device's section of the output file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailable")
+from revgn_ext import ops, reference  # noqa: E402
+
+GPU_COUPLING = [(n, h, M) for n in (256, 1024) for h in (392, 1536) for M in (2048, 8000)]
+CPU_COUPLING = [(256, 392, 2048), (256, 392, 8000), (1024, 392, 2048)]
+GPU_GRAM = [(B, n, 8000) for B in (4, 12) for n in (64, 128, 256, 512, 1024)]
+CPU_GRAM = [(4, n, 2000) for n in (64, 128, 256)] + [(12, 128, 2000)]
+GRAM_K = 392
+CROSSOVER_N = (64, 96, 128, 160, 176, 192, 208, 224)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def machine(device: str) -> str:
+    desc = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"ops backend {ops.backend()}")
+    if device == "cuda":
+        desc += f", GPU {torch.cuda.get_device_name()}"
+    return desc
+
+
+def timer(device: str):
+    """Median wall time in ms of fn()."""
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")
+        except ImportError:
+            pass
+
+        def cuda_events(fn, repeats=20):
+            fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+
+        return cuda_events
+
+    def cpu_clock(fn, budget_s=0.6, min_repeats=3, max_repeats=15):
+        fn()
+        times = []
+        t_all = time.perf_counter()
+        while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - t_all < budget_s):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cpu_clock
+
+
+def coupling_inputs(n, h, M, device, dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def draw(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    x1, x2 = draw(n, h), draw(n, h)
+    VF, VG = draw(h, M, std=M ** -0.5), draw(h, M, std=M ** -0.5)
+    WF, WG = draw(h, M, std=1e-2), draw(h, M, std=1e-2)
+    bF, bG = draw(h, std=0.1), draw(h, std=0.1)
+    return x1, x2, VF, WF, bF, VG, WG, bG
+
+
+def compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+def bench_coupling(device, sizes, measure, rows):
+    act = "relu"
+    fwd_c = compiled(lambda *a: reference.coupling_forward(*a, act, False))
+    inv_c = compiled(lambda *a: reference.coupling_inverse(*a, act))
+    tan_c = compiled(lambda *a: reference.coupling_inverse_tangent(*a, act))
+    for n, h, M in sizes:
+        x1, x2, VF, WF, bF, VG, WG, bG = coupling_inputs(n, h, M, device)
+        y1, y2, _, _ = reference.coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, act)
+        dy1, dy2 = torch.randn_like(y1), torch.randn_like(y2)
+        fwd = (x1, x2, VF, WF, bF, VG, WG, bG)
+        inv = (y1, y2, VF, WF, bF, VG, WG, bG)
+        tan = (y1, x2, dy1, dy2, VF, WF, VG, WG)
+        cases = [
+            ("coupling_forward", lambda: torch.ops.revgn.coupling_forward(*fwd, act, False),
+             lambda: reference.coupling_forward(*fwd, act, False), lambda: fwd_c(*fwd)),
+            ("coupling_inverse", lambda: torch.ops.revgn.coupling_inverse(*inv, act),
+             lambda: reference.coupling_inverse(*inv, act), lambda: inv_c(*inv)),
+            ("coupling_inverse_tangent", lambda: torch.ops.revgn.coupling_inverse_tangent(*tan, act),
+             lambda: reference.coupling_inverse_tangent(*tan, act), lambda: tan_c(*tan)),
+        ]
+        with torch.no_grad():
+            for name, kernel, eager, comp in cases:
+                rows.append((name, f"n={n} d/2={h} M={M}", measure(kernel), measure(eager), safe(measure, comp)))
+                print(*rows[-1], flush=True)
+
+
+def gram_inputs(B, n, m, device, dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    A = (torch.randn(B, n, m, generator=g) / m ** 0.5).to(device=device, dtype=dtype)
+    R = torch.randn(B, n, GRAM_K, generator=g).to(device=device, dtype=dtype)
+    lam = torch.full((B,), 1e-3, device=device, dtype=dtype)
+    return A, R, lam
+
+
+def bench_gram(device, sizes, measure, rows):
+    comp_fn = compiled(reference.gram_cholesky_solve)
+    for B, n, m in sizes:
+        A, R, lam = gram_inputs(B, n, m, device)
+        with torch.no_grad():
+            rows.append(("gram_cholesky_solve", f"B={B} n={n} m={m} k={GRAM_K}",
+                         measure(lambda: torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)),
+                         measure(lambda: reference.gram_cholesky_solve(A, R, lam, True)),
+                         safe(measure, lambda: comp_fn(A, R, lam, True))))
+        print(*rows[-1], flush=True)
+
+
+def bench_crossover(measure, B=12, m=8000):
+    """Fused vs library path of the CUDA Gram solve (and the factorisation alone)."""
+    out = []
+    for n in CROSSOVER_N:
+        A, R, lam = gram_inputs(B, n, m, "cuda")
+        times = []
+        for env in ("1024", "0"):  # fused up to its shared-memory limit, then library only
+            os.environ["REVGN_GRAM_FUSED_MAX_N"] = env
+            times.append(measure(lambda: torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)))
+            times.append(measure(lambda: torch.ops.revgn.gram_factor(A, lam, True)))
+        os.environ.pop("REVGN_GRAM_FUSED_MAX_N", None)
+        out.append((n, *times))
+        print("crossover", *out[-1], flush=True)
+    return out
+
+
+def safe(measure, fn):
+    try:
+        return measure(fn)
+    except Exception as exc:  # torch.compile may fail on a given build; the table says so
+        print("compile failed:", type(exc).__name__, str(exc)[:200], flush=True)
+        return float("nan")
+
+
+def section(device, rows, crossover) -> str:
+    lines = [f"## {device.upper()}", "", f"Machine: {machine(device)}.", "",
+             "Median wall time in ms (float32, ReLU). Ratios > 1 mean the kernel is faster.", "",
+             "| op | size | kernel | eager ref | compiled ref | eager / kernel | compiled / kernel |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, size, k, e, c in rows:
+        lines.append(f"| {name} | {size} | {k:.3f} | {e:.3f} | {c:.3f} | {e / k:.2f} | {c / k:.2f} |")
+    if crossover:
+        lines += ["", "Fused vs library Gram path (B=12, m=8000, k=392, float32; ms):", "",
+                  "| n | fused solve | library solve | fused factor | library factor |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        for n, fs, ff, ls, lf in crossover:
+            lines.append(f"| {n} | {fs:.3f} | {ls:.3f} | {ff:.3f} | {lf:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(path: Path, device: str, text: str) -> None:
+    """Replace this device's section of the results file, keeping the others."""
+    sections = {}
+    if path.exists():
+        current = None
+        for line in path.read_text().splitlines(keepends=True):
+            if line.startswith("## "):
+                current = line[3:].strip()
+                sections[current] = ""
+            if current is not None:
+                sections[current] += line
+    sections[device.upper()] = text
+    head = ("# Fused kernels vs reference\n\nWritten by benchmarks/bench_kernels.py; "
+            "each device's section is replaced by its latest run.\n\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + "\n".join(sections[k] for k in sorted(sections)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels.md"))
+    parser.add_argument("--skip-crossover", action="store_true")
+    args = parser.parse_args()
+    if ops.backend() == "reference":
+        raise SystemExit("compiled revgn ops not loaded; build them first (python setup.py build_ext --inplace)")
+    torch._dynamo.config.cache_size_limit = 64
+    device = args.device
+    measure = timer(device)
+    rows = []
+    gpu = device == "cuda"
+    bench_coupling(device, GPU_COUPLING if gpu else CPU_COUPLING, measure, rows)
+    bench_gram(device, GPU_GRAM if gpu else CPU_GRAM, measure, rows)
+    crossover = bench_crossover(measure) if gpu and not args.skip_crossover else []
+    text = section(device, rows, crossover)
+    write(Path(args.out), device, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
