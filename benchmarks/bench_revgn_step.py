@@ -41,7 +41,8 @@ def cpu_name() -> str:
 
 
 def machine(device: torch.device) -> str:
-    desc = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, ops backend {rg.ops.backend()}"
+    desc = (f"{cpu_name()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
+            f"torch {torch.__version__}, ops backend {rg.ops.backend()}")
     if device.type == "cuda":
         desc += f", GPU {torch.cuda.get_device_name(device)}"
     return desc
@@ -96,12 +97,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", default=None, help="comma list of " + ",".join(CONFIGS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "revgn.md"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.configs.split(",") if args.configs else (["cpu", "mnist"] if device.type == "cuda" else ["cpu"])
 
+    load_before = os.getloadavg()[0]
     rows = []
     for name in names:
         cfg = CONFIGS[name]
@@ -115,7 +120,7 @@ def main() -> None:
     text = "\n".join([
         "# RevGN step vs Adam step",
         "",
-        f"Machine: {machine(device)}.",
+        f"Machine: {machine(device)}. Load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}.",
         "",
         "One step = forward, backward (Adam) or right-inverse solve (RevGN), and the update, on the same",
         "RevMLP (float32, identity then ReLU, damping 1e-4 relative, Cholesky solver). Median of "

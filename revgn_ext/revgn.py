@@ -125,11 +125,6 @@ class RevGN(torch.optim.Optimizer):
                           "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=3)
         trace = model.forward_with_trace(x)
         loss = tg.loss_value(trace.logits, y, group["loss"])
-        if not bool(torch.isfinite(trace.logits).all()):
-            # Finite x, but the forward overflowed: there is no direction to compute.
-            nan = [ri.BlockDelta(*(torch.full_like(p, math.nan) for p in (b.WF, b.bF, b.WG, b.bG)))
-                   for b in model.blocks]
-            return loss, nan, {}
         E = tg.function_space_target(trace.logits, y, group["loss"], group["target"], group["target_damping"])
         dZ = E @ model.Q.mT
         deltas, report = ri.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
@@ -140,7 +135,7 @@ class RevGN(torch.optim.Optimizer):
     @torch.no_grad()
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> list:
         """Delta with J Delta = E Q^T, one tensor per parameter in ``model.parameters()`` order
-        (the step would be ``theta - lr * Delta``). NaN when the forward pass overflows at x."""
+        (the step would be ``theta - lr * Delta``). Not finite when the forward pass overflows at x."""
         _, deltas, _ = self._direction(x, y)
         return [t for d in deltas for t in d]
 
@@ -151,7 +146,11 @@ class RevGN(torch.optim.Optimizer):
         flat = [t for d in deltas for t in d]
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
-        finite = bool(torch.isfinite(norm))
+        # A single host sync for the decision and every statistic.
+        values = torch.cat([torch.stack([loss, norm]).double()]
+                           + [v.double() for v in report.values()]).tolist()
+        loss_value, norm_value = values[:2]
+        finite = math.isfinite(norm_value)
         if finite:
             by_param = dict(zip(self.model.parameters(), flat))
             for group in self.param_groups:
@@ -159,10 +158,11 @@ class RevGN(torch.optim.Optimizer):
                     p.add_(by_param[p], alpha=-group["lr"])
                     state = self.state[p]
                     state["step"] = state.get("step", 0) + 1
-        stats = {"loss": float(loss), "refused": not finite, "direction_norm": float(norm),
-                 "batch_size": x.shape[0]}
-        stats.update({k: v.tolist() for k, v in report.items()})
-        n = x.shape[0]
+        n, per_gram = x.shape[0], len(self.model.blocks) * 2
+        stats = {"loss": loss_value, "refused": not finite, "direction_norm": norm_value, "batch_size": n}
+        for k, key in enumerate(report):
+            chunk = values[2 + k * per_gram: 2 + (k + 1) * per_gram]
+            stats[key] = [int(v) for v in chunk] if key in ("info", "rank") else chunk
         clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
         stats["exact"] = bool(self.param_groups[0]["damping"] == 0 and n <= self.model.width and clean)
         return stats
