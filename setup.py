@@ -23,6 +23,8 @@ if os.environ.get("REVGN_NO_EXT", "0") != "1":
     if with_cuda and not os.environ.get("CUDA_HOME") and build["cuda_home"]():
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = build["cuda_home"]()
+    if with_cuda:
+        build["ensure_cuda_arch_list"]()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     srcs = [os.path.relpath(s, ROOT) for s in build["sources"](with_cuda)]

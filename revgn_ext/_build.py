@@ -35,6 +35,19 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and cuda_home() is not None
 
 
+DEFAULT_CUDA_ARCH = "9.0"
+
+
+def ensure_cuda_arch_list() -> None:
+    """With no GPU to detect and no TORCH_CUDA_ARCH_LIST, torch finds no architecture to build for;
+    default to Hopper (sm_90), the GPUs this project targets. Set TORCH_CUDA_ARCH_LIST to override."""
+    import torch
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
+        print(f"revgn_ext: no GPU visible, building CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCH}")
+
+
 def sources(with_cuda: bool) -> list[str]:
     cpp = sorted(glob.glob(str(CSRC / "*.cpp")))
     if not with_cuda:
@@ -74,6 +87,7 @@ def jit_load() -> str:
         # cpp_extension resolved its CUDA_HOME when first imported, possibly from a bare nvcc on PATH.
         os.environ.setdefault("CUDA_HOME", cuda_home())
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        ensure_cuda_arch_list()
     build_dir = Path(os.environ.get("REVGN_JIT_DIR", Path.home() / ".cache" / "revgn_ext" /
                                     f"torch{torch.__version__}{'-cuda' if with_cuda else ''}"))
     build_dir.mkdir(parents=True, exist_ok=True)
