@@ -18,14 +18,27 @@ if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} 
 fi
 echo "built in $(( $(date +%s) - start )) s"
 echo "== tests"
-REVGN_REQUIRE_EXT=1 $PY -m pytest python_tests/test_gram_cholesky.py python_tests/test_coupling.py -q \
-  -p no:cacheprovider -p no:logging > "$OUT/tests.log" 2>&1
+# Direct-call argument errors are run in a process of their own, under cuda-gdb for a native backtrace
+# if they crash.
+REVGN_REQUIRE_EXT=1 $PY -m pytest python_tests/test_gram_cholesky.py python_tests/test_coupling.py -v --tb=short \
+  -p no:cacheprovider -p no:logging --deselect python_tests/test_coupling.py::test_kernels_reject_bad_inputs_directly \
+  > "$OUT/tests.log" 2>&1
 echo "pytest exit $?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
+grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUT/tests.log" | tail -40
+$PY -m pytest python_tests/test_coupling.py -v --tb=short -p no:cacheprovider -p no:logging \
+  -k test_kernels_reject_bad_inputs_directly > "$OUT/direct.log" 2>&1
+echo "direct-call errors: pytest exit $?"
+tail -3 "$OUT/direct.log"
+if grep -q "Segmentation" "$OUT/direct.log" && command -v cuda-gdb > /dev/null; then
+  timeout 120 cuda-gdb -batch -ex run -ex bt --args $PY -m pytest python_tests/test_coupling.py -q -p no:cacheprovider \
+    -k test_kernels_reject_bad_inputs_directly > "$OUT/gdb.log" 2>&1
+  grep -E "^#" "$OUT/gdb.log" | head -25
+fi
 if [ "${1:-}" != "--no-bench" ]; then
   echo "== bench"
-  $PY benchmarks/bench_kernels.py --device cuda --out "$OUT/kernels.md" > "$OUT/bench.log" 2>&1
+  $PY benchmarks/bench_kernels.py --device cuda --only "${BENCH_ONLY:-all}" --out "$OUT/kernels.md" \
+    > "$OUT/bench.log" 2>&1
   echo "bench exit $?"
-  tail -5 "$OUT/bench.log"
-  cat "$OUT/kernels.md" 2>/dev/null | tail -60
+  grep -E "failed:" "$OUT/bench.log" | head -5
+  tail -40 "$OUT/kernels.md" 2>/dev/null
 fi

@@ -20,8 +20,9 @@ Activation parse_activation(std::string_view name) {
   if (name == "relu") return Activation::Relu;
   if (name == "tanh") return Activation::Tanh;
   if (name == "gelu") return Activation::Gelu;
-  TORCH_CHECK_VALUE(false, "revgn: activation must be one of identity, relu, tanh, gelu; got '", std::string(name),
-                    "'");
+  const std::string given(name);
+  TORCH_CHECK_VALUE(false, "revgn: activation must be one of identity, relu, tanh, gelu; got '", given, "'");
+  return Activation::Identity;  // not reached
 }
 
 void activation_(at::Tensor& Z, Activation act) {
@@ -37,12 +38,14 @@ namespace {
 
 // Checks for direct calls of the ops (the Python wrappers raise the same errors first, naming the
 // argument as the user wrote it).
+// cols < 0: any number of columns (the hidden width M).
 void check_matrix(const char* name, const at::Tensor& t, const at::Tensor& like, int64_t rows, int64_t cols) {
   TORCH_CHECK_VALUE(t.dim() == 2, "revgn: ", name, " must be 2-d, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type() && t.device() == like.device(), "revgn: ", name,
                     " must match the first input's dtype and device");
-  TORCH_CHECK_VALUE(t.size(0) == rows && (cols < 0 || t.size(1) == cols), "revgn: ", name, " has shape ",
-                    t.sizes(), ", expected (", rows, ", ", cols < 0 ? std::string("M") : std::to_string(cols), ")");
+  TORCH_CHECK_VALUE(t.size(0) == rows, "revgn: ", name, " has shape ", t.sizes(), ", expected ", rows, " rows");
+  TORCH_CHECK_VALUE(cols < 0 || t.size(1) == cols, "revgn: ", name, " has shape ", t.sizes(), ", expected ", cols,
+                    " columns");
 }
 
 void check_block(const at::Tensor& u1, const at::Tensor& u2, const at::Tensor& VF, const at::Tensor& WF,

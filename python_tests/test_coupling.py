@@ -17,10 +17,10 @@ def make_block(n, half, M, dtype, device, seed=0, contiguous=True):
     g = torch.Generator().manual_seed(seed)
 
     def draw(*shape, std=1.0):
-        t = torch.randn(*shape, generator=g, dtype=torch.float64) * std
-        if not contiguous:  # column-major matrices, vectors with stride 2
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype=dtype, device=device)
+        if not contiguous:  # column-major matrices, vectors with stride 2 (made on the device: .to() densifies)
             t = t.mT.contiguous().mT if t.dim() == 2 else torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
-        return t.to(dtype=dtype, device=device)
+        return t
 
     x1, x2 = draw(n, half), draw(n, half)
     VF, VG = draw(half, M, std=M ** -0.5), draw(half, M, std=M ** -0.5)

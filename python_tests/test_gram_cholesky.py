@@ -200,8 +200,9 @@ def test_cuda_matches_cpu_kernel(n):
 
 
 # ---- CUDA paths: fused shared-memory kernel (small n) and cuSOLVER + verify/retry (large n) ------------
-# Sizes straddle the fused path's limits (n = 192 for float32 by measurement, 144 for float64 by shared
-# memory), its register-row steps (n = 32, 64, 128) and its column chunk (k = 32); the last shape has
+# Sizes straddle the fused path's limit (n = 128, the measured crossover; shared memory would allow 224
+# in float32 and 144 in float64), its register-row steps (n = 32, 64) and its column chunk (k = 32),
+# and (forced through REVGN_GRAM_FUSED_MAX_N) its shared-memory caps; the last shape has
 # more (matrix, chunk) blocks than SMs, which takes the factor-then-solve launch pair.
 THRESHOLD_SHAPES = [(2, 32, 70, 32), (2, 33, 70, 33), (3, 64, 130, 1), (2, 65, 140, 64), (2, 128, 260, 31),
                     (2, 129, 260, 3), (2, 144, 300, 5), (2, 145, 300, 2), (1, 192, 400, 2), (1, 193, 400, 2),
@@ -215,10 +216,13 @@ def poison_cuda():
 
 
 @requires_cuda_kernels
+@pytest.mark.parametrize("fused_up_to_cap", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("append_ones", [False, True])
 @pytest.mark.parametrize("shape", THRESHOLD_SHAPES)
-def test_cuda_paths_across_threshold(shape, append_ones, dtype):
+def test_cuda_paths_across_threshold(shape, append_ones, dtype, fused_up_to_cap, monkeypatch):
+    if fused_up_to_cap:
+        monkeypatch.setenv("REVGN_GRAM_FUSED_MAX_N", "1024")
     A, R, lam = random_problem(*shape, dtype, "cuda", seed=sum(shape))
     want = dense_solution(A, R, lam, append_ones)
     poison_cuda()
