@@ -12,8 +12,9 @@ Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of th
   full row rank n, and by the least-squares fit otherwise;
 * A^+ R = A^T (A A^T + lambda I)^{-1} R through the n x n Gram (ones column implicit:
   A A^T = H H^T + 1 1^T); all 2L Grams depend only on forward features, so they are factored in one
-  batched :func:`revgn_ext.ops.gram_factor` call before the solves. The F solves of all blocks are
-  independent of each other, so they run as one batched solve; then K; then one batched G solve.
+  batched :func:`revgn_ext.ops.gram_factor` call before the solves. The solves themselves run one
+  half-layer at a time: torch's batched cholesky_solve on CUDA was 4-5x slower per matrix than
+  single-matrix calls at n = 1024 (measured on an H100), and on the CPU batching gained nothing.
 
 ``solver="svd"`` instead uses the official truncated pseudo-inverse: singular values of A below
 max(rtol * s_max, atol) are dropped (and the kept ones filtered as s / (s^2 + lambda)).
@@ -77,29 +78,32 @@ def _times_slope(name: str, h: torch.Tensor, pre, t: torch.Tensor) -> torch.Tens
 
 
 class _CholeskySolver:
-    """A_i^+ R_i = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R_i, all factors from one batched call;
-    called with a slice of the batch and the matching (b, n, k) right-hand sides.
+    """A_i^+ R = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R with all B factors from one batched call.
 
-    Also returns the fit A_i Theta_i. On the CPU it comes from the factor: with L L^T = A A^T + mu I
+    Also returns the fit A_i Theta. On the CPU it comes from the factor: with L L^T = A A^T + mu I
     (mu = lambda + jitter) and U = (L L^T)^{-1} R, A Theta = A A^T U = R - mu U, one small triangular
     solve instead of an n x M x d/2 GEMM. On a GPU the GEMM is the faster of the two (measured on an
-    H100), and it is also the only choice when a matrix's retries all failed, since its diagonal
+    H100), and it is also the only choice for a matrix whose retries all failed, whose diagonal
     stand-in factor breaks the identity.
     """
 
     def __init__(self, A: torch.Tensor, lam: torch.Tensor):
         self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
-        self.mu = lam + self.factor.jitter
-        self.fit_from_factor = A.device.type == "cpu" and not bool((self.factor.info < 0).any())
+        self.from_factor = A.device.type == "cpu"
+        if self.from_factor:
+            mu_and_info = torch.stack([lam + self.factor.jitter, self.factor.info.to(lam.dtype)]).tolist()
+            self.mu, self.failed = mu_and_info[0], [i < 0 for i in mu_and_info[1]]
 
-    def __call__(self, sl: slice, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
-        part = ops.GramFactor(f.A[sl], f.L[sl], f.info[sl], f.jitter[sl], True)
-        theta = ops.gram_solve(part, R, check_finite=False)
-        if self.fit_from_factor:
-            fit = R - self.mu[sl, None, None] * torch.cholesky_solve(R, f.L[sl])
+        one = ops.GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
+        theta = ops.gram_solve(one, R[None], check_finite=False)[0]
+        if not self.from_factor or self.failed[i]:
+            fit = torch.addmm(theta[-1], f.A[i], theta[:-1])
+        elif self.mu[i] == 0.0:
+            fit = R
         else:
-            fit = torch.baddbmm(theta[:, -1:], f.A[sl], theta[:, :-1])
+            fit = R - self.mu[i] * torch.cholesky_solve(R, f.L[i])
         return theta, fit
 
     def report(self) -> dict:
@@ -118,11 +122,11 @@ class _SVDSolver:
         self.phi = torch.where(keep, s / (s * s + lam[:, None]), torch.zeros_like(s))
         self.rank = keep.sum(1)
 
-    def __call__(self, sl: slice, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Theta, A Theta) with A Theta = U diag(s phi(s)) U^T R."""
-        UR = self.U[sl].mT @ R
-        theta = self.Vh[sl].mT @ (self.phi[sl, :, None] * UR)
-        fit = self.U[sl] @ ((self.s[sl] * self.phi[sl])[:, :, None] * UR)
+        UR = self.U[i].mT @ R
+        theta = self.Vh[i].mT @ (self.phi[i][:, None] * UR)
+        fit = self.U[i] @ ((self.s[i] * self.phi[i])[:, None] * UR)
         return theta, fit
 
     def report(self) -> dict:
@@ -146,24 +150,18 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
         F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda) and "info", "jitter" (Cholesky retries,
         see :class:`revgn_ext.ops.GramFactor`) or "rank" (SVD).
     """
-    L, half = len(blocks), dZ.shape[1] // 2
+    half = dZ.shape[1] // 2
     D = transport_targets(blocks, traces, dZ[:, :half], dZ[:, half:])
-    # Stacked as F_1..F_L, G_1..G_L so that each family is one contiguous slice.
-    A = torch.stack([t.hF for t in traces] + [t.hG for t in traces])
+    A = torch.stack([h for t in traces for h in (t.hF, t.hG)])
     lam = gram_damping(A, damping, relative_damping)
     solve = _CholeskySolver(A, lam) if solver == "cholesky" else _SVDSolver(A, lam, rtol, atol)
 
-    theta_F, dY1 = solve(slice(0, L), torch.stack([s * D1 for s, (D1, _) in zip(shares, D)]))
-    R_G = []
-    for l, (b, t, (_, D2), s) in enumerate(zip(blocks, traces, D, shares)):
-        # K: how F's update dY1 = A_F Theta_F moves Y2 through G.
-        dzG = dY1[l] if b.VG is None else dY1[l] @ b.VG
+    deltas = []
+    for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
+        width = t.hF.shape[1]
+        theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
+        dzG = dY1 if b.VG is None else dY1 @ b.VG
         K = _times_slope(b.activation, t.hG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG, dzG) @ b.WG.mT
-        R_G.append(s * D2 - K)
-    theta_G, _ = solve(slice(L, 2 * L), torch.stack(R_G))
-
-    width = A.shape[2]
-    deltas = [BlockDelta(tF[:width].mT, tF[width], tG[:width].mT, tG[width]) for tF, tG in zip(theta_F, theta_G)]
-    report = {"damping": lam, **solve.report()}
-    # Back to the per-block order F_1, G_1, F_2, G_2, ...
-    return deltas, {k: v.reshape(2, L).mT.reshape(-1) for k, v in report.items()}
+        theta_G, _ = solve(2 * l + 1, s * D2 - K)
+        deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
+    return deltas, {"damping": lam, **solve.report()}
