@@ -83,7 +83,12 @@ def has_kernel(op: str, device_type: str) -> bool:
     if load() == "reference":
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"revgn::{op}", key)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"revgn::{op}", key)
+    except RuntimeError:  # a library built from older sources lacks the op altogether
+        return False
 
 
 def info() -> dict:
