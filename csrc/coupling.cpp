@@ -37,20 +37,28 @@ void activation_(at::Tensor& Z, Activation act) {
 namespace {
 
 // Checks for direct calls of the ops (the Python wrappers raise the same errors first, naming the
-// argument as the user wrote it).
+// argument as the user wrote it). Messages are assembled from strings only: streaming integers through
+// c10::str crashed inside libstdc++ on one build machine (torch 2.11 wheel, g++ 13).
+std::string shape_of(const at::Tensor& t) {
+  std::string out = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + (t.dim() == 1 ? ",)" : ")");
+}
+
 // cols < 0: any number of columns (the hidden width M).
 void check_matrix(const char* name, const at::Tensor& t, const at::Tensor& like, int64_t rows, int64_t cols) {
-  TORCH_CHECK_VALUE(t.dim() == 2, "revgn: ", name, " must be 2-d, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2, "revgn: ", name, " must be 2-d, got shape ", shape_of(t));
   TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type() && t.device() == like.device(), "revgn: ", name,
                     " must match the first input's dtype and device");
-  TORCH_CHECK_VALUE(t.size(0) == rows, "revgn: ", name, " has shape ", t.sizes(), ", expected ", rows, " rows");
-  TORCH_CHECK_VALUE(cols < 0 || t.size(1) == cols, "revgn: ", name, " has shape ", t.sizes(), ", expected ", cols,
-                    " columns");
+  TORCH_CHECK_VALUE(t.size(0) == rows, "revgn: ", name, " has shape ", shape_of(t), ", expected ",
+                    std::to_string(rows), " rows");
+  TORCH_CHECK_VALUE(cols < 0 || t.size(1) == cols, "revgn: ", name, " has shape ", shape_of(t), ", expected ",
+                    std::to_string(cols), " columns");
 }
 
 void check_block(const at::Tensor& u1, const at::Tensor& u2, const at::Tensor& VF, const at::Tensor& WF,
                  const at::Tensor& VG, const at::Tensor& WG) {
-  TORCH_CHECK_VALUE(u1.dim() == 2, "revgn: block inputs must be (n, d/2), got shape ", u1.sizes());
+  TORCH_CHECK_VALUE(u1.dim() == 2, "revgn: block inputs must be (n, d/2), got shape ", shape_of(u1));
   TORCH_CHECK_VALUE(u1.scalar_type() == at::kFloat || u1.scalar_type() == at::kDouble,
                     "revgn: coupling inputs must be float32 or float64");
   const int64_t n = u1.size(0), half = u1.size(1);
@@ -63,7 +71,7 @@ void check_block(const at::Tensor& u1, const at::Tensor& u2, const at::Tensor& V
 
 void check_bias(const char* name, const at::Tensor& b, const at::Tensor& like) {
   TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == like.size(1), "revgn: ", name, " must be (d/2,) = (",
-                    like.size(1), ",), got shape ", b.sizes());
+                    std::to_string(like.size(1)), ",), got shape ", shape_of(b));
   TORCH_CHECK_VALUE(b.scalar_type() == like.scalar_type() && b.device() == like.device(), "revgn: ", name,
                     " must match the first input's dtype and device");
 }
