@@ -21,7 +21,7 @@ std::vector<double> jitter_schedule(at::ScalarType dtype) {
 }
 
 void check_gram_args(const at::Tensor& A, const at::Tensor& damping) {
-  TORCH_CHECK(A.dim() == 3, "revgn: A must be (B, n, m), got ", A.sizes());
+  TORCH_CHECK(A.dim() == 3, "revgn: A must be (B, n, m)");
   TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
               "revgn: A must be float32 or float64");
   TORCH_CHECK(damping.dim() == 1 && damping.size(0) == A.size(0), "revgn: damping must be (B,)");
@@ -32,7 +32,7 @@ void check_gram_args(const at::Tensor& A, const at::Tensor& damping) {
 void check_solve_args(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R) {
   TORCH_CHECK(A.dim() == 3 && L.dim() == 3 && R.dim() == 3, "revgn: A, L, R must be 3-d");
   TORCH_CHECK(L.size(0) == A.size(0) && L.size(1) == A.size(1) && L.size(2) == A.size(1),
-              "revgn: L must be (B, n, n) for A of shape ", A.sizes());
+              "revgn: L must be (B, n, n) for A of shape (B, n, m)");
   TORCH_CHECK(R.size(0) == A.size(0) && R.size(1) == A.size(1), "revgn: R must be (B, n, k)");
   TORCH_CHECK(A.scalar_type() == L.scalar_type() && A.scalar_type() == R.scalar_type(),
               "revgn: A, L, R must share a dtype");
