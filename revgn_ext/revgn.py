@@ -14,6 +14,9 @@ Learning rates from the paper: the official code gives every block the full targ
 total step is L times ours for the same number; its learning rate equals ours divided by L. To
 reproduce a paper setting use ``lr = L * lr_paper`` with the default shares 1/L (MNIST full batch:
 GN 0.5 with L = 2 -> lr = 1.0 here).
+
+Data-parallel: with ``distributed=True`` each rank passes its shard of the batch and the step equals
+the single-process step on the concatenated batch (docs/distributed.md, :mod:`revgn_ext.distributed`).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from ._checks import check_tensor
 from .curvature import right_inverse as ri
 from .curvature import targets as tg
+from .distributed import resolve
 from .model import RevMLP
 
 __all__ = ["RevGN"]
@@ -51,6 +55,17 @@ class RevGN(torch.optim.Optimizer):
         solver: "cholesky" (one batched Gram factorisation) or "svd" (the official truncated pinv:
             singular values below max(rtol * s_max, atol) are dropped).
         target_damping: mu of the "damped" target.
+        distributed: data-parallel over ``process_group`` (default: the initialised default group).
+            Every rank calls ``step(x_r, y_r)`` with its shard; the rows of the Grams and targets are
+            all_gathered, every rank solves the same global system, and one all_reduce sums the update,
+            so the step (and ``stats["loss"]``) is that of the concatenated batch. Parameters and
+            buffers are copied from the group's rank 0 at construction. Passing ``process_group``
+            implies ``distributed=True``.
+        process_group: a ``torch.distributed`` process group, or None.
+
+    ``model`` may be a DistributedDataParallel-wrapped RevMLP: its ``.module`` is trained, over the
+    wrapper's process group. DDP's own gradient all_reduce (an average of per-shard gradients) is not
+    used, because the exact step couples all samples through the Gram; a bare module works as well.
 
     ``step(x, y)`` returns a stats dict: "loss" (pre-step batch loss), "refused" (True when the update
     was not finite and the parameters were left untouched), per-Gram lists in the order
@@ -62,7 +77,8 @@ class RevGN(torch.optim.Optimizer):
     def __init__(self, model: RevMLP, lr: float = 0.1, damping: float = 1e-4, target: str = "identity",
                  loss: str = "cross_entropy", *, shares=None, damping_mode: str = "relative",
                  solver: str = "cholesky", rtol: float = 1e-2, atol: float = 1e-5,
-                 target_damping: float = 1e-3) -> None:
+                 target_damping: float = 1e-3, distributed: bool = False, process_group=None) -> None:
+        model, shards = resolve(model, distributed, process_group)
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
         _check_number("lr", lr)
@@ -89,6 +105,9 @@ class RevGN(torch.optim.Optimizer):
                         target_damping=target_damping)
         super().__init__(params, defaults)
         self.model = model
+        self.shards = shards
+        if shards is not None:
+            shards.synchronise(model)
 
     # ------------------------------------------------------------------------------------------
     def _check_batch(self, x, y) -> None:
@@ -115,34 +134,42 @@ class RevGN(torch.optim.Optimizer):
 
     def _direction(self, x, y):
         """(loss, [BlockDelta per block], report); the direction is not yet scaled by -lr."""
-        self._check_batch(x, y)
+        shards = self.shards
+        if shards is None:
+            self._check_batch(x, y)
+            n = x.shape[0]
+        else:
+            shards.agree(lambda: self._check_batch(x, y), lambda: x.shape[0], like=x)
+            n = shards.total
         group = self.param_groups[0]
         model = self.model
-        n, M = x.shape[0], model.width
+        M = model.width
         if n > M:
             warnings.warn(f"RevGN: batch size n={n} exceeds the bottleneck width M={M}; the Grams are "
                           "rank-deficient, so the step is a damped least-squares fit, not exact "
                           "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=3)
         trace = model.forward_with_trace(x)
         loss = tg.loss_value(trace.logits, y, group["loss"])
+        if shards is not None:
+            loss = shards.mean(loss)
         E = tg.function_space_target(trace.logits, y, group["loss"], group["target"], group["target_damping"])
         dZ = E @ model.Q.mT
         deltas, report = ri.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
                                           group["damping_mode"] == "relative", group["solver"],
-                                          group["rtol"], group["atol"])
-        return loss, deltas, report
+                                          group["rtol"], group["atol"], shards)
+        return loss, n, deltas, report
 
     @torch.no_grad()
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> list:
         """Delta with J Delta = E Q^T, one tensor per parameter in ``model.parameters()`` order
         (the step would be ``theta - lr * Delta``). Not finite when the forward pass overflows at x."""
-        _, deltas, _ = self._direction(x, y)
+        _, _, deltas, _ = self._direction(x, y)
         return [t for d in deltas for t in d]
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
-        loss, deltas, report = self._direction(x, y)
+        loss, n, deltas, report = self._direction(x, y)
         flat = [t for d in deltas for t in d]
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
@@ -158,7 +185,7 @@ class RevGN(torch.optim.Optimizer):
                     p.add_(by_param[p], alpha=-group["lr"])
                     state = self.state[p]
                     state["step"] = state.get("step", 0) + 1
-        n, per_gram = x.shape[0], len(self.model.blocks) * 2
+        per_gram = len(self.model.blocks) * 2
         stats = {"loss": loss_value, "refused": not finite, "direction_norm": norm_value, "batch_size": n}
         for k, key in enumerate(report):
             chunk = values[2 + k * per_gram: 2 + (k + 1) * per_gram]

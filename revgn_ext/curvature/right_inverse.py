@@ -18,6 +18,12 @@ Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of th
 
 ``solver="svd"`` instead uses the official truncated pseudo-inverse: singular values of A below
 max(rtol * s_max, atol) are dropped (and the kept ones filtered as s / (s^2 + lambda)).
+
+Data-parallel (``shards``, a :class:`revgn_ext.distributed.ShardGroup`): rank r holds rows A_r of every
+A and rows R_r of every right-hand side. The rows are gathered, so every rank factors the same global
+Gram and solves the same U = (A A^T + 1 1^T + mu I)^{-1} R; it keeps its share [A_r, 1]^T U_r of
+Theta = sum_r [A_r, 1]^T U_r and its rows R_r - mu U_r of the fit A Theta, which is all the next
+half-layer needs. One all_reduce of the concatenated shares then gives every rank the full Delta.
 """
 from __future__ import annotations
 
@@ -110,6 +116,28 @@ class _CholeskySolver:
         return {"info": self.factor.info, "jitter": self.factor.jitter}
 
 
+class _ShardedCholeskySolver(_CholeskySolver):
+    """Data-parallel :class:`_CholeskySolver`: A holds every rank's rows; R arrives as this rank's rows
+    and the result is (this rank's share [A_r, 1]^T U_r of Theta, this rank's rows of A Theta)."""
+
+    def __init__(self, A: torch.Tensor, lam: torch.Tensor, shards):
+        self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
+        mu_and_info = torch.stack([lam + self.factor.jitter, self.factor.info.to(lam.dtype)]).tolist()
+        self.mu, self.failed = mu_and_info[0], [i < 0 for i in mu_and_info[1]]
+        self.shards = shards
+
+    def __call__(self, i: int, R_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, rows = self.factor, self.shards.rows
+        U = torch.cholesky_solve(self.shards.gather_rows(R_local), f.L[i])
+        U_r, A_r = U[rows], f.A[i, rows]
+        share = torch.cat([A_r.mT @ U_r, U_r.sum(0, keepdim=True)])
+        if self.failed[i]:  # the diagonal stand-in factor breaks A A^T U = R - mu U: use the full Theta
+            fit = torch.addmm(U.sum(0), A_r, f.A[i].mT @ U)
+        else:
+            fit = R_local - self.mu[i] * U_r
+        return share, fit
+
+
 class _SVDSolver:
     """Truncated pinv: A^+ R = V diag(phi(s)) U^T R with phi(s) = s / (s^2 + lambda) for
     s >= max(rtol * s_max, atol) and 0 otherwise (A = U diag(s) V^T, ones column explicit)."""
@@ -133,9 +161,28 @@ class _SVDSolver:
         return {"rank": self.rank}
 
 
+class _ShardedSVDSolver(_SVDSolver):
+    """Data-parallel :class:`_SVDSolver`. With [A, 1] = U diag(s) V^T, V diag(phi) U^T R equals
+    [A, 1]^T W for W = U diag(phi / s) U^T R, so this rank's share of Theta is [A_r, 1]^T W_r."""
+
+    def __init__(self, A: torch.Tensor, lam: torch.Tensor, rtol: float, atol: float, shards):
+        super().__init__(A, lam, rtol, atol)
+        self.A, self.shards = A, shards
+        self.phi_over_s = torch.where(self.phi > 0, self.phi / self.s, torch.zeros_like(self.s))
+
+    def __call__(self, i: int, R_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.shards.rows
+        UR = self.U[i].mT @ self.shards.gather_rows(R_local)
+        U_r = self.U[i][rows]
+        W_r = U_r @ (self.phi_over_s[i][:, None] * UR)
+        share = torch.cat([self.A[i, rows].mT @ W_r, W_r.sum(0, keepdim=True)])
+        fit = U_r @ ((self.s[i] * self.phi[i])[:, None] * UR)
+        return share, fit
+
+
 def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: Sequence[float],
                   damping: float = 0.0, relative_damping: bool = True, solver: str = "cholesky",
-                  rtol: float = 1e-2, atol: float = 1e-5) -> tuple[list, dict]:
+                  rtol: float = 1e-2, atol: float = 1e-5, shards=None) -> tuple[list, dict]:
     """Delta with J Delta = dZ for a stack of coupling blocks (formulas in the module docstring).
 
     Args:
@@ -145,6 +192,8 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
         shares: s_l per block, summing to one.
         damping: lambda, relative to mean(diag(A A^T)) of each Gram unless ``relative_damping=False``.
         solver: "cholesky" (batched Gram factor) or "svd" (truncated pinv with ``rtol``, ``atol``).
+        shards: a :class:`revgn_ext.distributed.ShardGroup` when traces and dZ hold this rank's rows of
+            a global batch (see the module docstring); every rank then returns the same global Delta.
     Returns:
         ([BlockDelta per block], report) where report holds per-Gram tensors in the order
         F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda) and "info", "jitter" (Cholesky retries,
@@ -153,8 +202,15 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
     half = dZ.shape[1] // 2
     D = transport_targets(blocks, traces, dZ[:, :half], dZ[:, half:])
     A = torch.stack([h for t in traces for h in (t.hF, t.hG)])
+    if shards is not None:
+        A = shards.gather_rows(A, dim=1)
     lam = gram_damping(A, damping, relative_damping)
-    solve = _CholeskySolver(A, lam) if solver == "cholesky" else _SVDSolver(A, lam, rtol, atol)
+    if shards is None:
+        solve = _CholeskySolver(A, lam) if solver == "cholesky" else _SVDSolver(A, lam, rtol, atol)
+    elif solver == "cholesky":
+        solve = _ShardedCholeskySolver(A, lam, shards)
+    else:
+        solve = _ShardedSVDSolver(A, lam, rtol, atol, shards)
 
     deltas = []
     for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
@@ -164,4 +220,7 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
         K = _times_slope(b.activation, t.hG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG, dzG) @ b.WG.mT
         theta_G, _ = solve(2 * l + 1, s * D2 - K)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
+    if shards is not None:  # the one all_reduce: sum_r of every rank's shares [A_r, 1]^T U_r
+        summed = iter(shards.sum_tensors([t for d in deltas for t in d]))
+        deltas = [BlockDelta(*(next(summed) for _ in d)) for d in deltas]
     return deltas, {"damping": lam, **solve.report()}
