@@ -11,6 +11,10 @@ With the push-through identity it becomes a (b c) x (b c) symmetric positive def
 
 factored by Cholesky. K = S^T J J^T S comes from :mod:`revgn_ext.curvature.gram` (layerwise for linear
 models, without forming J) and J^T (S u) is one vector-Jacobian product.
+
+Data-parallel (``distributed=True``): rank r holds b_r samples. The rows of K's factors and of t are
+all_gathered, every rank factors the same global K + b lambda I and solves for the same u, then
+J^T S u = sum_r J_r^T S_r u_r is one local VJP per rank and one all_reduce (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ._checks import check_tensor
 from .curvature.gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
                              gram_assembler)
 from .curvature.loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
+from .distributed import resolve
 from .reference import jitter_schedule
 
 __all__ = ["EGN", "cholesky_with_jitter"]
@@ -73,6 +78,16 @@ class EGN(Optimizer):
             Defaults 1.01 and 0.99 as in the authors' code.
         gram: "auto" (layerwise where possible, else torch.func), "layerwise" or "functional".
         memory_limit: bytes allowed for the Gram and, on the functional path, the Jacobian.
+        distributed: data-parallel over ``process_group`` (default: the initialised default group).
+            Every rank calls ``step(x_r, y_r)`` with its shard; the step, the line search and the
+            damping updates are those of the concatenated batch (losses are global-batch means).
+            Parameters and buffers are copied from the group's rank 0 at construction. Passing
+            ``process_group`` implies ``distributed=True``.
+        process_group: a ``torch.distributed`` process group, or None.
+
+    ``model`` may be wrapped in DistributedDataParallel: its ``.module`` is trained, over the wrapper's
+    process group. The optimizer needs the bare module because it runs its own forward and VJPs, which
+    DDP's reducer (expecting one backward per forward) would try to average across ranks.
 
     ``step(x, y)`` returns a dict of statistics (``loss`` is the pre-step loss); a step whose update is not
     finite is refused, leaving parameters and state as they were.
@@ -82,9 +97,11 @@ class EGN(Optimizer):
                  line_search: bool = False, momentum: float = 0.0, adaptive_damping: bool = False, *,
                  damping_increase: float = 1.01, damping_decrease: float = 0.99, min_damping: float = 1e-8,
                  max_damping: float = 1e8, armijo: float = 0.1, backtrack: float = 0.8, max_tries: int = 15,
-                 gram: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT):
+                 gram: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT, distributed: bool = False,
+                 process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        model, shards = resolve(model, distributed, process_group)
         _check_number("lr", lr, low=0.0, low_open=True)
         _check_number("damping", damping, low=0.0)
         if loss not in LOSS_FACTORS:
@@ -116,6 +133,9 @@ class EGN(Optimizer):
             raise ValueError("EGN doesn't support per-parameter options (parameter groups)")
         self.model = model
         self._assembler = gram_assembler(model, params, gram, memory_limit)
+        self.shards = shards
+        if shards is not None:
+            shards.synchronise(model)
 
     # ----------------------------------------------------------------------------------------------
     # The LM direction
@@ -176,33 +196,49 @@ class EGN(Optimizer):
             self._assembler = FunctionalGram(self.model, group["params"], group["memory_limit"])
             return self._assembler.forward(x)
 
+    def _checked_forward(self, x, y):
+        """(f, y in loss form) after every check on (x, y); on all ranks together when distributed."""
+        def check():
+            self._check_inputs(x, y)
+            check_samplewise(self.model)
+            f = self._forward(x)
+            return f, self._targets(y, f)
+        if self.shards is None:
+            return check()
+        return self.shards.agree(check, lambda: x.shape[0], like=x)
+
     def _solve(self, x, y, lam: float) -> dict:
         """Everything one step needs: pre-step loss, dir, and the Gram products for predicted decrease."""
         group = self.param_groups[0]
         params = group["params"]
-        self._check_inputs(x, y)
-        check_samplewise(self.model)
-        f = self._forward(x)
-        y = self._targets(y, f)
+        shards = self.shards
+        f, y = self._checked_forward(x, y)
         factor = LOSS_FACTORS[group["loss"]](f.detach(), y)
-        out = {"f": f, "y": y, "factor": factor, "loss": factor.loss.detach(), "direction": None,
-               "retries": 0, "jitter": 0.0}
-        if not _all_finite([factor.loss, factor.target]):
-            return out
         b, c = f.shape
+        out = {"f": f, "y": y, "b": b, "factor": factor, "loss": factor.loss.detach(), "direction": None,
+               "retries": 0, "jitter": 0.0}
+        finite = _all_finite([factor.loss, factor.target])
+        if shards is not None:  # global loss and a global verdict, in one all_reduce
+            loss_sum, nonfinite = shards.sum_tensors([factor.loss.reshape(1) * b, f.new_tensor([float(not finite)])])
+            out["b"] = b = shards.total
+            out["loss"], finite = loss_sum[0] / b, not bool(nonfinite[0])
+        if not finite:
+            return out
         n = b * c
         columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]
-        M = self._assembler.gram(f, columns)
+        M = self._assembler.gram(f, columns, shards)
         M.diagonal().add_(b * lam)   # in place: the Gram is large and only needed damped, K = M - b lambda I
         L, out["retries"], out["jitter"] = cholesky_with_jitter(M)
         if L is None:
             return out
-        t = factor.target.reshape(n, 1)
+        t = (factor.target if shards is None else shards.gather_rows(factor.target)).reshape(n, 1)
         u = torch.cholesky_solve(t, L)
         Ku = (t - (b * lam) * u).reshape(b, c)   # K u = (M - b lambda I) u with M u = t: no extra product
-        v = apply_factor(factor, u.reshape(b, c))
+        u = u.reshape(b, c)
+        v = apply_factor(factor, u if shards is None else u[shards.rows])
         grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-        out["direction"] = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        direction = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        out["direction"] = direction if shards is None else shards.sum_tensors(direction)
         out["Ku"] = Ku
         out["tKu"] = (t.reshape(b, c) * Ku).sum()
         return out
@@ -210,7 +246,8 @@ class EGN(Optimizer):
     @torch.no_grad()
     def _loss_at(self, x, y) -> torch.Tensor:
         f = self.model(x).reshape(x.shape[0], -1)
-        return LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
+        loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
+        return loss if self.shards is None else self.shards.mean(loss)
 
     def direction(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The LM direction dir = -J^T S u on the batch (x, y), one tensor per trainable parameter.
@@ -251,7 +288,6 @@ class EGN(Optimizer):
             stats["damping"] = stats["next_damping"] = lam
             return stats
 
-        b = sol["f"].shape[0]
         beta = group["momentum"]
         step_count = state.get("step", 0) + 1
         needs_model = group["line_search"] or group["adaptive_damping"]
@@ -321,8 +357,7 @@ class EGN(Optimizer):
         For d = dir = -J^T S u both come from the Gram: g^T d = -t^T K u / b and S^T J d = -K u. A
         momentum direction needs one VJP for g = J^T e / b and a JVP (double backward) for J d.
         """
-        f, factor = sol["f"], sol["factor"]
-        b = f.shape[0]
+        f, factor, b = sol["f"], sol["factor"], sol["b"]
         if not with_momentum:
             return float(-sol["tKu"] / b), float(sol["Ku"].square().sum() / b)
         params = self.param_groups[0]["params"]
@@ -333,8 +368,12 @@ class EGN(Optimizer):
             vjp = torch.autograd.grad(f, params, grad_outputs=z, create_graph=True, allow_unused=True)
             pairs = [(v, d) for v, d in zip(vjp, d_step) if v is not None]
             Jd = torch.autograd.grad([v for v, _ in pairs], z, grad_outputs=[d for _, d in pairs])[0]
-        gTd = sum(float((gi * d).sum()) for gi, d in zip(g, d_step) if gi is not None)
-        return gTd, float(apply_factor_transpose(factor, Jd.detach()).square().sum() / b)
+        g = [torch.zeros_like(d) if gi is None else gi for gi, d in zip(g, d_step)]
+        quad = apply_factor_transpose(factor, Jd.detach()).square().sum().reshape(1)
+        if self.shards is not None:  # g = sum_r J_r^T e_r / b and ||S^T J d||^2 = sum_r ||S_r^T J_r d||^2
+            *g, quad = self.shards.sum_tensors(g + [quad])
+        gTd = sum(float((gi * d).sum()) for gi, d in zip(g, d_step))
+        return gTd, float(quad[0] / b)
 
 
 def _set_params(params, base, direction, alpha: float) -> None:

@@ -21,6 +21,10 @@ Two assemblers share one interface, ``f = forward(x)`` then ``K = gram(f, column
 
 Both assume that samples do not interact (no BatchNorm in training mode); modules that break this are
 refused with :class:`UnsupportedModelError` naming them.
+
+Data-parallel (``shards``, a :class:`revgn_ext.distributed.ShardGroup`): K's factors have one row block
+per sample (X_l, G~_l, or the rows of S^T J), so each rank's rows are all_gathered and every rank
+assembles the same global K, rows ordered by rank, then sample, then output.
 """
 from __future__ import annotations
 
@@ -137,10 +141,14 @@ class LayerwiseGram:
                     f"shape {tuple(calls[0][0].shape)}")
         return f.reshape(b, -1)
 
-    def gram(self, f: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """K (b c, b c) from the last :meth:`forward`; keeps the autograd graph of f for a later VJP."""
+    def gram(self, f: torch.Tensor, columns: torch.Tensor, shards=None) -> torch.Tensor:
+        """K (b c, b c) from the last :meth:`forward`; keeps the autograd graph of f for a later VJP.
+
+        With ``shards`` the per-layer rows X_l (b_r, in_l) and G~_l (b_r, c, out_l) of every rank are
+        all_gathered first: (P-1)/P b (in_l + c out_l) numbers per layer, and K is the global one.
+        """
         c, b = columns.shape[:2]
-        _check_gram_size(b, c, f.dtype, self.memory_limit, self.model)
+        _check_gram_size(b if shards is None else shards.total, c, f.dtype, self.memory_limit, self.model)
         outputs = [self.records[name][0][1] for name, _ in self.layers]
         grads = [f.new_zeros((b, c, z.shape[1])) for z in outputs]
         for a in range(c):
@@ -148,9 +156,13 @@ class LayerwiseGram:
             for G, g in zip(grads, ga):
                 if g is not None:
                     G[:, a] = g
+        inputs = [self.records[name][0][0] for name, _ in self.layers]
+        if shards is not None:
+            inputs = [shards.gather_rows(X) for X in inputs]
+            grads = [shards.gather_rows(G) for G in grads]
+            b = shards.total
         K = f.new_zeros(b * c, b * c)
-        for (name, layer), G in zip(self.layers, grads):
-            X = self.records[name][0][0]
+        for (name, layer), X, G in zip(self.layers, inputs, grads):
             kernel = X @ X.T if id(layer.weight) in self.trainable else X.new_zeros(b, b)
             if layer.bias is not None and id(layer.bias) in self.trainable:
                 kernel += 1.0
@@ -180,15 +192,17 @@ class FunctionalGram:
         self.x = x
         return self.model(x).reshape(x.shape[0], -1)
 
-    def gram(self, f: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    def gram(self, f: torch.Tensor, columns: torch.Tensor, shards=None) -> torch.Tensor:
+        """K (b c, b c); with ``shards`` the rows of S^T J ((P-1)/P b c d numbers) are all_gathered."""
         c, b = columns.shape[:2]
-        _check_gram_size(b, c, f.dtype, self.memory_limit, self.model)
+        total = b if shards is None else shards.total  # every rank must reach the same verdict
+        _check_gram_size(total, c, f.dtype, self.memory_limit, self.model)
         d = sum(p.numel() for p in self.params)
-        need = 2 * b * c * d * torch.finfo(f.dtype).bits // 8
+        need = 2 * total * c * d * torch.finfo(f.dtype).bits // 8
         if need > self.memory_limit:
             raise UnsupportedModelError(
                 f"the generic Jacobian path for {type(self.model).__name__} needs {need / 2**30:.2f} GiB for "
-                f"b={b}, c={c}, d={d} > memory_limit {self.memory_limit / 2**30:.2f} GiB; use a smaller batch, "
+                f"b={total}, c={c}, d={d} > memory_limit {self.memory_limit / 2**30:.2f} GiB; use a smaller batch, "
                 "raise memory_limit, or build the model from nn.Linear layers for the layerwise Gram")
 
         def f_single(weights, xi):
@@ -200,10 +214,13 @@ class FunctionalGram:
         except Exception as err:  # torch.func raises many error types for unsupported modules
             raise UnsupportedModelError(
                 f"torch.func could not form per-sample Jacobians of {type(self.model).__name__}: {err}") from err
+        rows = (torch.einsum("aib,ibk->iak", columns, jac[n].reshape(b, c, -1)) for n in self.names)
+        if shards is not None:
+            rows = [shards.gather_rows(Jt) for Jt in rows]
+            b = shards.total
         K = f.new_zeros(b * c, b * c)
-        for n in self.names:
-            Jp = jac[n].reshape(b, c, -1)
-            Jt = torch.einsum("aib,ibk->iak", columns, Jp).reshape(b * c, -1)
+        for Jt in rows:
+            Jt = Jt.reshape(b * c, -1)
             K.addmm_(Jt, Jt.T)
         return K
 

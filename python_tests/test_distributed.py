@@ -1,0 +1,231 @@
+"""Data-parallel RevGN and EGN on torch.distributed (gloo, 2 processes spawned on localhost).
+
+Each test spawns two ranks that hold unequal shards (5 and 3 rows) of one float64 batch. The ranks
+compare the distributed step with the single-process step on the concatenated batch, computed in the
+same process from a copy of the model, and send the residuals back; the assertions run here. Every
+process group has a short timeout and every join a deadline, so a hang fails the test instead of
+stalling CI.
+"""
+import copy
+import datetime
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailable", category=RuntimeWarning)
+
+import revgn_ext as rg  # noqa: E402
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.fail("torch.distributed with gloo is required for these tests", pytrace=False)
+
+f64 = torch.float64
+WORLD = 2
+SHARDS = (slice(0, 5), slice(5, 8))   # unequal on purpose: the gathers pad and slice
+TOL = 1e-10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _relative(a, b) -> float:
+    """max |a - b| / max |b| over lists of tensors."""
+    scale = max(float(t.abs().max()) for t in b)
+    return max(float((s - t).abs().max()) for s, t in zip(a, b)) / scale
+
+
+# --------------------------------------------------------------------------------------------------
+# What each rank runs
+# --------------------------------------------------------------------------------------------------
+
+def _revgn_problem(seed=0):
+    torch.manual_seed(seed)
+    model = rg.RevMLP(10, 4, 2, 24, ("tanh", "relu"), weight_std=0.3, seed=seed, dtype=f64)
+    x, y = torch.randn(8, 10, dtype=f64), torch.randint(0, 4, (8,))
+    return model, x, y
+
+
+def _egn_problem(loss, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(f64)
+    x = torch.randn(8, 6, dtype=f64)
+    y = torch.randint(0, 3, (8,)) if loss == "cross_entropy" else torch.randn(8, 3, dtype=f64)
+    return model, x, y
+
+
+def _case_exact(rank):
+    """Residuals of distributed versus single-process directions, steps and losses."""
+    sl, out = SHARDS[rank], {}
+    for solver in ("cholesky", "svd"):
+        model, x, y = _revgn_problem()
+        single = rg.RevGN(copy.deepcopy(model), lr=0.5, damping=0.0, solver=solver)
+        ref_dir, ref_stats = single.direction(x, y), single.step(x, y)
+        opt = rg.RevGN(model, lr=0.5, damping=0.0, solver=solver, distributed=True)
+        out[f"revgn_{solver}_direction"] = _relative(opt.direction(x[sl], y[sl]), ref_dir)
+        stats = opt.step(x[sl], y[sl])
+        out[f"revgn_{solver}_step"] = _relative(list(model.parameters()), list(single.model.parameters()))
+        out[f"revgn_{solver}_loss"] = abs(stats["loss"] - ref_stats["loss"])
+        out[f"revgn_{solver}_exact"] = stats["exact"] and stats["batch_size"] == 8
+        out[f"revgn_{solver}_norm"] = ref_stats["direction_norm"]
+    for loss in ("mse", "cross_entropy"):
+        for gram in ("layerwise", "functional"):
+            model, x, y = _egn_problem(loss)
+            single = rg.EGN(copy.deepcopy(model), lr=0.3, damping=0.1, loss=loss, gram=gram)
+            opt = rg.EGN(model, lr=0.3, damping=0.1, loss=loss, gram=gram, distributed=True)
+            ref = single.direction(x, y)
+            out[f"egn_{loss}_{gram}_direction"] = _relative(opt.direction(x[sl], y[sl]), ref)
+            out[f"egn_{loss}_{gram}_norm"] = max(float(d.abs().max()) for d in ref)
+        # Line search, adaptive damping and momentum: two steps, with the quadratic model terms.
+        model, x, y = _egn_problem(loss)
+        kw = dict(lr=1.0, damping=0.1, loss=loss, line_search=True, momentum=0.5, adaptive_damping=True)
+        single = rg.EGN(copy.deepcopy(model), **kw)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)   # unwrapped by the optimizer
+        opt = rg.EGN(wrapped, **kw)
+        for _ in range(2):
+            ref_stats, stats = single.step(x, y), opt.step(x[sl], y[sl])
+        out[f"egn_{loss}_options_step"] = _relative(list(model.parameters()), list(single.model.parameters()))
+        out[f"egn_{loss}_options_loss"] = abs(stats["loss"] - ref_stats["loss"])
+        out[f"egn_{loss}_options_damping"] = abs(stats["next_damping"] - ref_stats["next_damping"])
+    return out
+
+
+def _case_bad_input(rank):
+    """Rank 1 passes NaN x / an out-of-range label; every rank must raise the same ValueError."""
+    sl, out = SHARDS[rank], {}
+    model, x, y = _revgn_problem()
+    opt = rg.RevGN(model, lr=0.5, distributed=True)
+    before = [p.clone() for p in model.parameters()]
+    xs, ys = x[sl].clone(), y[sl].clone()
+    if rank == 1:
+        xs[0, 0] = float("nan")
+    try:
+        opt.step(xs, ys)
+        out["revgn"] = None
+    except ValueError as err:
+        out["revgn"] = str(err)
+    out["revgn_untouched"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    model, x, y = _egn_problem("cross_entropy")
+    opt = rg.EGN(model, loss="cross_entropy", distributed=True)
+    ys = y[sl].clone()
+    if rank == 1:
+        ys[0] = 7
+    try:
+        opt.step(x[sl], ys)
+        out["egn"] = None
+    except ValueError as err:
+        out["egn"] = str(err)
+    # The group is still usable afterwards: a good step goes through on both ranks.
+    out["after"] = opt.step(x[sl], y[sl])["accepted"]
+    return out
+
+
+def _case_rank_raises(rank):
+    """Rank 1 dies before the step; rank 0's step must fail (not hang) well within the timeout."""
+    model, x, y = _revgn_problem()
+    opt = rg.RevGN(model, lr=0.5, distributed=True)
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    t0 = time.perf_counter()
+    try:
+        opt.step(x[SHARDS[0]], y[SHARDS[0]])
+        return {"raised": None}
+    except Exception as err:  # gloo reports a lost peer as RuntimeError / DistBackendError
+        return {"raised": type(err).__name__, "seconds": time.perf_counter() - t0}
+
+
+CASES = {"exact": _case_exact, "bad_input": _case_bad_input, "rank_raises": _case_rank_raises}
+
+
+def _worker(rank, port, case, results, pg_timeout):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=pg_timeout))
+        results.put((rank, CASES[case](rank)))
+    except BaseException:
+        results.put((rank, {"error": traceback.format_exc()}))
+        results.close()
+        results.join_thread()
+        os._exit(1)   # a dead rank, as in a crashed job: no orderly shutdown of the group
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def _run(case, deadline=90.0, pg_timeout=30.0) -> dict:
+    """Spawn WORLD ranks on ``case``; returns {rank: result}. Fails if a rank is still alive at the deadline."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, case, results, pg_timeout), daemon=True)
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    out, end = {}, time.monotonic() + deadline
+    try:
+        while len(out) < WORLD and time.monotonic() < end:
+            try:
+                rank, value = results.get(timeout=0.5)
+                out[rank] = value
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and results.empty():
+                    break
+        for p in procs:
+            p.join(timeout=max(1.0, end - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        assert not hung, f"ranks {hung} still running after {deadline} s"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+def test_distributed_step_equals_single_process_step_on_the_concatenated_batch():
+    out = _run("exact")
+    for rank in range(WORLD):
+        res = out[rank]
+        assert "error" not in res, res.get("error")
+        for key, value in res.items():
+            if key.endswith("_norm"):
+                assert value > 1e-3, f"rank {rank}: reference {key} is trivial ({value})"
+            elif key.endswith("_exact"):
+                assert value, f"rank {rank}: {key}"
+            else:
+                assert value <= TOL, f"rank {rank}: {key} residual {value:.3e} > {TOL}"
+
+
+def test_bad_input_on_one_rank_is_reported_on_all_ranks():
+    out = _run("bad_input")
+    assert "error" not in out[0] and "error" not in out[1], out
+    for name, arg in (("revgn", "x"), ("egn", "y")):
+        messages = {out[r][name] for r in range(WORLD)}
+        assert len(messages) == 1, f"{name}: ranks report different errors {messages}"
+        message = messages.pop()
+        assert message is not None and message.startswith("rank 1: ") and arg in message, message
+    assert out[0]["revgn_untouched"] and out[1]["revgn_untouched"]
+    assert out[0]["after"] and out[1]["after"]
+
+
+def test_a_rank_that_raises_does_not_hang_the_others():
+    t0 = time.monotonic()
+    out = _run("rank_raises", deadline=60.0, pg_timeout=10.0)
+    assert "rank 1 fails on purpose" in out[1]["error"]
+    assert out[0]["raised"] is not None, "rank 0's step completed without its peer"
+    assert time.monotonic() - t0 < 60.0
