@@ -50,7 +50,8 @@ at::Tensor damped_gram(const at::Tensor& A, const at::Tensor& damping, bool appe
 at::Tensor gram_solve(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones) {
   check_solve_args(A, L, R);
   const int64_t B = A.size(0), m = A.size(2), k = R.size(2);
-  at::Tensor U = at::cholesky_solve(R, L, /*upper=*/false);
+  // L^T viewed through mT is column-major when L is row-major: LAPACK and cuSOLVER read it uncopied.
+  at::Tensor U = at::cholesky_solve(R, L.mT(), /*upper=*/true);
   at::Tensor out = at::empty({B, m + (append_ones ? 1 : 0), k}, R.options());
   if (append_ones) {
     out.narrow(1, 0, m).copy_(at::bmm(A.transpose(1, 2), U));
@@ -65,7 +66,8 @@ namespace {
 
 // Cholesky of one matrix; false when it fails or a pivot is at or below the floor (see kPivotFloor).
 bool cholesky_ok(const at::Tensor& G, double floor, at::Tensor& L) {
-  auto [Lb, status] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
+  auto [Ub, status] = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false);
+  const at::Tensor Lb = Ub.mT();
   L = Lb;
   if (status.item<int>() != 0) return false;
   const at::Tensor pivots = Lb.diagonal();
@@ -81,7 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor&
   // An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
   scale.masked_fill_(scale.le(0).logical_or(scale.isfinite().logical_not()), 1.0);
   const at::Tensor floor = scale * (kPivotFloor * dtype_eps(A.scalar_type()));
-  auto [L, status] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
+  // LAPACK returns column-major factors; the transpose of the upper factor is L, already row-major.
+  auto [U, status] = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false);
+  at::Tensor L = U.mT();
   const at::Tensor pivots = L.diagonal(0, -2, -1);
   const at::Tensor ok = status.eq(0).logical_and((pivots * pivots).gt(floor.to(A.scalar_type()).unsqueeze(-1)).all(-1));
   at::Tensor info = at::zeros({B}, A.options().dtype(at::kInt));
@@ -112,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor&
       jitter[b].fill_(scale_a[b]);
     }
   }
-  return {L.contiguous(), info, jitter};  // LAPACK hands back column-major factors
+  return {L.contiguous(), info, jitter};  // a no-op copy check: L is row-major already
 }
 
 at::Tensor gram_solve_cpu(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones) {
