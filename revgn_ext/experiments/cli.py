@@ -5,6 +5,11 @@
 
 Sizes left unset come from the dataset's preset (:data:`.config.PRESETS`); learning rates left unset
 are the paper's, with GN's converted to this package's convention (official x L).
+
+``--distributed`` (GN only) runs data-parallel under torchrun, e.g.
+``torchrun --nproc_per_node=2 -m revgn_ext.experiments train --optimizer gn --distributed``: each rank
+takes its share of every batch, the step is that of the whole batch, and only rank 0 writes outputs
+and shows progress (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import shlex
 import sys
 import time
+from datetime import timedelta
 
 from ..data import DATASETS
 from . import plots, report
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default runs/<...>)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    g.add_argument("--distributed", action="store_true",
+                   help="data-parallel GN over the ranks started by torchrun (gloo on CPU, NCCL on GPU)")
 
     t = sub.add_parser("train", parents=[common], help="one optimizer in one setting")
     t.add_argument("--optimizer", default="gn", choices=OPTIMIZERS)
@@ -143,7 +151,42 @@ def make_config(args, optimizer: str, setting: str) -> RunConfig:
                      ntk_probes=args.ntk_probes)
 
 
+def init_distributed(args) -> int:
+    """Join the torchrun job (backend from --device: NCCL for CUDA, else gloo); returns this rank.
+
+    With CUDA every rank takes the GPU ``cuda:LOCAL_RANK``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    optimizers = [args.optimizer] if args.command == "train" else list(args.optimizers)
+    if any(o != "gn" for o in optimizers):
+        raise ValueError(f"--distributed runs the exact GN step only; got optimizer(s) {optimizers}")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--distributed needs the environment set up by torchrun (RANK, WORLD_SIZE, "
+                         "MASTER_ADDR, MASTER_PORT); launch with `torchrun --nproc_per_node=N -m "
+                         "revgn_ext.experiments ...`")
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+    return dist.get_rank()
+
+
 def execute(args, argv) -> int:
+    if args.distributed:
+        rank = init_distributed(args)
+        try:
+            return _execute(args, argv, rank)
+        finally:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    return _execute(args, argv, 0)
+
+
+def _execute(args, argv, rank: int) -> int:
     command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "train":
         plan = [(args.optimizer, args.setting)]
@@ -160,8 +203,11 @@ def execute(args, argv) -> int:
         if args.resume and args.command == "train" and not resume:
             raise FileNotFoundError(f"cannot resume: no checkpoint at {os.path.join(run_dirs[key], CHECKPOINT)}")
         runs[key] = run(configs[key], run_dirs[key], device=args.device, resume=resume,
-                        progress=not args.no_progress, data_cache=cache, label=f"{key[0]} {key[1]}")
+                        progress=not args.no_progress, data_cache=cache, label=f"{key[0]} {key[1]}",
+                        distributed=args.distributed)
     wall = time.perf_counter() - t0
+    if rank != 0:
+        return 0
     title = f"{args.dataset}, L={configs[plan[0]].blocks}, M={configs[plan[0]].hidden}"
     figures = plots.make_figures(runs, os.path.join(out, "figures"), title)
     path = report.write_report(runs, configs, out, figures, command_line,

@@ -14,6 +14,11 @@ Per epoch it records (one JSON line and one CSV row):
 
 A checkpoint (model, optimizer state, RNG state, the init references and the history) is written
 atomically after every epoch; resuming from it continues the run exactly as if it had not stopped.
+
+With ``distributed=True`` (GN only, inside an initialised process group) every rank runs the same loop
+on its share of each batch (``idx.tensor_split(world)[rank]``); the optimizer makes the step and the
+recorded losses those of the whole batch. Evaluation and diagnostics are repeated on every rank (they
+are identical) and only rank 0 writes files and shows progress.
 """
 from __future__ import annotations
 
@@ -70,14 +75,16 @@ def build_model(cfg: RunConfig, in_features: int, num_classes: int, device: torc
                   dtype=getattr(torch, cfg.dtype), device=device)
 
 
-def build_optimizer(cfg: RunConfig, model: RevMLP):
+def build_optimizer(cfg: RunConfig, model: RevMLP, distributed: bool = False):
+    if distributed and cfg.optimizer != "gn":
+        raise ValueError(f"distributed runs support the exact GN step only, got optimizer {cfg.optimizer!r}")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
     from ..revgn import RevGN
 
-    kwargs = dict(lr=cfg.lr, target=cfg.target, loss=cfg.loss)
+    kwargs = dict(lr=cfg.lr, target=cfg.target, loss=cfg.loss, distributed=distributed)
     if cfg.damping is not None:
         kwargs["damping"] = cfg.damping
     return RevGN(model, **kwargs)
@@ -204,20 +211,29 @@ def train_step(cfg: RunConfig, model: RevMLP, opt, x: torch.Tensor, y: torch.Ten
         opt.step()
         before, stats = float(loss), {}
     with torch.no_grad():
-        after = float(batch_loss(cfg, model(x), y))
+        after = batch_loss(cfg, model(x), y)
+        shards = getattr(opt, "shards", None)
+        after = float(after if shards is None else shards.mean(after))   # the whole batch's loss
     return before, after, _scalar_stats(stats)
 
 
 def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool = False,
-        progress: bool = True, data_cache: dict | None = None, label: str | None = None) -> list:
+        progress: bool = True, data_cache: dict | None = None, label: str | None = None,
+        distributed: bool = False) -> list:
     """Train ``cfg`` writing metrics, config and checkpoints to ``out_dir``; returns the history rows.
 
     With ``resume`` the run continues from ``out_dir``'s checkpoint (which must exist and have a
-    matching config) up to ``cfg.epochs``.
+    matching config) up to ``cfg.epochs``. ``distributed``: see the module docstring.
     """
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+    writer = rank == 0
+    progress = progress and writer
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     ckpt = None
@@ -226,13 +242,14 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
             raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
         cfg.check_resumable(RunConfig.from_dict(ckpt["config"]))
-    with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=1)
+    if writer:
+        with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
 
     x_tr, y_tr, x_te, y_te = prepare_data(cfg, dev, data_cache)
     num_classes = int(torch.cat([y_tr, y_te]).max()) + 1
     model = build_model(cfg, x_tr.shape[1], num_classes, dev)
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, distributed)
 
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -250,7 +267,8 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
                     "test_acc": test_acc, "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
         start = 1
     history = history[:start]  # rows written after the checkpoint (a crash mid-epoch) are redone
-    _write_metrics(out_dir, history)
+    if writer:
+        _write_metrics(out_dir, history)
 
     label = label or cfg.name
     epochs = tqdm(range(start, cfg.epochs + 1), desc=label, initial=start - 1, total=cfg.epochs,
@@ -265,7 +283,8 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
         loss_sum, count, changes, stat_sums = 0.0, 0, [], {}
         for idx in bar:
             idx = idx.to(dev)
-            before, after, stats = train_step(cfg, model, opt, x_tr[idx], y_tr[idx])
+            mine = idx if world == 1 else idx.tensor_split(world)[rank]
+            before, after, stats = train_step(cfg, model, opt, x_tr[mine], y_tr[mine])
             step += 1
             loss_sum += before * len(idx)
             count += len(idx)
@@ -283,6 +302,8 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
         row.update({f"opt_{k}": v / len(batches) for k, v in stat_sums.items() if k != "loss"})
         history.append(row)
         epochs.set_postfix(train=f"{row['train_loss']:.4f}", test=f"{test_loss:.4f}", acc=f"{test_acc:.3f}")
+        if not writer:
+            continue
         _write_metrics(out_dir, history)
         _save_checkpoint(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(dev),
