@@ -70,9 +70,14 @@ test: check-build pytest cmake-check
 demo: install
 	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo
 
+# Fresh tables go to build/bench/; the recorded ones live in benchmarks/results/ and benchmarks/RESULTS.md.
 bench: install
-	$(RUN) -m pytest benchmarks/bench_gram.py -q --benchmark-json=build/bench_gram.json
-	$(RUN) benchmarks/summarize.py build/bench_gram.json benchmarks/results/gram_cpu.md
+	mkdir -p build/bench
+	$(RUN) -m pytest benchmarks/bench_gram.py -q --benchmark-json=build/bench/gram.json
+	$(RUN) benchmarks/summarize.py build/bench/gram.json build/bench/gram_cpu.md
+	$(RUN) benchmarks/bench_kernels.py --device cpu --out build/bench/kernels.md
+	$(RUN) benchmarks/bench_revgn_step.py --device cpu --configs cpu --out build/bench/revgn.md
+	$(RUN) benchmarks/bench_egn_step.py --device cpu --out build/bench/egn.md
 
 clean:
 	rm -rf build dist *.egg-info revgn_ext/_C*.so runs/demo $(VENV)/.installed

@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", RuntimeWarning)
-    import revgn_ext as rg
+import revgn_ext as rg
+from _machine import describe
 from revgn_ext.curvature.loss_factors import LOSS_FACTORS, factor_matrix
 
 try:
@@ -41,18 +36,7 @@ except ImportError:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; "
-            f"torch {torch.__version__}; revgn_ext ops backend {rg.ops.backend()}")
+    return f"{describe()}; revgn_ext ops backend {rg.ops.backend()}"
 
 
 def mlp(sizes):

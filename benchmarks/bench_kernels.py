@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailable")
-from revgn_ext import ops, reference  # noqa: E402
+from _machine import cpu_name
+from revgn_ext import ops, reference
 
 GPU_COUPLING = [(n, h, M) for n in (256, 1024) for h in (392, 1536) for M in (2048, 8000)]
 CPU_COUPLING = [(256, 392, 2048), (256, 392, 8000), (1024, 392, 2048)]
@@ -39,16 +35,6 @@ GPU_GRAM = [(B, n, 8000) for B in (4, 12) for n in (64, 128, 256, 512, 1024)]
 CPU_GRAM = [(4, n, 2000) for n in (64, 128, 256)] + [(12, 128, 2000)]
 GRAM_K = 392
 CROSSOVER_N = (64, 96, 128, 160, 176, 192, 208, 224)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def machine(device: str) -> str:

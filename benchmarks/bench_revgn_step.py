@@ -11,33 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailable")
-import revgn_ext as rg  # noqa: E402
+import revgn_ext as rg
+from _machine import cpu_name
 
 CONFIGS = {
     "cpu": dict(d=784, L=2, M=2048, n=256),
     "mnist": dict(d=784, L=2, M=8000, n=1024),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def machine(device: torch.device) -> str:

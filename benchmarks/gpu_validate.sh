@@ -10,6 +10,7 @@ MINI_EPOCHS=${2:-10}
 FULL_EPOCHS=${3:-100}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build below
 PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,driver_version --format=csv; lscpu | grep "Model name"
   $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } \

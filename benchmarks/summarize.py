@@ -4,25 +4,10 @@
 """
 import json
 import os
-import platform
 import sys
 from collections import defaultdict
 
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+from _machine import describe
 
 
 def main(src: str, dst: str) -> None:
@@ -31,7 +16,7 @@ def main(src: str, dst: str) -> None:
     rows = defaultdict(dict)
     for bench in data["benchmarks"]:
         rows[bench["group"]][bench["extra_info"]["impl"]] = bench["stats"]["median"]
-    lines = [f"Machine: {machine()}", "", "| config | kernel (ms) | reference (ms) | reference / kernel |",
+    lines = [f"Machine: {describe()}", "", "| config | kernel (ms) | reference (ms) | reference / kernel |",
              "|---|---:|---:|---:|"]
     for group, r in rows.items():
         if "kernel" in r and "reference" in r:
