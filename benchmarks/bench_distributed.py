@@ -183,10 +183,10 @@ def main() -> None:
         "",
         "Reading: this machine has 2 cores shared with other users, so the two ranks compete with each other",
         "(and with everyone else) for the same cores. With the row-gather route every rank also repeats the",
-        "Gram product (n^2 M per Gram for RevGN, the dominant cost here), its factorisation and the solve;
-only the per-sample work (forward, transport, VJPs, A_r^T U_r) is split. The numbers measure the
-overhead of the exact",
-        "data-parallel step on one box, not a multi-node speed-up. No multi-GPU machine was available.",
+        "Gram product (n^2 M per Gram for RevGN, the dominant cost here), its factorisation and the solve;",
+        "only the per-sample work (forward, transport, VJPs, A_r^T U_r) is split. The numbers measure the",
+        "overhead of the exact data-parallel step on one box, not a multi-node speed-up. No multi-GPU machine",
+        "was available.",
         "",
     ])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
