@@ -7,10 +7,11 @@
 """
 from . import ops, reference
 from . import data, diagnostics
+from . import distributed
 from .egn import EGN
 from .model import RevMLP
 from .revgn import RevGN
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN", "data", "diagnostics"]
+__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN", "data", "diagnostics", "distributed"]
