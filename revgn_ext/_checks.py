@@ -5,6 +5,8 @@ written, so a bad call never leaves partial state behind.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -37,3 +39,13 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
     if t.shape[dim] != expected:
         raise ValueError(f"{name} has size {t.shape[dim]} in dimension {dim}, expected {expected} ({what}); "
                          f"got shape {tuple(t.shape)}")
+
+
+def check_number(name: str, value, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
+    """A finite real (not a bool) within [low, high]; ``*_open`` excludes that end."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")

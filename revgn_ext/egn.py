@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ._checks import check_tensor
+from ._checks import check_number, check_tensor
 from .curvature.gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
                              gram_assembler)
 from .curvature.loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
@@ -102,20 +102,20 @@ class EGN(Optimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         model, shards = resolve(model, distributed, process_group)
-        _check_number("lr", lr, low=0.0, low_open=True)
-        _check_number("damping", damping, low=0.0)
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("damping", damping, low=0.0)
         if loss not in LOSS_FACTORS:
             raise ValueError(f"loss must be one of {sorted(LOSS_FACTORS)}, got {loss!r}")
         for name, flag in (("line_search", line_search), ("adaptive_damping", adaptive_damping)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
-        _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        _check_number("damping_increase", damping_increase, low=1.0)
-        _check_number("damping_decrease", damping_decrease, low=0.0, high=1.0, low_open=True)
-        _check_number("min_damping", min_damping, low=0.0)
-        _check_number("max_damping", max_damping, low=min_damping)
-        _check_number("armijo", armijo, low=0.0, high=1.0, high_open=True)
-        _check_number("backtrack", backtrack, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        check_number("damping_increase", damping_increase, low=1.0)
+        check_number("damping_decrease", damping_decrease, low=0.0, high=1.0, low_open=True)
+        check_number("min_damping", min_damping, low=0.0)
+        check_number("max_damping", max_damping, low=min_damping)
+        check_number("armijo", armijo, low=0.0, high=1.0, high_open=True)
+        check_number("backtrack", backtrack, low=0.0, high=1.0, low_open=True, high_open=True)
         if not isinstance(max_tries, int) or max_tries < 1:
             raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
         if not isinstance(memory_limit, int) or memory_limit <= 0:
@@ -381,12 +381,3 @@ def _set_params(params, base, direction, alpha: float) -> None:
     with torch.no_grad():
         for p, w, d in zip(params, base, direction):
             p.copy_(w).add_(d, alpha=alpha)
-
-
-def _check_number(name: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")

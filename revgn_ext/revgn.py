@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_number, check_tensor
 from .curvature import right_inverse as ri
 from .curvature import targets as tg
 from .distributed import resolve
@@ -81,11 +81,11 @@ class RevGN(torch.optim.Optimizer):
         model, shards = resolve(model, distributed, process_group)
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
-        _check_number("lr", lr)
-        _check_number("damping", damping)
-        _check_number("rtol", rtol)
-        _check_number("atol", atol)
-        _check_number("target_damping", target_damping, positive=True)
+        check_number("lr", lr, low=0.0)
+        check_number("damping", damping, low=0.0)
+        check_number("rtol", rtol, low=0.0)
+        check_number("atol", atol, low=0.0)
+        check_number("target_damping", target_damping, low=0.0, low_open=True)
         for name, value, allowed in (("target", target, tg.TARGETS), ("loss", loss, tg.LOSSES),
                                      ("damping_mode", damping_mode, DAMPING_MODES),
                                      ("solver", solver, ri.SOLVERS)):
@@ -193,9 +193,3 @@ class RevGN(torch.optim.Optimizer):
         clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
         stats["exact"] = bool(self.param_groups[0]["damping"] == 0 and n <= self.model.width and clean)
         return stats
-
-
-def _check_number(name: str, value, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
