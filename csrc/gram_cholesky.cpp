@@ -74,28 +74,27 @@ bool cholesky_ok(const at::Tensor& G, double floor, at::Tensor& L) {
   return (pivots * pivots).gt(floor).all().item<bool>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor& A, const at::Tensor& damping,
-                                                               bool append_ones) {
-  check_gram_args(A, damping);
-  const int64_t B = A.size(0), n = A.size(1);
-  at::Tensor G = damped_gram(A, damping, append_ones);
+// Factor the damped Grams G (B, n, n) in place of a copy, with the jitter/pivot-floor policy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> factor_damped_gram(const at::Tensor& G) {
+  const int64_t B = G.size(0), n = G.size(1);
+  const at::TensorOptions options = G.options();
   at::Tensor scale = G.diagonal(0, -2, -1).mean(-1).abs().to(at::kDouble);
   // An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
   scale.masked_fill_(scale.le(0).logical_or(scale.isfinite().logical_not()), 1.0);
-  const at::Tensor floor = scale * (kPivotFloor * dtype_eps(A.scalar_type()));
+  const at::Tensor floor = scale * (kPivotFloor * dtype_eps(G.scalar_type()));
   // LAPACK returns column-major factors; the transpose of the upper factor is L, already row-major.
   auto [U, status] = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false);
   at::Tensor L = U.mT();
   const at::Tensor pivots = L.diagonal(0, -2, -1);
-  const at::Tensor ok = status.eq(0).logical_and((pivots * pivots).gt(floor.to(A.scalar_type()).unsqueeze(-1)).all(-1));
-  at::Tensor info = at::zeros({B}, A.options().dtype(at::kInt));
-  at::Tensor jitter = at::zeros({B}, A.options());
+  const at::Tensor ok = status.eq(0).logical_and((pivots * pivots).gt(floor.to(G.scalar_type()).unsqueeze(-1)).all(-1));
+  at::Tensor info = at::zeros({B}, options.dtype(at::kInt));
+  at::Tensor jitter = at::zeros({B}, options);
   auto ok_a = ok.accessor<bool, 1>();
   auto info_a = info.accessor<int, 1>();
   auto scale_a = scale.accessor<double, 1>();
   auto floor_a = floor.accessor<double, 1>();
-  const std::vector<double> schedule = jitter_schedule(A.scalar_type());
-  const at::Tensor eye = at::eye(n, A.options());
+  const std::vector<double> schedule = jitter_schedule(G.scalar_type());
+  const at::Tensor eye = at::eye(n, options);
   for (int64_t b = 0; b < B; ++b) {
     if (ok_a[b]) continue;
     const at::Tensor Gb = G[b];
@@ -119,6 +118,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor&
   return {L.contiguous(), info, jitter};  // a no-op copy check: L is row-major already
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor& A, const at::Tensor& damping,
+                                                               bool append_ones) {
+  check_gram_args(A, damping);
+  return factor_damped_gram(damped_gram(A, damping, append_ones));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_from_gram_cpu(const at::Tensor& G,
+                                                                         const at::Tensor& damping) {
+  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2), "revgn: G must be (B, n, n)");
+  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, "revgn: G must be float32 or float64");
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == G.size(0), "revgn: damping must be (B,)");
+  TORCH_CHECK(damping.scalar_type() == G.scalar_type() && damping.device() == G.device(),
+              "revgn: damping must match G's dtype and device");
+  at::Tensor damped = G.clone(at::MemoryFormat::Contiguous);
+  damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
+  return factor_damped_gram(damped);
+}
+
 at::Tensor gram_solve_cpu(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones) {
   return gram_solve(A, L, R, append_ones);
 }
@@ -134,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_cholesky_solve_cpu(const at:
 
 TORCH_LIBRARY_IMPL(revgn, CPU, m) {
   m.impl("gram_factor", &gram_factor_cpu);
+  m.impl("gram_factor_from_gram", &gram_factor_from_gram_cpu);
   m.impl("gram_solve", &gram_solve_cpu);
   m.impl("gram_cholesky_solve", &gram_cholesky_solve_cpu);
 }

@@ -16,6 +16,8 @@ TORCH_LIBRARY(revgn, m) {
   // L L^T = A A^T (+ 1 1^T) + (damping + jitter) I for a batch of B small Grams.
   // Returns (L, info, jitter): info[b] = jitter retries used (0 clean, -1 all failed -> diagonal factor).
   m.def("gram_factor(Tensor A, Tensor damping, bool append_ones) -> (Tensor, Tensor, Tensor)");
+  // The same factorisation for a Gram formed elsewhere: L L^T = G + (damping + jitter) I.
+  m.def("gram_factor_from_gram(Tensor G, Tensor damping) -> (Tensor, Tensor, Tensor)");
   // A^T (L L^T)^{-1} R, with the extra row 1^T (L L^T)^{-1} R when append_ones.
   m.def("gram_solve(Tensor A, Tensor L, Tensor R, bool append_ones) -> Tensor");
   // gram_factor followed by gram_solve. Returns (out, info, jitter).

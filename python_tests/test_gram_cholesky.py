@@ -295,3 +295,45 @@ def test_cuda_non_contiguous_inputs_both_paths(n):
     L, _, _ = torch.ops.revgn.gram_factor(A, lam, True)
     assert rel_err(torch.ops.revgn.gram_solve(A, L.mT.contiguous().mT, R, True),
                    dense_solution(A, R, lam, True)) < 1e-10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_factor_from_gram_matches_factor_from_A(dtype, device):
+    A, _, lam = random_problem(3, 9, 20, 1, dtype, device, seed=11)
+    G = reference.gram(A, append_ones=True)
+    from_G = ops.gram_factor_from_gram(G, lam)
+    from_A = ops.gram_factor(A, lam, append_ones=True)
+    assert rel_err(from_G.L, from_A.L) < tol(dtype)
+    assert torch.equal(from_G.info, from_A.info) and bool((from_G.info == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_factor_from_gram_retries_a_singular_gram(device):
+    M = torch.ones(1, 3, 3, dtype=torch.float64, device=device)   # rank one
+    f = ops.gram_factor_from_gram(M, 0.0)
+    assert int(f.info[0]) > 0 and float(f.jitter[0]) > 0
+    eye = torch.eye(3, dtype=torch.float64, device=device)
+    assert rel_err(f.L[0] @ f.L[0].mT, M[0] + f.jitter[0] * eye) < 1e-12
+    ref = reference.gram_factor_from_gram(M, torch.zeros(1, dtype=torch.float64, device=device))
+    assert torch.equal(f.info.cpu(), ref[1].cpu()) and torch.equal(f.jitter.cpu(), ref[2].cpu())
+
+
+@requires_kernels
+def test_factor_from_gram_kernel_opcheck_and_non_finite():
+    A, _, lam = random_problem(2, 5, 8, 1, torch.float64, "cpu")
+    G = reference.gram(A)
+    torch.library.opcheck(torch.ops.revgn.gram_factor_from_gram, (G, lam))
+    bad = G.clone()
+    bad[1, 0, 0] = float("nan")
+    L, info, jitter = torch.ops.revgn.gram_factor_from_gram(bad, lam)
+    assert info.tolist() == [0, -1] and bool(torch.isfinite(L).all()) and bool(torch.isfinite(jitter).all())
+
+
+def test_factor_from_gram_bad_inputs():
+    with pytest.raises(ValueError, match=r"G must be a non-empty batch of square matrices"):
+        ops.gram_factor_from_gram(torch.ones(1, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="G must have 3 dimensions"):
+        ops.gram_factor_from_gram(torch.ones(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        ops.gram_factor_from_gram(torch.full((1, 2, 2), float("inf"), dtype=torch.float64))

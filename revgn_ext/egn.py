@@ -25,33 +25,14 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import ops
 from ._checks import check_number, check_tensor
 from .curvature.gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
                              gram_assembler)
 from .curvature.loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
 from .distributed import resolve
-from .reference import jitter_schedule
 
-__all__ = ["EGN", "cholesky_with_jitter"]
-
-
-def cholesky_with_jitter(M: torch.Tensor):
-    """Cholesky factor of the SPD matrix M, retrying with M + rel * mean(diag M) I on failure.
-
-    Uses the jitter schedule of the Gram ops (:func:`revgn_ext.reference.jitter_schedule`). Returns
-    ``(L, retries, jitter)``; ``L`` is None (retries -1) when every try failed, which only happens for
-    non-finite M.
-    """
-    L, info = torch.linalg.cholesky_ex(M)
-    if int(info) == 0:
-        return L, 0, 0.0
-    scale = float(M.diagonal().mean().abs().clamp_min(torch.finfo(M.dtype).tiny))
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    for k, rel in enumerate(jitter_schedule(M.dtype), start=1):
-        L, info = torch.linalg.cholesky_ex(M + rel * scale * eye)
-        if int(info) == 0:
-            return L, k, rel * scale
-    return None, -1, scale
+__all__ = ["EGN"]
 
 
 def _all_finite(tensors) -> bool:
@@ -228,12 +209,14 @@ class EGN(Optimizer):
         columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]
         M = self._assembler.gram(f, columns, shards)
         M.diagonal().add_(b * lam)   # in place: the Gram is large and only needed damped, K = M - b lambda I
-        L, out["retries"], out["jitter"] = cholesky_with_jitter(M)
-        if L is None:
+        chol = ops.gram_factor_from_gram(M[None], 0.0, check_finite=False)
+        out["retries"], out["jitter"] = chol.info.item(), chol.jitter.item()
+        if out["retries"] < 0:   # only for a non-finite Gram: no step
             return out
         t = (factor.target if shards is None else shards.gather_rows(factor.target)).reshape(n, 1)
-        u = torch.cholesky_solve(t, L)
-        Ku = (t - (b * lam) * u).reshape(b, c)   # K u = (M - b lambda I) u with M u = t: no extra product
+        u = torch.cholesky_solve(t, chol.L[0])
+        # K u = (M + jitter I - mu I) u with (M + jitter I) u = t, mu = b lambda + jitter: no extra product.
+        Ku = (t - (b * lam + out["jitter"]) * u).reshape(b, c)
         u = u.reshape(b, c)
         v = apply_factor(factor, u if shards is None else u[shards.rows])
         grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)

@@ -14,7 +14,8 @@ import torch
 from . import _loader, reference
 from ._checks import check_dim, check_same, check_tensor
 
-__all__ = ["backend", "build_info", "gram_cholesky_solve", "gram_factor", "gram_solve", "GramFactor",
+__all__ = ["backend", "build_info", "gram_cholesky_solve", "gram_factor", "gram_factor_from_gram", "gram_solve",
+           "GramFactor", "CholeskyFactor",
            "coupling_forward", "coupling_inverse", "coupling_inverse_tangent"]
 
 
@@ -110,6 +111,26 @@ def gram_factor(A: torch.Tensor, damping=0.0, append_ones: bool = False,
     else:
         L, info, jitter = reference.gram_factor(A, lam, append_ones)
     return GramFactor(A, L, info, jitter, bool(append_ones))
+
+
+class CholeskyFactor(NamedTuple):
+    """``L L^T = G + (lambda + jitter) I`` for B ready-made Grams; ``info``/``jitter`` as in GramFactor."""
+    L: torch.Tensor
+    info: torch.Tensor
+    jitter: torch.Tensor
+
+
+def gram_factor_from_gram(G: torch.Tensor, damping=0.0, check_finite: bool = True) -> CholeskyFactor:
+    """Factor Grams formed elsewhere (G: (B, n, n), symmetric PSD) with the same jitter policy as
+    :func:`gram_factor`: ``L L^T = G + (lambda + jitter) I``. Solve with ``torch.cholesky_solve(R, L)``.
+    """
+    check_tensor("G", G, ndim=3, finite=check_finite)
+    if G.shape[1] != G.shape[2] or G.shape[0] == 0 or G.shape[1] == 0:
+        raise ValueError(f"G must be a non-empty batch of square matrices (B, n, n), got shape {tuple(G.shape)}")
+    lam = _damping_tensor(damping, G)
+    if _use_kernel("gram_factor_from_gram", G):
+        return CholeskyFactor(*torch.ops.revgn.gram_factor_from_gram(G, lam))
+    return CholeskyFactor(*reference.gram_factor_from_gram(G, lam))
 
 
 def gram_solve(factor: GramFactor, R: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
@@ -291,6 +312,12 @@ def _register() -> None:
     def _(A, damping, append_ones):
         B, n, _ = A.shape
         return (A.new_empty(B, n, n), A.new_empty(B, dtype=torch.int32), A.new_empty(B))
+
+    if hasattr(torch.ops.revgn, "gram_factor_from_gram"):  # absent from libraries built before it
+        @torch.library.register_fake("revgn::gram_factor_from_gram")
+        def _(G, damping):
+            B, n, _ = G.shape
+            return (G.new_empty(B, n, n), G.new_empty(B, dtype=torch.int32), G.new_empty(B))
 
     @torch.library.register_fake("revgn::gram_solve")
     def _(A, L, R, append_ones):

@@ -45,29 +45,28 @@ def gram(A: torch.Tensor, append_ones: bool = False) -> torch.Tensor:
     return G
 
 
-def gram_factor(A: torch.Tensor, damping: torch.Tensor, append_ones: bool = False):
+def gram_factor_from_gram(G: torch.Tensor, damping: torch.Tensor):
     """Cholesky factor of G + (lambda + jitter) I, retrying failed matrices with growing jitter.
 
-    Returns ``(L, info, jitter)``: L (B, n, n) lower triangular, info (B,) int32 with the number of
-    retries each matrix needed (0 = clean; -1 = every retry failed, L then holds the Jacobi factor
-    sqrt(diag)), jitter (B,) the absolute jitter that was added.
+    G: (B, n, n) symmetric positive semi-definite. Returns ``(L, info, jitter)``: L (B, n, n) lower
+    triangular, info (B,) int32 with the number of retries each matrix needed (0 = clean; -1 = every
+    retry failed, L then holds the Jacobi factor sqrt(diag)), jitter (B,) the absolute jitter added.
     """
-    B, n, _ = A.shape
-    G = gram(A, append_ones)
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    B, n, _ = G.shape
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
     G = G + damping.reshape(B, 1, 1) * eye
     scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).abs()
     # An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
     scale = torch.where((scale > 0) & scale.isfinite(), scale, torch.ones_like(scale))
-    floor = PIVOT_FLOOR * torch.finfo(A.dtype).eps * scale
+    floor = PIVOT_FLOOR * torch.finfo(G.dtype).eps * scale
     L, ok = _cholesky_ok(G, floor)
-    info = torch.zeros(B, dtype=torch.int32, device=A.device)
-    jitter = torch.zeros(B, dtype=A.dtype, device=A.device)
+    info = torch.zeros(B, dtype=torch.int32, device=G.device)
+    jitter = torch.zeros(B, dtype=G.dtype, device=G.device)
     for b in range(B):
         if ok[b]:
             continue
         info[b] = -1
-        for k, rel in enumerate(jitter_schedule(A.dtype)):
+        for k, rel in enumerate(jitter_schedule(G.dtype)):
             Lb, okb = _cholesky_ok(G[b] + rel * scale[b] * eye, floor[b])
             if okb:
                 L[b], info[b], jitter[b] = Lb, k + 1, rel * scale[b]
@@ -77,6 +76,11 @@ def gram_factor(A: torch.Tensor, damping: torch.Tensor, append_ones: bool = Fals
             L[b] = torch.diag(torch.where(d.isfinite() & (d > 0), d, torch.ones_like(d)).sqrt())
             jitter[b] = scale[b]
     return L, info, jitter
+
+
+def gram_factor(A: torch.Tensor, damping: torch.Tensor, append_ones: bool = False):
+    """:func:`gram_factor_from_gram` of G = A A^T (+ 1 1^T). A: (B, n, m)."""
+    return gram_factor_from_gram(gram(A, append_ones), damping)
 
 
 def gram_solve(A: torch.Tensor, L: torch.Tensor, R: torch.Tensor, append_ones: bool = False):
