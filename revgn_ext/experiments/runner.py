@@ -192,9 +192,7 @@ def _scalar_stats(stats) -> dict:
     for k, v in (stats or {}).items():
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = v.item()
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-        elif isinstance(v, bool):
+        if isinstance(v, (int, float)):  # bools too, as 0.0 / 1.0
             out[k] = float(v)
     return out
 
@@ -209,7 +207,7 @@ def train_step(cfg: RunConfig, model: RevMLP, opt, x: torch.Tensor, y: torch.Ten
         loss = batch_loss(cfg, model(x), y)
         loss.backward()
         opt.step()
-        before, stats = float(loss), {}
+        before, stats = float(loss.detach()), {}
     with torch.no_grad():
         after = batch_loss(cfg, model(x), y)
         shards = getattr(opt, "shards", None)
