@@ -337,3 +337,18 @@ def test_factor_from_gram_bad_inputs():
         ops.gram_factor_from_gram(torch.ones(3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="G contains NaN or Inf"):
         ops.gram_factor_from_gram(torch.full((1, 2, 2), float("inf"), dtype=torch.float64))
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("append_ones", [False, True])
+@pytest.mark.parametrize("shape", [(2, 192, 400, 2), (1, 257, 600, 1)])
+def test_cpu_blocked_gram_matches_reference(shape, append_ones, dtype):
+    # From 192 rows the CPU kernel forms only the lower block triangle of A A^T (uneven blocks at 257).
+    A, R, lam = random_problem(*shape, dtype, "cpu", seed=5)
+    L, info, _ = torch.ops.revgn.gram_factor(A, lam, append_ones)
+    Lr, info_r, _ = reference.gram_factor(A, lam, append_ones)
+    assert torch.equal(info, info_r)
+    assert rel_err(L @ L.mT, Lr @ Lr.mT) < tol(dtype)
+    out, _, _ = torch.ops.revgn.gram_cholesky_solve(A, R, lam, append_ones)
+    assert rel_err(out, dense_solution(A, R, lam, append_ones)) < (1e-9 if dtype == torch.float64 else 1e-3)
