@@ -112,6 +112,19 @@ def test_tangent_is_the_jvp_of_the_inverse(activation, device):
     _, (jx1, jx2) = torch.func.jvp(inverse, (y1, y2), (dy1, dy2))
     dx1, dx2 = ops.coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation)
     assert rel_err(dx1, jx1) < 1e-12 and rel_err(dx2, jx2) < 1e-12
+    # With the forward's features act' is read off them (or, for GELU, recomputed): the same tangent.
+    _, _, hF, hG = ops.coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation, return_features=True)
+    fx1, fx2 = ops.coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation, hF=hF, hG=hG)
+    assert rel_err(fx1, jx1) < 1e-12 and rel_err(fx2, jx2) < 1e-12
+
+
+def test_tangent_features_must_match_the_block():
+    x1, x2, VF, WF, bF, VG, WG, bG = make_block(6, 4, 9, torch.float64, "cpu")
+    y1, y2, hF, hG = ops.coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, "relu", return_features=True)
+    with pytest.raises(ValueError, match="hG has size 8 in dimension 1"):
+        ops.coupling_inverse_tangent(y1, x2, y1, y2, VF, WF, VG, WG, "relu", hF=hF, hG=hG[:, :8])
+    with pytest.raises(ValueError, match="hF has size 5 in dimension 0"):
+        ops.coupling_inverse_tangent(y1, x2, y1, y2, VF, WF, VG, WG, "relu", hF=hF[:5], hG=hG)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -138,6 +138,18 @@ def activation_grad(name: str, z: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+def activation_grad_times(name: str, t: torch.Tensor, pre, h: torch.Tensor | None = None) -> torch.Tensor:
+    """act'(z) * t. Given the features h = act(z), act' is read off h where that is exact (identity,
+    relu: h > 0, tanh: 1 - h^2), which saves forming z; otherwise z = pre() is computed (GELU)."""
+    if name == "identity":
+        return t
+    if h is not None and name == "relu":
+        return t.masked_fill(h <= 0, 0.0)
+    if h is not None and name == "tanh":
+        return t * (1.0 - h * h)
+    return activation_grad(name, pre()) * t
+
+
 def _pre(U, V):
     return U if V is None else U @ V
 
@@ -160,12 +172,14 @@ def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation_name="relu"):
     return x1, x2
 
 
-def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation_name="relu"):
+def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation_name="relu", hF=None, hG=None):
     """Tangent of the inverse at (y1, x2) along (dy1, dy2):
 
     dx2 = dy2 - (act'(y1 V_G) * (dy1 V_G)) W_G^T,   dx1 = dy1 - (act'(x2 V_F) * (dx2 V_F)) W_F^T.
-    ``x2`` is the block's input half (what the inverse returns), ``y1`` its first output half.
+    ``x2`` is the block's input half (what the inverse returns), ``y1`` its first output half. The
+    forward's features hF = act(x2 V_F), hG = act(y1 V_G), when given, supply act' without the
+    pre-activation GEMMs (see :func:`activation_grad_times`).
     """
-    dx2 = dy2 - (activation_grad(activation_name, _pre(y1, VG)) * _pre(dy1, VG)) @ WG.mT
-    dx1 = dy1 - (activation_grad(activation_name, _pre(x2, VF)) * _pre(dx2, VF)) @ WF.mT
+    dx2 = dy2 - activation_grad_times(activation_name, _pre(dy1, VG), lambda: _pre(y1, VG), hG) @ WG.mT
+    dx1 = dy1 - activation_grad_times(activation_name, _pre(dx2, VF), lambda: _pre(x2, VF), hF) @ WF.mT
     return dx1, dx2

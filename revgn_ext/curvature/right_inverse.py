@@ -50,14 +50,14 @@ def transport_targets(blocks: Sequence, traces: Sequence, dZ1: torch.Tensor, dZ2
     """[(D_l^(1), D_l^(2)) for l = 1..L]: D_L = dZ, D_{l-1} = JVP of block l's inverse along D_l.
 
     ``blocks[l]`` has VF, WF, VG, WG, activation; ``traces[l]`` has the block's input half x2 and
-    output half y1 (the linearisation point).
+    output half y1 (the linearisation point) and the features hF, hG, from which act' is read.
     """
     D = [None] * len(blocks)
     D[-1] = (dZ1, dZ2)
     for l in range(len(blocks) - 1, 0, -1):
         b, t = blocks[l], traces[l]
         D[l - 1] = ops.coupling_inverse_tangent(t.y1, t.x2, *D[l], b.VF, b.WF, b.VG, b.WG, b.activation,
-                                                check_finite=False)
+                                                check_finite=False, hF=t.hF, hG=t.hG)
     return D
 
 
@@ -69,18 +69,6 @@ def gram_damping(A: torch.Tensor, damping: float, relative: bool) -> torch.Tenso
     mean_diag = torch.linalg.vector_norm(A.reshape(B, -1), dim=1).square() / n + 1.0
     # An overflowing Gram must end in a non-finite update the optimizer refuses, not in an error here.
     return torch.nan_to_num(damping * mean_diag, nan=0.0, posinf=torch.finfo(A.dtype).max)
-
-
-def _times_slope(name: str, h: torch.Tensor, pre, t: torch.Tensor) -> torch.Tensor:
-    """act'(z) * t, with act'(z) read off the features h = act(z) where that is exact (identity, relu,
-    tanh); GELU is not invertible, so its pre-activation z = pre() is recomputed."""
-    if name == "identity":
-        return t
-    if name == "relu":
-        return t.masked_fill(h <= 0, 0.0)
-    if name == "tanh":
-        return t * (1.0 - h * h)
-    return reference.activation_grad(name, pre()) * t
 
 
 class _CholeskySolver:
@@ -217,7 +205,8 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
         width = t.hF.shape[1]
         theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
         dzG = dY1 if b.VG is None else dY1 @ b.VG
-        K = _times_slope(b.activation, t.hG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG, dzG) @ b.WG.mT
+        K = reference.activation_grad_times(b.activation, dzG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG,
+                                            t.hG) @ b.WG.mT
         theta_G, _ = solve(2 * l + 1, s * D2 - K)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
     if shards is not None:  # the one all_reduce: sum_r of every rank's shares [A_r, 1]^T U_r
