@@ -10,25 +10,20 @@ Usage: python benchmarks/bench_distributed.py [--repeats 7] [--out benchmarks/re
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import multiprocessing
 import os
-import platform
 import socket
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailable", category=RuntimeWarning)
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root, for revgn_ext
-
-import revgn_ext as rg  # noqa: E402
-from revgn_ext import distributed as rd  # noqa: E402
+import revgn_ext as rg
+from _machine import cpu_name
+from revgn_ext import distributed as rd
 
 WORLD = 2
 CONFIGS = {
@@ -37,13 +32,6 @@ CONFIGS = {
     "egn-ce": dict(kind="egn", d=64, K=10, hidden=256, n=128, loss="cross_entropy"),
     "egn-mse": dict(kind="egn", d=64, K=10, hidden=256, n=128, loss="mse"),
 }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def problem(cfg: dict):
