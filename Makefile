@@ -78,6 +78,7 @@ bench: install
 	$(RUN) benchmarks/bench_kernels.py --device cpu --out build/bench/kernels.md
 	$(RUN) benchmarks/bench_revgn_step.py --device cpu --configs cpu --out build/bench/revgn.md
 	$(RUN) benchmarks/bench_egn_step.py --device cpu --out build/bench/egn.md
+	$(RUN) benchmarks/bench_distributed.py --out build/bench/distributed.md
 
 clean:
 	rm -rf build dist *.egg-info revgn_ext/_C*.so runs/demo $(VENV)/.installed
