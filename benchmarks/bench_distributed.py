@@ -29,6 +29,7 @@ WORLD = 2
 CONFIGS = {
     "revgn": dict(kind="revgn", d=64, K=10, L=2, M=512, n=256),
     "revgn-wide": dict(kind="revgn", d=64, K=10, L=2, M=2048, n=256),
+    "revgn-wide-rows": dict(kind="revgn", d=64, K=10, L=2, M=2048, n=256, route="gather_rows"),
     "egn-ce": dict(kind="egn", d=64, K=10, hidden=256, n=128, loss="cross_entropy"),
     "egn-mse": dict(kind="egn", d=64, K=10, hidden=256, n=128, loss="mse"),
 }
@@ -76,7 +77,8 @@ def _rank(rank, port, cfg, repeats, results):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     model, make, x, y = problem(cfg)
-    opt = make(model, distributed=True)
+    extra = {"gram_route": cfg.get("route", "auto")} if cfg["kind"] == "revgn" else {}
+    opt = make(model, distributed=True, **extra)
     part = torch.arange(cfg["n"]).tensor_split(WORLD)[rank]
     xs, ys = x[part], y[part]
     opt.step(xs, ys)
@@ -112,9 +114,12 @@ def predicted(cfg: dict) -> str:
         gather = 2 * L * (rd.all_gather_bytes(n, M, P, s) + rd.all_gather_bytes(n, half, P, s))
         reduce = rd.all_reduce_bytes(2 * L * (M + 1) * half + 1, P, s)
         alt = rd.gram_route_bytes(n, M, P, s)
-        return (f"gather 2L[(P-1)/P n (M + d/2)] s = {gather / 1e6:.2f} MB, all_reduce 2(P-1)/P (2L(M+1)d/2 + 1) s "
-                f"= {reduce / 1e6:.3f} MB; Gram route per Gram: rows {alt['gather_rows'] / 1e6:.2f} MB vs "
-                f"reduce {alt['reduce_gram'] / 1e6:.2f} MB")
+        route = rd.choose_gram_route(cfg.get("route", "auto"), n, M, P, s)
+        return (f"route {route}; per Gram: gather rows {alt['gather_rows'] / 1e6:.2f} MB vs reduce Gram "
+                f"{alt['reduce_gram'] / 1e6:.2f} MB; right-hand sides 2L (P-1)/P n d/2 s = "
+                f"{2 * L * rd.all_gather_bytes(n, half, P, s) / 1e6:.3f} MB; update all_reduce "
+                f"2(P-1)/P (2L(M+1)d/2 + 1) s = {reduce / 1e6:.3f} MB (with the gathered-rows route: "
+                f"{gather / 1e6:.2f} MB gathered in all)")
     d, h, K = cfg["d"], cfg["hidden"], cfg["K"]
     widths = [(d, h), (h, h), (h, K)]
     gather = sum(rd.all_gather_bytes(n, i + K * o, P, s) for i, o in widths) + rd.all_gather_bytes(n, K, P, s)
@@ -142,9 +147,10 @@ def main() -> None:
         cfg = CONFIGS[name]
         t1, t2 = single(cfg, 1, args.repeats), single(cfg, 2, args.repeats)
         td, traffic = distributed(cfg, args.repeats)
-        sent = traffic["all_gather"] + traffic["all_reduce"]
+        sent = sum(traffic.values())
         rows.append(f"| {name} | {shape(cfg)} | {t1 * 1e3:.1f} ms | {t2 * 1e3:.1f} ms | {td * 1e3:.1f} ms | "
-                    f"{td / t2:.2f}x | {traffic['all_gather'] / 1e6:.2f} MB | {traffic['all_reduce'] / 1e6:.3f} MB |")
+                    f"{td / t2:.2f}x | {traffic['all_gather'] / 1e6:.2f} MB | {traffic['all_to_all'] / 1e6:.2f} MB | "
+                    f"{traffic['all_reduce'] / 1e6:.3f} MB |")
         notes.append(f"* {name}: {predicted(cfg)}; counted {sent / 1e6:.2f} MB.")
         print(rows[-1], flush=True)
     machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, ops backend {rg.ops.backend()}, "
@@ -161,8 +167,8 @@ def main() -> None:
         f"Machine: {machine}.",
         "",
         "| config | shape | 1 process, 1 thread | 1 process, 2 threads | 2 ranks x 1 thread | ranks / 1 proc 2 thr "
-        "| all_gather sent | all_reduce sent |",
-        "|---|---|---|---|---|---|---|---|",
+        "| all_gather sent | all_to_all sent | all_reduce sent |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "Communication volume per rank per step (formulas from docs/distributed.md, P = 2, s = 4 bytes):",
@@ -172,7 +178,9 @@ def main() -> None:
         "Reading: this machine has 2 cores shared with other users, so the two ranks compete with each other",
         "(and with everyone else) for the same cores. With the row-gather route every rank also repeats the",
         "Gram product (n^2 M per Gram for RevGN, the dominant cost here), its factorisation and the solve;",
-        "only the per-sample work (forward, transport, VJPs, A_r^T U_r) is split. The numbers measure the",
+        "only the per-sample work (forward, transport, VJPs, A_r^T U_r) is split. The reduce-Gram route",
+        "(chosen by bytes for revgn-wide, forced off in revgn-wide-rows) also splits the Gram product. The",
+        "factorisation and the solve stay repeated on every rank. The numbers measure the",
         "overhead of the exact data-parallel step on one box, not a multi-node speed-up. No multi-GPU machine",
         "was available.",
         "",

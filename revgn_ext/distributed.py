@@ -18,9 +18,10 @@ rank, for P ranks, shards of n/P rows and s bytes per element (ring algorithms):
 * all_reduce of N numbers:            2 (P-1)/P * N * s     sent (reduce-scatter + all-gather).
 
 For RevGN's Gram A A^T (A: n x M) the alternative to gathering the feature rows is to re-shard A by
-columns (all_to_all, (P-1)/P^2 * n M s) and all_reduce the partial Grams (2 (P-1)/P * n^2 s). It moves
-fewer bytes when n < M (P-1)/(2P) and is not implemented: it needs a Cholesky op that takes a
-precomputed Gram, while :func:`revgn_ext.ops.gram_factor` takes A. :func:`gram_route_bytes` gives both.
+columns (all_to_all, (P-1)/P^2 * n M s) and all_reduce the partial Grams (2 (P-1)/P * n^2 s)
+(:meth:`ShardGroup.reduce_gram`). It moves fewer bytes when n < M (P-1)/(2P), and it splits the n^2 M
+Gram product across the ranks instead of repeating it on each. :func:`gram_route_bytes` gives both
+counts and :func:`choose_gram_route` picks the smaller.
 """
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["ShardGroup", "resolve", "all_gather_bytes", "all_reduce_bytes", "gram_route_bytes"]
+__all__ = ["ShardGroup", "resolve", "all_gather_bytes", "all_reduce_bytes", "gram_route_bytes",
+           "choose_gram_route", "GRAM_ROUTES"]
+
+GRAM_ROUTES = ("auto", "gather_rows", "reduce_gram")
 
 
 def all_gather_bytes(rows: int, width: int, world: int, itemsize: int) -> int:
@@ -46,12 +50,20 @@ def all_reduce_bytes(numel: int, world: int, itemsize: int) -> int:
 def gram_route_bytes(n: int, M: int, world: int, itemsize: int) -> dict:
     """Bytes per rank to put the n x n Gram of a row-sharded A (n x M) on every rank, two ways:
 
-    * "gather_rows": all_gather of the feature rows, (P-1)/P n M s (the route implemented);
+    * "gather_rows": all_gather of the feature rows, (P-1)/P n M s;
     * "reduce_gram": all_to_all to column shards, (P-1)/P^2 n M s, then all_reduce of the partial
       Grams, 2 (P-1)/P n^2 s.
     """
     return {"gather_rows": all_gather_bytes(n, M, world, itemsize),
             "reduce_gram": (world - 1) * n * M * itemsize // world ** 2 + all_reduce_bytes(n * n, world, itemsize)}
+
+
+def choose_gram_route(route: str, n: int, M: int, world: int, itemsize: int) -> str:
+    """``route`` unless it is "auto"; then the route of :func:`gram_route_bytes` that sends fewer bytes."""
+    if route != "auto":
+        return route
+    counts = gram_route_bytes(n, M, world, itemsize)
+    return "reduce_gram" if counts["reduce_gram"] < counts["gather_rows"] else "gather_rows"
 
 
 class ShardGroup:
@@ -70,7 +82,7 @@ class ShardGroup:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.counts = [0] * self.world
-        self.traffic = {"all_gather": 0, "all_reduce": 0}
+        self.traffic = {"all_gather": 0, "all_reduce": 0, "all_to_all": 0}
 
     @property
     def total(self) -> int:
@@ -125,6 +137,28 @@ class ShardGroup:
         dist.all_gather(parts, t, group=self.group)
         self.traffic["all_gather"] += (self.world - 1) * t.numel() * t.element_size()
         return torch.cat([p[:c] for p, c in zip(parts, self.counts)]).movedim(0, dim)
+
+    def reduce_gram(self, A: torch.Tensor) -> torch.Tensor:
+        """G = A A^T over the global rows of A (shards: (B, n_r, M) -> (B, n, n) on every rank).
+
+        One all_to_all re-shards A by columns (rank r receives every rank's rows of its M/P columns),
+        each rank forms the partial Gram of its columns, and one all_reduce sums them:
+        (P-1)/P^2 n M s + 2 (P-1)/P n^2 s bytes sent, and 1/P of the Gram product per rank.
+        """
+        if self.world == 1:
+            return A @ A.mT
+        B, _, M = A.shape
+        cols = [len(c) for c in torch.arange(M).tensor_split(self.world)]
+        send = torch.cat([piece.reshape(-1) for piece in A.split(cols, dim=2)])
+        recv = A.new_empty(B * self.total * cols[self.rank])
+        dist.all_to_all_single(recv, send, output_split_sizes=[B * c * cols[self.rank] for c in self.counts],
+                               input_split_sizes=[B * self.counts[self.rank] * c for c in cols],
+                               group=self.group)
+        self.traffic["all_to_all"] += (send.numel() - B * self.counts[self.rank] * cols[self.rank]) * A.element_size()
+        mine = torch.cat([piece.view(B, c, cols[self.rank])
+                          for piece, c in zip(recv.split([B * c * cols[self.rank] for c in self.counts]),
+                                              self.counts)], dim=1)
+        return self.sum_tensors([mine @ mine.mT])[0]
 
     def sum_tensors(self, tensors: list) -> list:
         """sum_r tensors_r, elementwise over ranks, in one all_reduce of the flattened list."""

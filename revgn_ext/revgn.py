@@ -28,7 +28,7 @@ import torch
 from ._checks import check_number, check_tensor
 from .curvature import right_inverse as ri
 from .curvature import targets as tg
-from .distributed import resolve
+from .distributed import GRAM_ROUTES, resolve
 from .model import RevMLP
 
 __all__ = ["RevGN"]
@@ -62,6 +62,10 @@ class RevGN(torch.optim.Optimizer):
             buffers are copied from the group's rank 0 at construction. Passing ``process_group``
             implies ``distributed=True``.
         process_group: a ``torch.distributed`` process group, or None.
+        gram_route: data-parallel Cholesky steps only: "gather_rows" all_gathers the feature rows,
+            "reduce_gram" re-shards them by columns (all_to_all) and all_reduces partial Grams, which
+            also splits the Gram product across ranks; "auto" (default) takes the one that sends fewer
+            bytes for the shapes at hand (see docs/distributed.md).
 
     ``model`` may be a DistributedDataParallel-wrapped RevMLP: its ``.module`` is trained, over the
     wrapper's process group. DDP's own gradient all_reduce (an average of per-shard gradients) is not
@@ -77,7 +81,8 @@ class RevGN(torch.optim.Optimizer):
     def __init__(self, model: RevMLP, lr: float = 0.1, damping: float = 1e-4, target: str = "identity",
                  loss: str = "cross_entropy", *, shares=None, damping_mode: str = "relative",
                  solver: str = "cholesky", rtol: float = 1e-2, atol: float = 1e-5,
-                 target_damping: float = 1e-3, distributed: bool = False, process_group=None) -> None:
+                 target_damping: float = 1e-3, distributed: bool = False, process_group=None,
+                 gram_route: str = "auto") -> None:
         model, shards = resolve(model, distributed, process_group)
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
@@ -88,7 +93,7 @@ class RevGN(torch.optim.Optimizer):
         check_number("target_damping", target_damping, low=0.0, low_open=True)
         for name, value, allowed in (("target", target, tg.TARGETS), ("loss", loss, tg.LOSSES),
                                      ("damping_mode", damping_mode, DAMPING_MODES),
-                                     ("solver", solver, ri.SOLVERS)):
+                                     ("solver", solver, ri.SOLVERS), ("gram_route", gram_route, GRAM_ROUTES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         L = model.num_blocks
@@ -102,7 +107,7 @@ class RevGN(torch.optim.Optimizer):
             raise ValueError(f"model has frozen parameters {frozen}; RevGN updates every W and b")
         defaults = dict(lr=lr, damping=damping, target=target, loss=loss, shares=shares,
                         damping_mode=damping_mode, solver=solver, rtol=rtol, atol=atol,
-                        target_damping=target_damping)
+                        target_damping=target_damping, gram_route=gram_route)
         super().__init__(params, defaults)
         self.model = model
         self.shards = shards
@@ -156,7 +161,7 @@ class RevGN(torch.optim.Optimizer):
         dZ = E @ model.Q.mT
         deltas, report = ri.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
                                           group["damping_mode"] == "relative", group["solver"],
-                                          group["rtol"], group["atol"], shards)
+                                          group["rtol"], group["atol"], shards, group["gram_route"])
         return loss, n, deltas, report
 
     @torch.no_grad()

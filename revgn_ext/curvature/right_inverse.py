@@ -32,6 +32,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .. import ops, reference
+from ..distributed import choose_gram_route
 
 __all__ = ["SOLVERS", "BlockDelta", "transport_targets", "gram_damping", "right_inverse"]
 
@@ -61,14 +62,13 @@ def transport_targets(blocks: Sequence, traces: Sequence, dZ1: torch.Tensor, dZ2
     return D
 
 
-def gram_damping(A: torch.Tensor, damping: float, relative: bool) -> torch.Tensor:
-    """Absolute lambda per Gram (B,): ``damping * mean(diag(A A^T + 1 1^T))`` when relative."""
-    B, n, _ = A.shape
+def gram_damping(trace: torch.Tensor, n: int, damping: float, relative: bool) -> torch.Tensor:
+    """Absolute lambda per Gram (B,) from ``trace`` = tr(A A^T) = ||A||_F^2 per Gram:
+    ``damping * mean(diag(A A^T + 1 1^T)) = damping * (trace / n + 1)`` when relative."""
     if not relative:
-        return A.new_full((B,), float(damping))
-    mean_diag = torch.linalg.vector_norm(A.reshape(B, -1), dim=1).square() / n + 1.0
+        return torch.full_like(trace, float(damping))
     # An overflowing Gram must end in a non-finite update the optimizer refuses, not in an error here.
-    return torch.nan_to_num(damping * mean_diag, nan=0.0, posinf=torch.finfo(A.dtype).max)
+    return torch.nan_to_num(damping * (trace / n + 1.0), nan=0.0, posinf=torch.finfo(trace.dtype).max)
 
 
 class _CholeskySolver:
@@ -126,6 +126,28 @@ class _ShardedCholeskySolver(_CholeskySolver):
         return share, fit
 
 
+class _ReducedGramCholeskySolver(_ShardedCholeskySolver):
+    """:class:`_ShardedCholeskySolver` for the "reduce_gram" route: the Grams arrive already summed
+    over the ranks (G = A A^T), and A stays sharded, so each rank holds only its rows A_r."""
+
+    def __init__(self, G: torch.Tensor, A_local: torch.Tensor, lam: torch.Tensor, shards):
+        self.G1 = G + 1.0   # the implicit ones column: [A, 1][A, 1]^T = A A^T + 1 1^T
+        chol = ops.gram_factor_from_gram(self.G1, lam, check_finite=False)
+        self.factor = ops.GramFactor(A_local, chol.L, chol.info, chol.jitter, True)
+        mu_and_info = torch.stack([lam + chol.jitter, chol.info.to(lam.dtype)]).tolist()
+        self.mu, self.failed = mu_and_info[0], [i < 0 for i in mu_and_info[1]]
+        self.shards = shards
+
+    def __call__(self, i: int, R_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, rows = self.factor, self.shards.rows
+        U = torch.cholesky_solve(self.shards.gather_rows(R_local), f.L[i])
+        U_r, A_r = U[rows], f.A[i]
+        share = torch.cat([A_r.mT @ U_r, U_r.sum(0, keepdim=True)])
+        # A Theta = [A, 1][A, 1]^T U; the rows of the undamped Gram give it when the factor is a stand-in.
+        fit = self.G1[i, rows] @ U if self.failed[i] else R_local - self.mu[i] * U_r
+        return share, fit
+
+
 class _SVDSolver:
     """Truncated pinv: A^+ R = V diag(phi(s)) U^T R with phi(s) = s / (s^2 + lambda) for
     s >= max(rtol * s_max, atol) and 0 otherwise (A = U diag(s) V^T, ones column explicit)."""
@@ -170,7 +192,8 @@ class _ShardedSVDSolver(_SVDSolver):
 
 def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: Sequence[float],
                   damping: float = 0.0, relative_damping: bool = True, solver: str = "cholesky",
-                  rtol: float = 1e-2, atol: float = 1e-5, shards=None) -> tuple[list, dict]:
+                  rtol: float = 1e-2, atol: float = 1e-5, shards=None,
+                  gram_route: str = "auto") -> tuple[list, dict]:
     """Delta with J Delta = dZ for a stack of coupling blocks (formulas in the module docstring).
 
     Args:
@@ -182,6 +205,9 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
         solver: "cholesky" (batched Gram factor) or "svd" (truncated pinv with ``rtol``, ``atol``).
         shards: a :class:`revgn_ext.distributed.ShardGroup` when traces and dZ hold this rank's rows of
             a global batch (see the module docstring); every rank then returns the same global Delta.
+        gram_route: with ``shards`` and the Cholesky solver, how the global Grams are assembled:
+            "gather_rows" (all_gather of the feature rows), "reduce_gram" (column all_to_all and an
+            all_reduce of partial Grams) or "auto" (fewer bytes, :func:`revgn_ext.distributed.gram_route_bytes`).
     Returns:
         ([BlockDelta per block], report) where report holds per-Gram tensors in the order
         F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda) and "info", "jitter" (Cholesky retries,
@@ -190,15 +216,25 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
     half = dZ.shape[1] // 2
     D = transport_targets(blocks, traces, dZ[:, :half], dZ[:, half:])
     A = torch.stack([h for t in traces for h in (t.hF, t.hG)])
+    n = A.shape[1] if shards is None else shards.total
+    route = None
     if shards is not None:
-        A = shards.gather_rows(A, dim=1)
-    lam = gram_damping(A, damping, relative_damping)
-    if shards is None:
-        solve = _CholeskySolver(A, lam) if solver == "cholesky" else _SVDSolver(A, lam, rtol, atol)
-    elif solver == "cholesky":
-        solve = _ShardedCholeskySolver(A, lam, shards)
+        route = "gather_rows" if solver == "svd" else choose_gram_route(gram_route, n, A.shape[2], shards.world,
+                                                                         A.element_size())
+    if route == "reduce_gram":
+        G = shards.reduce_gram(A)
+        lam = gram_damping(G.diagonal(dim1=-2, dim2=-1).sum(-1), n, damping, relative_damping)
+        solve = _ReducedGramCholeskySolver(G, A, lam, shards)
     else:
-        solve = _ShardedSVDSolver(A, lam, rtol, atol, shards)
+        if route == "gather_rows":
+            A = shards.gather_rows(A, dim=1)
+        lam = gram_damping(torch.linalg.vector_norm(A.flatten(1), dim=1).square(), n, damping, relative_damping)
+        if shards is None:
+            solve = _CholeskySolver(A, lam) if solver == "cholesky" else _SVDSolver(A, lam, rtol, atol)
+        elif solver == "cholesky":
+            solve = _ShardedCholeskySolver(A, lam, shards)
+        else:
+            solve = _ShardedSVDSolver(A, lam, rtol, atol, shards)
 
     deltas = []
     for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
