@@ -75,8 +75,8 @@ class _CholeskySolver:
     """A_i^+ R = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R with all B factors from one batched call.
 
     Also returns the fit A_i Theta. On the CPU it comes from the factor: with L L^T = A A^T + mu I
-    (mu = lambda + jitter) and U = (L L^T)^{-1} R, A Theta = A A^T U = R - mu U, one small triangular
-    solve instead of an n x M x d/2 GEMM. On a GPU the GEMM is the faster of the two (measured on an
+    (mu = lambda + jitter) and U = (L L^T)^{-1} R, A Theta = A A^T U = R - mu U, from the same solve
+    that gives Theta, instead of an n x M x d/2 GEMM. On a GPU the GEMM is the faster of the two (measured on an
     H100), and it is also the only choice for a matrix whose retries all failed, whose diagonal
     stand-in factor breaks the identity.
     """
@@ -90,15 +90,18 @@ class _CholeskySolver:
 
     def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
-        one = ops.GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
-        theta = ops.gram_solve(one, R[None], check_finite=False)[0]
         if not self.from_factor or self.failed[i]:
-            fit = torch.addmm(theta[-1], f.A[i], theta[:-1])
-        elif self.mu[i] == 0.0:
-            fit = R
-        else:
-            fit = R - self.mu[i] * torch.cholesky_solve(R, f.L[i])
-        return theta, fit
+            one = ops.GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
+            theta = ops.gram_solve(one, R[None], check_finite=False)[0]
+            return theta, torch.addmm(theta[-1], f.A[i], theta[:-1])
+        # One solve serves both: Theta = [A^T U; 1^T U] and the fit R - mu U. (L^T through mT is the
+        # column-major upper factor LAPACK reads without a copy.)
+        U = torch.cholesky_solve(R, f.L[i].mT, upper=True)
+        M = f.A.shape[2]
+        theta = U.new_empty(M + 1, U.shape[1])
+        torch.mm(f.A[i].mT, U, out=theta[:M])
+        torch.sum(U, 0, out=theta[M])
+        return theta, R - self.mu[i] * U
 
     def report(self) -> dict:
         return {"info": self.factor.info, "jitter": self.factor.jitter}
