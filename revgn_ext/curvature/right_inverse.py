@@ -71,6 +71,12 @@ def gram_damping(trace: torch.Tensor, n: int, damping: float, relative: bool) ->
     return torch.nan_to_num(damping * (trace / n + 1.0), nan=0.0, posinf=torch.finfo(trace.dtype).max)
 
 
+def _shifts_and_failures(lam: torch.Tensor, jitter: torch.Tensor, info: torch.Tensor):
+    """([mu_i = lambda_i + jitter_i], [factor i is a diagonal stand-in]) in one host transfer."""
+    mu_and_info = torch.stack([lam + jitter, info.to(lam.dtype)]).tolist()
+    return mu_and_info[0], [i < 0 for i in mu_and_info[1]]
+
+
 class _CholeskySolver:
     """A_i^+ R = A_i^T (A_i A_i^T + 1 1^T + lambda_i I)^{-1} R with all B factors from one batched call.
 
@@ -85,8 +91,7 @@ class _CholeskySolver:
         self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
         self.from_factor = A.device.type == "cpu"
         if self.from_factor:
-            mu_and_info = torch.stack([lam + self.factor.jitter, self.factor.info.to(lam.dtype)]).tolist()
-            self.mu, self.failed = mu_and_info[0], [i < 0 for i in mu_and_info[1]]
+            self.mu, self.failed = _shifts_and_failures(lam, self.factor.jitter, self.factor.info)
 
     def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
@@ -113,19 +118,23 @@ class _ShardedCholeskySolver(_CholeskySolver):
 
     def __init__(self, A: torch.Tensor, lam: torch.Tensor, shards):
         self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
-        mu_and_info = torch.stack([lam + self.factor.jitter, self.factor.info.to(lam.dtype)]).tolist()
-        self.mu, self.failed = mu_and_info[0], [i < 0 for i in mu_and_info[1]]
+        self.mu, self.failed = _shifts_and_failures(lam, self.factor.jitter, self.factor.info)
         self.shards = shards
 
+    def _local_rows(self, i: int) -> torch.Tensor:
+        """A_r, this rank's rows of the i-th feature matrix."""
+        return self.factor.A[i, self.shards.rows]
+
+    def _stand_in_fit(self, i: int, U: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of A Theta from the full Theta, for a diagonal stand-in factor, which breaks
+        A A^T U = R - mu U."""
+        return torch.addmm(U.sum(0), self._local_rows(i), self.factor.A[i].mT @ U)
+
     def __call__(self, i: int, R_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, rows = self.factor, self.shards.rows
-        U = torch.cholesky_solve(self.shards.gather_rows(R_local), f.L[i])
-        U_r, A_r = U[rows], f.A[i, rows]
+        U = torch.cholesky_solve(self.shards.gather_rows(R_local), self.factor.L[i])
+        U_r, A_r = U[self.shards.rows], self._local_rows(i)
         share = torch.cat([A_r.mT @ U_r, U_r.sum(0, keepdim=True)])
-        if self.failed[i]:  # the diagonal stand-in factor breaks A A^T U = R - mu U: use the full Theta
-            fit = torch.addmm(U.sum(0), A_r, f.A[i].mT @ U)
-        else:
-            fit = R_local - self.mu[i] * U_r
+        fit = self._stand_in_fit(i, U) if self.failed[i] else R_local - self.mu[i] * U_r
         return share, fit
 
 
@@ -137,18 +146,15 @@ class _ReducedGramCholeskySolver(_ShardedCholeskySolver):
         self.G1 = G + 1.0   # the implicit ones column: [A, 1][A, 1]^T = A A^T + 1 1^T
         chol = ops.gram_factor_from_gram(self.G1, lam, check_finite=False)
         self.factor = ops.GramFactor(A_local, chol.L, chol.info, chol.jitter, True)
-        mu_and_info = torch.stack([lam + chol.jitter, chol.info.to(lam.dtype)]).tolist()
-        self.mu, self.failed = mu_and_info[0], [i < 0 for i in mu_and_info[1]]
+        self.mu, self.failed = _shifts_and_failures(lam, chol.jitter, chol.info)
         self.shards = shards
 
-    def __call__(self, i: int, R_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, rows = self.factor, self.shards.rows
-        U = torch.cholesky_solve(self.shards.gather_rows(R_local), f.L[i])
-        U_r, A_r = U[rows], f.A[i]
-        share = torch.cat([A_r.mT @ U_r, U_r.sum(0, keepdim=True)])
-        # A Theta = [A, 1][A, 1]^T U; the rows of the undamped Gram give it when the factor is a stand-in.
-        fit = self.G1[i, rows] @ U if self.failed[i] else R_local - self.mu[i] * U_r
-        return share, fit
+    def _local_rows(self, i: int) -> torch.Tensor:
+        return self.factor.A[i]
+
+    def _stand_in_fit(self, i: int, U: torch.Tensor) -> torch.Tensor:
+        # A Theta = [A, 1][A, 1]^T U: the rows of the undamped Gram, since the full A is not here.
+        return self.G1[i, self.shards.rows] @ U
 
 
 class _SVDSolver:
