@@ -131,14 +131,12 @@ class EGN(Optimizer):
             raise ValueError(f"x has dtype {x.dtype} but the model's parameters have {p0.dtype}")
         if x.device != p0.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {p0.device}")
-        if not isinstance(y, torch.Tensor):
-            raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        check_tensor("y", y, float_only=False, finite=False)
         if y.device != x.device:
             raise ValueError(f"y is on {y.device} but x is on {x.device}")
         if y.dim() == 0 or y.shape[0] != x.shape[0]:
             raise ValueError(f"y must have the batch size of x ({x.shape[0]}), got shape {tuple(y.shape)}")
-        if y.is_floating_point() and not bool(torch.isfinite(y).all()):
-            raise ValueError("y contains NaN or Inf")
+        check_tensor("y", y, float_only=False)
 
     def _targets(self, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """y in the form the loss factor expects, checked against the outputs f (b, c)."""

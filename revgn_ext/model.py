@@ -86,27 +86,12 @@ class CouplingBlock(nn.Module):
                                     self.activation, check_finite=False)
 
     def backward_from_inputs(self, x2, y1, gy1, gy2, need_input_grad: bool):
-        """Hand-written vector-Jacobian product of the block at input half x2 and output half y1.
-
-        With zG = Y1 V_G, zF = X2 V_F and output cotangents (gY1, gY2):
-            gW_G = gY2^T act(zG),  gb_G = 1^T gY2,  gY1' = gY1 + (act'(zG) * (gY2 W_G)) V_G^T
-            gW_F = gY1'^T act(zF), gb_F = 1^T gY1', gX1 = gY1',  gX2 = gY2 + (act'(zF) * (gY1' W_F)) V_F^T
-        Returns (gX1, gX2, gW_F, gb_F, gW_G, gb_G).
-        """
-        act = self.activation
-        zG = y1 if self.VG is None else y1 @ self.VG
-        gWG = gy2.mT @ reference.activation(act, zG)
-        gbG = gy2.sum(0)
-        gzG = reference.activation_grad(act, zG) * (gy2 @ self.WG)
-        gy1 = gy1 + (gzG if self.VG is None else gzG @ self.VG.mT)
-        zF = x2 if self.VF is None else x2 @ self.VF
-        gWF = gy1.mT @ reference.activation(act, zF)
-        gbF = gy1.sum(0)
-        gx2 = None
-        if need_input_grad:
-            gzF = reference.activation_grad(act, zF) * (gy1 @ self.WF)
-            gx2 = gy2 + (gzF if self.VF is None else gzF @ self.VF.mT)
-        return gy1, gx2, gWF, gbF, gWG, gbG
+        """Vector-Jacobian product of the block at input half x2 and output half y1
+        (:func:`revgn_ext.reference.coupling_vjp`). Returns (gX1, gX2, gW_F, gb_F, gW_G, gb_G)."""
+        gx1, gx2, _, gWF, gbF, _, gWG, gbG = reference.coupling_vjp(
+            x2, y1, self.VF, self.WF, self.VG, self.WG, self.activation, gy1, gy2,
+            need=(True, need_input_grad, False, True, True, False, True, True))
+        return gx1, gx2, gWF, gbF, gWG, gbG
 
 
 class _ReversibleStack(torch.autograd.Function):

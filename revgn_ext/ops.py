@@ -258,17 +258,6 @@ def _coupling_forward_kernel(x1, x2, VF, WF, bF, VG, WG, bG, activation, return_
     return y1, y2, hF, hG
 
 
-def _activation_backward(name: str, grad: torch.Tensor, z, h) -> torch.Tensor:
-    """act'(z) * grad, from the features h = act(z) where they determine act' (z is None then)."""
-    if name == "identity":
-        return grad
-    if name == "relu":  # act'(z) = [z > 0] = [h > 0]
-        return torch.ops.aten.threshold_backward(grad, h, 0.0)
-    if name == "tanh":  # act'(z) = 1 - h^2
-        return torch.ops.aten.tanh_backward(grad, h)
-    return torch.ops.aten.gelu_backward(grad, z)
-
-
 def _coupling_setup_context(ctx, inputs, output):
     x1, x2, VF, WF, bF, VG, WG, bG, activation, return_features = inputs
     y1, _, hF, hG = output
@@ -278,38 +267,16 @@ def _coupling_setup_context(ctx, inputs, output):
 
 
 def _coupling_backward(ctx, gy1, gy2, ghF, ghG):
-    """Vector-Jacobian product of coupling_forward, with zF = x2 V_F, zG = y1 V_G:
-
-        gzG = act'(zG) * (gy2 W_G + ghG),   gy1' = gy1 + gzG V_G^T,   gzF = act'(zF) * (gy1' W_F + ghF)
-        gx1 = gy1',  gx2 = gy2 + gzF V_F^T,  gW_F = gy1'^T hF,  gb_F = 1^T gy1',  gV_F = x2^T gzF
-        (and the same for G with gy2, y1, hG, gzG).
-    """
+    """Vector-Jacobian product of coupling_forward (:func:`revgn_ext.reference.coupling_vjp`); the
+    features saved by the forward supply act' without recomputing the hidden tiles."""
     x2, VF, WF, VG, WG, y1, hF, hG = ctx.saved_tensors
-    act = ctx.activation
     gy1 = torch.zeros_like(y1) if gy1 is None else gy1
     gy2 = torch.zeros_like(y1) if gy2 is None else gy2
-    zF = x2 @ VF if (act == "gelu" or not ctx.has_features) else None
-    zG = y1 @ VG if (act == "gelu" or not ctx.has_features) else None
     if not ctx.has_features:
-        hF, hG = reference.activation(act, zF), reference.activation(act, zG)
-    gzG = gy2 @ WG
-    if ctx.has_features and ghG is not None:
-        gzG = gzG + ghG
-    gzG = _activation_backward(act, gzG, zG, hG)
-    gy1 = gy1 + gzG @ VG.mT
-    gzF = gy1 @ WF
-    if ctx.has_features and ghF is not None:
-        gzF = gzF + ghF
-    gzF = _activation_backward(act, gzF, zF, hF)
-    need = ctx.needs_input_grad
-    gx2 = gy2 + gzF @ VF.mT if need[1] else None
-    gVF = x2.mT @ gzF if need[2] else None
-    gWF = gy1.mT @ hF if need[3] else None
-    gbF = gy1.sum(0) if need[4] else None
-    gVG = y1.mT @ gzG if need[5] else None
-    gWG = gy2.mT @ hG if need[6] else None
-    gbG = gy2.sum(0) if need[7] else None
-    return gy1, gx2, gVF, gWF, gbF, gVG, gWG, gbG, None, None
+        hF = hG = ghF = ghG = None
+    grads = reference.coupling_vjp(x2, y1, VF, WF, VG, WG, ctx.activation, gy1, gy2, hF, hG, ghF, ghG,
+                                   need=(True,) + tuple(ctx.needs_input_grad[1:8]))
+    return (*grads, None, None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -143,10 +143,11 @@ def activation_grad_times(name: str, t: torch.Tensor, pre, h: torch.Tensor | Non
     relu: h > 0, tanh: 1 - h^2), which saves forming z; otherwise z = pre() is computed (GELU)."""
     if name == "identity":
         return t
-    if h is not None and name == "relu":
-        return t.masked_fill(h <= 0, 0.0)
-    if h is not None and name == "tanh":
-        return t * (1.0 - h * h)
+    # ATen's activation backward kernels compute exactly these products in one pass.
+    if h is not None and name == "relu":   # act'(z) = [z > 0] = [h > 0]
+        return torch.ops.aten.threshold_backward(t, h, 0.0)
+    if h is not None and name == "tanh":   # act'(z) = 1 - h^2
+        return torch.ops.aten.tanh_backward(t, h)
     return activation_grad(name, pre()) * t
 
 
@@ -183,3 +184,34 @@ def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation_name="
     dx2 = dy2 - activation_grad_times(activation_name, _pre(dy1, VG), lambda: _pre(y1, VG), hG) @ WG.mT
     dx1 = dy1 - activation_grad_times(activation_name, _pre(dx2, VF), lambda: _pre(x2, VF), hF) @ WF.mT
     return dx1, dx2
+
+
+def coupling_vjp(x2, y1, VF, WF, VG, WG, activation_name, gy1, gy2, hF=None, hG=None, ghF=None, ghG=None,
+                 need=(True,) * 8):
+    """Vector-Jacobian product of :func:`coupling_forward` at input half x2 and output half y1, with
+    zF = x2 V_F, zG = y1 V_G and cotangents (gy1, gy2) of the outputs (ghF, ghG of the features):
+
+        gzG = act'(zG) * (gy2 W_G + ghG),   gy1' = gy1 + gzG V_G^T,   gzF = act'(zF) * (gy1' W_F + ghF)
+        gx1 = gy1',  gx2 = gy2 + gzF V_F^T,  gW_F = gy1'^T hF,  gb_F = 1^T gy1',  gV_F = x2^T gzF
+        (and the same for G with gy2, y1, hG, gzG).
+
+    The features hF, hG are recomputed when not given. Returns (gx1, gx2, gVF, gWF, gbF, gVG, gWG, gbG);
+    an entry whose ``need`` flag (same order) is False is None.
+    """
+    zF = zG = None
+    if hF is None or hG is None or activation_name not in ("identity", "relu", "tanh"):
+        zF, zG = _pre(x2, VF), _pre(y1, VG)
+        hF, hG = activation(activation_name, zF), activation(activation_name, zG)
+    gzG = gy2 @ WG if ghG is None else gy2 @ WG + ghG
+    gzG = activation_grad_times(activation_name, gzG, lambda: zG, hG)
+    gy1 = gy1 + (gzG if VG is None else gzG @ VG.mT)
+    gzF = gy1 @ WF if ghF is None else gy1 @ WF + ghF
+    gzF = activation_grad_times(activation_name, gzF, lambda: zF, hF)
+    return (gy1,
+            (gy2 + (gzF if VF is None else gzF @ VF.mT)) if need[1] else None,
+            x2.mT @ gzF if need[2] and VF is not None else None,
+            gy1.mT @ hF if need[3] else None,
+            gy1.sum(0) if need[4] else None,
+            y1.mT @ gzG if need[5] and VG is not None else None,
+            gy2.mT @ hG if need[6] else None,
+            gy2.sum(0) if need[7] else None)
