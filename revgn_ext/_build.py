@@ -27,7 +27,11 @@ def cuda_home() -> str | None:
 
 
 def want_cuda() -> bool:
-    """CUDA kernels when forced, or when nvcc and a CUDA build of torch are both present."""
+    """CUDA kernels when forced, or when nvcc and a CUDA build of torch are both present.
+
+    ``REVGN_NO_CUDA=1`` always builds the CPU kernels only."""
+    if os.environ.get("REVGN_NO_CUDA", "0") == "1":
+        return False
     if os.environ.get("REVGN_FORCE_CUDA", "0") == "1":
         return True
     import torch
