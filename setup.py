@@ -14,7 +14,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-build = runpy.run_path(str(ROOT / "revgn_ext" / "_build.py"))
+build = runpy.run_path(str(ROOT / "revgn_ext" / "ops" / "_build.py"))
 
 ext_modules = []
 cmdclass = {}
@@ -48,7 +48,8 @@ setup(
     packages=find_packages(include=["revgn_ext", "revgn_ext.*"]) + ["revgn_ext._csrc"],
     # The kernel sources travel with the package so that REVGN_JIT=1 can build them after install.
     package_dir={"revgn_ext._csrc": "csrc"},
-    package_data={"revgn_ext._csrc": ["*.cpp", "*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.h"]},
+    package_data={"revgn_ext._csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h", "*/cuda/*.cpp", "*/cuda/*.cu",
+                                       "*/cuda/*.h"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "experiments": ["tqdm", "matplotlib", "scikit-learn"],

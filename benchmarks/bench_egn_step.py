@@ -27,7 +27,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import revgn_ext as rg
 from _machine import describe
-from revgn_ext.curvature.loss_factors import LOSS_FACTORS, factor_matrix
+from revgn_ext.egn.loss_factors import LOSS_FACTORS, factor_matrix
 
 try:
     import torch_levenberg_marquardt as tlm

@@ -1,5 +1,5 @@
 // Operator schemas of the revgn library. Kernels register under their dispatch keys in the op files
-// (CPU: csrc/<op>.cpp, CUDA: csrc/cuda/<op>.cpp + .cu), so no kernel ever branches on the device.
+// (CPU: csrc/<op>/<op>_cpu.cpp, CUDA: csrc/<op>/cuda/*.cpp + *.cu), so no kernel ever branches on the device.
 #include <Python.h>
 #include <torch/library.h>
 

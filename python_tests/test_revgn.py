@@ -16,7 +16,7 @@ from torch.func import jvp
 warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailable", category=RuntimeWarning)
 
 import revgn_ext as rg  # noqa: E402
-from revgn_ext.curvature import targets as tg  # noqa: E402
+from revgn_ext.revgn import targets as tg  # noqa: E402
 
 f64 = torch.float64
 ACT = {"identity": lambda t: t, "relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu}
@@ -370,7 +370,7 @@ def test_solver_fit_equals_A_theta(solver, monkeypatch):
     """The fit A Theta that feeds the cross-term K (R - mu U for Cholesky, U diag(s phi) U^T R for SVD)
     equals the product with the explicit ones column, also for a jittered and a failed factorisation."""
     from revgn_ext import ops
-    from revgn_ext.curvature import right_inverse as ri
+    from revgn_ext.revgn import right_inverse as ri
 
     torch.manual_seed(0)
     A = torch.randn(3, 6, 9, dtype=f64)
@@ -387,15 +387,15 @@ def test_solver_fit_equals_A_theta(solver, monkeypatch):
         tol = 1e-5 if (i == 1 and solver == "cholesky") else 1e-9
         torch.testing.assert_close(fit, A1[i] @ theta, rtol=tol, atol=tol)
     if solver == "cholesky":
-        real = ops.gram_factor
+        real = ri.gram_factor_unchecked
 
-        def failing(A, damping, append_ones=False, check_finite=True):
-            f = real(A, damping, append_ones, check_finite)
+        def failing(A, damping, append_ones):
+            f = real(A, damping, append_ones)
             G = A @ A.mT + 1.0
             L = torch.diag_embed(G.diagonal(dim1=-2, dim2=-1).sqrt())
             return ops.GramFactor(A, L, torch.full_like(f.info, -1), f.jitter, append_ones)
 
-        monkeypatch.setattr(ri.ops, "gram_factor", failing)
+        monkeypatch.setattr(ri, "gram_factor_unchecked", failing)
         solve = ri._CholeskySolver(A, lam)
         assert all(solve.failed)
         for i in range(3):

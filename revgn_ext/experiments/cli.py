@@ -20,7 +20,7 @@ import sys
 import time
 from datetime import timedelta
 
-from ..data import DATASETS
+from .data import DATASETS
 from . import plots, report
 from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
 from .runner import CHECKPOINT, run

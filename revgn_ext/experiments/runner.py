@@ -31,9 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import diagnostics as dg
-from ..data import load_dataset
-from ..model import RevMLP
+from ..revgn.model import RevMLP
+from . import diagnostics as dg
+from .data import load_dataset
 from .config import RunConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -82,7 +82,7 @@ def build_optimizer(cfg: RunConfig, model: RevMLP, distributed: bool = False):
         return torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    from ..revgn import RevGN
+    from ..revgn.optimizer import RevGN
 
     kwargs = dict(lr=cfg.lr, target=cfg.target, loss=cfg.loss, distributed=distributed)
     if cfg.damping is not None:

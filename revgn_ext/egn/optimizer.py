@@ -9,7 +9,7 @@ With the push-through identity it becomes a (b c) x (b c) symmetric positive def
 
     dir = -J^T S u,    (S^T J J^T S + b lambda I) u = t,    S t = e,
 
-factored by Cholesky. K = S^T J J^T S comes from :mod:`revgn_ext.curvature.gram` (layerwise for linear
+factored by Cholesky. K = S^T J J^T S comes from :mod:`revgn_ext.egn.gram` (layerwise for linear
 models, without forming J) and J^T (S u) is one vector-Jacobian product.
 
 Data-parallel (``distributed=True``): rank r holds b_r samples. The rows of K's factors and of t are
@@ -23,14 +23,14 @@ import warnings
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
-from . import ops
-from ._checks import check_number, check_tensor
-from .curvature.gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
+from .._checks import check_tensor
+from .._optim import GaussNewtonOptimizer, refuse
+from ..distributed import resolve
+from ..ops.gram import gram_factor_from_gram_unchecked
+from .gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
                              gram_assembler)
-from .curvature.loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
-from .distributed import resolve
+from .loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
 
 __all__ = ["EGN"]
 
@@ -39,7 +39,7 @@ def _all_finite(tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-class EGN(Optimizer):
+class EGN(GaussNewtonOptimizer):
     """Exact Gauss-Newton / Levenberg-Marquardt optimizer for any ``nn.Module``.
 
     Args:
@@ -74,6 +74,12 @@ class EGN(Optimizer):
     finite is refused, leaving parameters and state as they were.
     """
 
+    HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),
+                       "momentum": dict(low=0.0, high=1.0, high_open=True), "damping_increase": dict(low=1.0),
+                       "damping_decrease": dict(low=0.0, high=1.0, low_open=True), "min_damping": dict(low=0.0),
+                       "max_damping": dict(low="min_damping"), "armijo": dict(low=0.0, high=1.0, high_open=True),
+                       "backtrack": dict(low=0.0, high=1.0, low_open=True, high_open=True)}
+
     def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1.0, loss: str = "mse",
                  line_search: bool = False, momentum: float = 0.0, adaptive_damping: bool = False, *,
                  damping_increase: float = 1.01, damping_decrease: float = 0.99, min_damping: float = 1e-8,
@@ -83,20 +89,15 @@ class EGN(Optimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         model, shards = resolve(model, distributed, process_group)
-        check_number("lr", lr, low=0.0, low_open=True)
-        check_number("damping", damping, low=0.0)
+        self.check_hyperparameters(dict(lr=lr, damping=damping, momentum=momentum,
+                                        damping_increase=damping_increase, damping_decrease=damping_decrease,
+                                        min_damping=min_damping, max_damping=max_damping, armijo=armijo,
+                                        backtrack=backtrack))
         if loss not in LOSS_FACTORS:
             raise ValueError(f"loss must be one of {sorted(LOSS_FACTORS)}, got {loss!r}")
         for name, flag in (("line_search", line_search), ("adaptive_damping", adaptive_damping)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
-        check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        check_number("damping_increase", damping_increase, low=1.0)
-        check_number("damping_decrease", damping_decrease, low=0.0, high=1.0, low_open=True)
-        check_number("min_damping", min_damping, low=0.0)
-        check_number("max_damping", max_damping, low=min_damping)
-        check_number("armijo", armijo, low=0.0, high=1.0, high_open=True)
-        check_number("backtrack", backtrack, low=0.0, high=1.0, low_open=True, high_open=True)
         if not isinstance(max_tries, int) or max_tries < 1:
             raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
         if not isinstance(memory_limit, int) or memory_limit <= 0:
@@ -207,7 +208,7 @@ class EGN(Optimizer):
         columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]
         M = self._assembler.gram(f, columns, shards)
         M.diagonal().add_(b * lam)   # in place: the Gram is large and only needed damped, K = M - b lambda I
-        chol = ops.gram_factor_from_gram(M[None], 0.0, check_finite=False)
+        chol = gram_factor_from_gram_unchecked(M[None], M.new_zeros(1))
         out["retries"], out["jitter"] = chol.info.item(), chol.jitter.item()
         if out["retries"] < 0:   # only for a non-finite Gram: no step
             return out
@@ -237,7 +238,7 @@ class EGN(Optimizer):
         parameters is not finite.
         """
         with torch.enable_grad():
-            sol = self._solve(x, y, self.param_groups[0]["damping"])
+            sol = self._solve(x, y, self.checked_group()["damping"])
         if sol["direction"] is None:
             raise RuntimeError(f"the loss or its curvature at the current parameters is not finite "
                                f"(loss {float(sol['loss'])}); no direction exists")
@@ -249,25 +250,26 @@ class EGN(Optimizer):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """One EGN step on the batch (x, y). Returns statistics; ``stats["loss"]`` is the pre-step loss."""
-        group = self.param_groups[0]
+        group = self.checked_group()
         params = group["params"]
         lam = float(group["damping"])
         state = self.state.get(params[0], {})  # read only: a refused step must leave no state behind
         with torch.enable_grad():
             sol = self._solve(x, y, lam)
-        stats = {"loss": float(sol["loss"]), "new_loss": None, "damping": lam, "alpha": 0.0,
+        stats = {"loss": float(sol["loss"]), "refused": False, "reason": None, "lr": float(group["lr"]),
+                 "direction_norm": None, "batch_size": sol["b"], "new_loss": None, "damping": lam, "alpha": 0.0,
                  "line_search_tries": 0, "accepted": False, "cholesky_retries": sol["retries"],
-                 "cholesky_jitter": sol["jitter"], "rho": None, "refused": None, "gram": self._assembler.method}
+                 "cholesky_jitter": sol["jitter"], "rho": None, "gram": self._assembler.method}
         if sol["retries"] > 0:
             warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol['retries']} jitter retries "
                           f"(jitter {sol['jitter']:.3g})", RuntimeWarning, stacklevel=2)
         direction = sol["direction"]
-        if direction is None or not _all_finite(direction):
-            stats["refused"] = "non-finite loss, Gram or direction"
-            warnings.warn(f"EGN: step refused, {stats['refused']}; parameters unchanged", RuntimeWarning,
-                          stacklevel=2)
+        norm = None if direction is None else float(torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm(direction))))
+        stats["direction_norm"] = norm
+        if norm is None or not math.isfinite(norm):
             stats["damping"] = stats["next_damping"] = lam
-            return stats
+            return refuse(stats, "non-finite loss, Gram or direction", "EGN")
 
         beta = group["momentum"]
         step_count = state.get("step", 0) + 1
@@ -307,7 +309,7 @@ class EGN(Optimizer):
 
         if accepted and not _all_finite(params):
             accepted = False
-            stats["refused"] = "non-finite parameters after the update"
+            refuse(stats, "non-finite parameters after the update", "EGN")
         if not accepted:
             with torch.no_grad():
                 for p, w in zip(params, backup):

@@ -2,6 +2,8 @@
 // product). Grid-stride loop; the tile is contiguous, so consecutive threads touch consecutive words.
 #include "coupling_kernels.h"
 
+#include "../../activations.h"
+
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -11,29 +13,10 @@ namespace cuda {
 namespace {
 
 template <typename T>
-__device__ __forceinline__ T activation_grad(T z, int act) {
-  switch (act) {
-    case 1: return z > T(0) ? T(1) : T(0);
-    case 2: {
-      const T t = tanh(z);
-      return T(1) - t * t;
-    }
-    case 3: {
-      // Phi(z) + z phi(z). Under --use_fast_math float exp becomes __expf (a few ulp), far inside the
-      // float32 tolerance; double is unaffected.
-      const T cdf = T(0.5) * (T(1) + erf(z * T(0.7071067811865476)));
-      const T pdf = exp(T(-0.5) * z * z) * T(0.3989422804014327);
-      return cdf + z * pdf;
-    }
-    default: return T(1);
-  }
-}
-
-template <typename T>
 __global__ void tangent_product_kernel(const T* __restrict__ Z, T* __restrict__ dZ, int64_t count, int act) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
-    dZ[i] = activation_grad(Z[i], act) * dZ[i];
+    dZ[i] = activation_grad(Z[i], static_cast<Activation>(act)) * dZ[i];
   }
 }
 

@@ -16,13 +16,11 @@
 namespace revgn {
 
 Activation parse_activation(std::string_view name) {
-  if (name == "identity") return Activation::Identity;
-  if (name == "relu") return Activation::Relu;
-  if (name == "tanh") return Activation::Tanh;
-  if (name == "gelu") return Activation::Gelu;
+  Activation act = Activation::Identity;
   const std::string given(name);
-  TORCH_CHECK_VALUE(false, "revgn: activation must be one of identity, relu, tanh, gelu; got '", given, "'");
-  return Activation::Identity;  // not reached
+  TORCH_CHECK_VALUE(find_activation(name, &act), "revgn: activation must be one of ", activation_names(),
+                    "got '", given, "'");
+  return act;
 }
 
 void activation_(at::Tensor& Z, Activation act) {

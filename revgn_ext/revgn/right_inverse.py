@@ -31,8 +31,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .. import ops, reference
 from ..distributed import choose_gram_route
+from ..ops.activations import activation_grad_times
+from ..ops.coupling import coupling_inverse_tangent_unchecked
+from ..ops.gram import GramFactor, gram_factor_from_gram_unchecked, gram_factor_unchecked, gram_solve_unchecked
 
 __all__ = ["SOLVERS", "BlockDelta", "transport_targets", "gram_damping", "right_inverse"]
 
@@ -57,8 +59,8 @@ def transport_targets(blocks: Sequence, traces: Sequence, dZ1: torch.Tensor, dZ2
     D[-1] = (dZ1, dZ2)
     for l in range(len(blocks) - 1, 0, -1):
         b, t = blocks[l], traces[l]
-        D[l - 1] = ops.coupling_inverse_tangent(t.y1, t.x2, *D[l], b.VF, b.WF, b.VG, b.WG, b.activation,
-                                                check_finite=False, hF=t.hF, hG=t.hG)
+        D[l - 1] = coupling_inverse_tangent_unchecked(t.y1, t.x2, *D[l], b.VF, b.WF, b.VG, b.WG, b.activation,
+                                                      t.hF, t.hG)
     return D
 
 
@@ -88,7 +90,7 @@ class _CholeskySolver:
     """
 
     def __init__(self, A: torch.Tensor, lam: torch.Tensor):
-        self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
+        self.factor = gram_factor_unchecked(A, lam.contiguous(), True)
         self.from_factor = A.device.type == "cpu"
         if self.from_factor:
             self.mu, self.failed = _shifts_and_failures(lam, self.factor.jitter, self.factor.info)
@@ -96,8 +98,8 @@ class _CholeskySolver:
     def __call__(self, i: int, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
         if not self.from_factor or self.failed[i]:
-            one = ops.GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
-            theta = ops.gram_solve(one, R[None], check_finite=False)[0]
+            one = GramFactor(f.A[i:i + 1], f.L[i:i + 1], f.info[i:i + 1], f.jitter[i:i + 1], True)
+            theta = gram_solve_unchecked(one, R[None])[0]
             return theta, torch.addmm(theta[-1], f.A[i], theta[:-1])
         # One solve serves both: Theta = [A^T U; 1^T U] and the fit R - mu U. (L^T through mT is the
         # column-major upper factor LAPACK reads without a copy.)
@@ -117,7 +119,7 @@ class _ShardedCholeskySolver(_CholeskySolver):
     and the result is (this rank's share [A_r, 1]^T U_r of Theta, this rank's rows of A Theta)."""
 
     def __init__(self, A: torch.Tensor, lam: torch.Tensor, shards):
-        self.factor = ops.gram_factor(A, lam, append_ones=True, check_finite=False)
+        self.factor = gram_factor_unchecked(A, lam.contiguous(), True)
         self.mu, self.failed = _shifts_and_failures(lam, self.factor.jitter, self.factor.info)
         self.shards = shards
 
@@ -144,8 +146,8 @@ class _ReducedGramCholeskySolver(_ShardedCholeskySolver):
 
     def __init__(self, G: torch.Tensor, A_local: torch.Tensor, lam: torch.Tensor, shards):
         self.G1 = G + 1.0   # the implicit ones column: [A, 1][A, 1]^T = A A^T + 1 1^T
-        chol = ops.gram_factor_from_gram(self.G1, lam, check_finite=False)
-        self.factor = ops.GramFactor(A_local, chol.L, chol.info, chol.jitter, True)
+        chol = gram_factor_from_gram_unchecked(self.G1, lam.contiguous())
+        self.factor = GramFactor(A_local, chol.L, chol.info, chol.jitter, True)
         self.mu, self.failed = _shifts_and_failures(lam, chol.jitter, chol.info)
         self.shards = shards
 
@@ -250,7 +252,7 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ: torch.Tensor, shares: 
         width = t.hF.shape[1]
         theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
         dzG = dY1 if b.VG is None else dY1 @ b.VG
-        K = reference.activation_grad_times(b.activation, dzG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG,
+        K = activation_grad_times(b.activation, dzG, lambda: t.y1 if b.VG is None else t.y1 @ b.VG,
                                             t.hG) @ b.WG.mT
         theta_G, _ = solve(2 * l + 1, s * D2 - K)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))

@@ -22,8 +22,10 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from . import ops, reference
-from ._checks import check_tensor
+from .. import ops
+from .._checks import check_tensor
+from ..ops.activations import ACTIVATIONS
+from ..ops.coupling import coupling_vjp
 
 __all__ = ["RevMLP", "CouplingBlock", "BlockTrace", "RevMLPTrace"]
 
@@ -87,8 +89,8 @@ class CouplingBlock(nn.Module):
 
     def backward_from_inputs(self, x2, y1, gy1, gy2, need_input_grad: bool):
         """Vector-Jacobian product of the block at input half x2 and output half y1
-        (:func:`revgn_ext.reference.coupling_vjp`). Returns (gX1, gX2, gW_F, gb_F, gW_G, gb_G)."""
-        gx1, gx2, _, gWF, gbF, _, gWG, gbG = reference.coupling_vjp(
+        (:func:`revgn_ext.ops.coupling.coupling_vjp`). Returns (gX1, gX2, gW_F, gb_F, gW_G, gb_G)."""
+        gx1, gx2, _, gWF, gbF, _, gWG, gbG = coupling_vjp(
             x2, y1, self.VF, self.WF, self.VG, self.WG, self.activation, gy1, gy2,
             need=(True, need_input_grad, False, True, True, False, True, True))
         return gx1, gx2, gWF, gbF, gWG, gbG
@@ -187,8 +189,8 @@ class RevMLP(nn.Module):
         if not acts or len(acts) > num_blocks:
             raise ValueError(f"activations must be a name or 1..num_blocks={num_blocks} names, got {activations!r}")
         for a in acts:
-            if a not in reference.ACTIVATIONS:
-                raise ValueError(f"activations: each must be one of {reference.ACTIVATIONS}, got {a!r}")
+            if a not in ACTIVATIONS:
+                raise ValueError(f"activations: each must be one of {ACTIVATIONS}, got {a!r}")
         return acts + (acts[-1],) * (num_blocks - len(acts))
 
     @property

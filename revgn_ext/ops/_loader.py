@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # revgn_ext/, where pip puts _C*.so
 LOAD_PATHS = ("compiled", "jit", "reference")
 
 _state: dict = {"path": None, "library": None, "error": None}

@@ -2,9 +2,9 @@
 
 One step on a batch (x, y), with Z = X_L the network output, logits = Z Q and J = dZ/dtheta:
 
-    E     = function-space target in logit space (n x K)      (revgn_ext.curvature.targets)
+    E     = function-space target in logit space (n x K)      (revgn_ext.revgn.targets)
     dZ    = E Q^T                                              (lift to the output, n x d)
-    Delta = right inverse of J applied to dZ, J Delta = dZ     (revgn_ext.curvature.right_inverse)
+    Delta = right inverse of J applied to dZ, J Delta = dZ     (revgn_ext.revgn.right_inverse)
     theta <- theta - lr * Delta
 
 so to first order the logits move by -lr * E. With target="identity" and cross-entropy this is the
@@ -25,10 +25,11 @@ import warnings
 
 import torch
 
-from ._checks import check_number, check_tensor
-from .curvature import right_inverse as ri
-from .curvature import targets as tg
-from .distributed import GRAM_ROUTES, resolve
+from .._checks import check_tensor
+from .._optim import GaussNewtonOptimizer, refuse
+from ..distributed import GRAM_ROUTES, resolve
+from . import right_inverse as ri
+from . import targets as tg
 from .model import RevMLP
 
 __all__ = ["RevGN"]
@@ -36,7 +37,7 @@ __all__ = ["RevGN"]
 DAMPING_MODES = ("relative", "absolute")
 
 
-class RevGN(torch.optim.Optimizer):
+class RevGN(GaussNewtonOptimizer):
     """Exact Gauss-Newton step for a :class:`~revgn_ext.RevMLP`: ``theta <- theta - lr * Delta`` with
     ``J Delta = E Q^T`` (see the module docstring for the math and the paper's learning rates).
 
@@ -78,6 +79,9 @@ class RevGN(torch.optim.Optimizer):
     every Gram factored cleanly at full rank).
     """
 
+    HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0), "rtol": dict(low=0.0),
+                       "atol": dict(low=0.0), "target_damping": dict(low=0.0, low_open=True)}
+
     def __init__(self, model: RevMLP, lr: float = 0.1, damping: float = 1e-4, target: str = "identity",
                  loss: str = "cross_entropy", *, shares=None, damping_mode: str = "relative",
                  solver: str = "cholesky", rtol: float = 1e-2, atol: float = 1e-5,
@@ -86,11 +90,8 @@ class RevGN(torch.optim.Optimizer):
         model, shards = resolve(model, distributed, process_group)
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
-        check_number("lr", lr, low=0.0)
-        check_number("damping", damping, low=0.0)
-        check_number("rtol", rtol, low=0.0)
-        check_number("atol", atol, low=0.0)
-        check_number("target_damping", target_damping, low=0.0, low_open=True)
+        self.check_hyperparameters(dict(lr=lr, damping=damping, rtol=rtol, atol=atol,
+                                        target_damping=target_damping))
         for name, value, allowed in (("target", target, tg.TARGETS), ("loss", loss, tg.LOSSES),
                                      ("damping_mode", damping_mode, DAMPING_MODES),
                                      ("solver", solver, ri.SOLVERS), ("gram_route", gram_route, GRAM_ROUTES)):
@@ -146,7 +147,7 @@ class RevGN(torch.optim.Optimizer):
         else:
             shards.agree(lambda: self._check_batch(x, y), lambda: x.shape[0], like=x)
             n = shards.total
-        group = self.param_groups[0]
+        group = self.checked_group()
         model = self.model
         M = model.width
         if n > M:
@@ -174,6 +175,7 @@ class RevGN(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
+        groups = self.checked_groups()
         loss, n, deltas, report = self._direction(x, y)
         flat = [t for d in deltas for t in d]
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
@@ -185,16 +187,19 @@ class RevGN(torch.optim.Optimizer):
         finite = math.isfinite(norm_value)
         if finite:
             by_param = dict(zip(self.model.parameters(), flat))
-            for group in self.param_groups:
+            for group in groups:
                 for p in group["params"]:
                     p.add_(by_param[p], alpha=-group["lr"])
                     state = self.state[p]
                     state["step"] = state.get("step", 0) + 1
         per_gram = len(self.model.blocks) * 2
-        stats = {"loss": loss_value, "refused": not finite, "direction_norm": norm_value, "batch_size": n}
+        stats = {"loss": loss_value, "refused": False, "reason": None, "lr": groups[0]["lr"],
+                 "direction_norm": norm_value, "batch_size": n}
+        if not finite:
+            refuse(stats, "the update is not finite", "RevGN")
         for k, key in enumerate(report):
             chunk = values[2 + k * per_gram: 2 + (k + 1) * per_gram]
             stats[key] = [int(v) for v in chunk] if key in ("info", "rank") else chunk
         clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
-        stats["exact"] = bool(self.param_groups[0]["damping"] == 0 and n <= self.model.width and clean)
+        stats["exact"] = bool(groups[0]["damping"] == 0 and n <= self.model.width and clean)
         return stats

@@ -1,7 +1,7 @@
 """The output-space Gram K = S^T J J^T S of a model, without materialising J where possible.
 
 J = df/dw is the (b c) x d Jacobian of the outputs f (b, c) with respect to the trainable parameters,
-and S = blockdiag(S_i) a per-sample c x c factor (see :mod:`revgn_ext.curvature.loss_factors`); it is
+and S = blockdiag(S_i) a per-sample c x c factor (see :mod:`revgn_ext.egn.loss_factors`); it is
 passed as ``columns`` (c, b, c) with ``columns[a, i] = S_i[:, a]`` (the identity for K = J J^T).
 Rows are ordered (i, a): sample-major.
 

@@ -9,8 +9,8 @@
 namespace revgn {
 namespace cuda {
 
-// dZ[i] <- act'(Z[i]) * dZ[i] for i < count, in one pass; act as revgn::Activation
-// (0 identity, 1 relu, 2 tanh, 3 gelu with the exact erf form).
+// dZ[i] <- act'(Z[i]) * dZ[i] for i < count, in one pass; act is a revgn::Activation id
+// (csrc/activations.h).
 template <typename T>
 void tangent_product(const T* Z, T* dZ, int64_t count, int act, cudaStream_t stream);
 

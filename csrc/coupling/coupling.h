@@ -1,5 +1,5 @@
 // Reversible coupling block, shared by the CPU and CUDA registrations (formulas in
-// revgn_ext/reference.py):
+// revgn_ext/ops/coupling.py):
 //   F(U) = act(U V_F) W_F^T + b_F,  G(U) = act(U V_G) W_G^T + b_G
 //   forward  y1 = x1 + F(x2),  y2 = x2 + G(y1)        inverse  x2 = y2 - G(y1),  x1 = y1 - F(x2)
 //   tangent  dx2 = dy2 - (act'(y1 V_G) * (dy1 V_G)) W_G^T,  dx1 = dy1 - (act'(x2 V_F) * (dx2 V_F)) W_F^T
@@ -9,12 +9,12 @@
 
 #include <ATen/ATen.h>
 
+#include "../activations.h"
+
 #include <string_view>
 #include <tuple>
 
 namespace revgn {
-
-enum class Activation : int { Identity = 0, Relu = 1, Tanh = 2, Gelu = 3 };
 
 Activation parse_activation(std::string_view name);
 

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # revgn_ext/
 ROOT = PACKAGE.parent
 # In a source tree the kernels live in ROOT/csrc; an installed package carries a copy in _csrc.
 CSRC = ROOT / "csrc" if (ROOT / "csrc" / "revgn.cpp").exists() else PACKAGE / "_csrc"
@@ -53,10 +53,14 @@ def ensure_cuda_arch_list() -> None:
 
 
 def sources(with_cuda: bool) -> list[str]:
-    cpp = sorted(glob.glob(str(CSRC / "*.cpp")))
+    """csrc/revgn.cpp (the schemas), each op family's csrc/<op>/<op>_cpu.cpp and, with CUDA, its
+    csrc/<op>/cuda/*.cpp and *.cu. File names are unique across folders: the JIT build puts every
+    object file in one flat directory."""
+    cpp = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "*" / "*_cpu.cpp")))
     if not with_cuda:
         return cpp
-    return cpp + sorted(glob.glob(str(CSRC / "cuda" / "*.cpp"))) + sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
+    return (cpp + sorted(glob.glob(str(CSRC / "*" / "cuda" / "*.cpp")))
+            + sorted(glob.glob(str(CSRC / "*" / "cuda" / "*.cu"))))
 
 
 def cuda_include_dirs() -> list[str]:
