@@ -8,6 +8,9 @@
 // factor is written once and the solve blocks load it (two launches of the same kernel).
 // Large n: cuBLAS Gram, cuSOLVER Cholesky (through ATen), then a kernel that checks the pivots against
 // the floor and refactors only the failed matrices with jitter (gram_cholesky_kernels.cu).
+// gram_factor_from_gram (a Gram formed elsewhere, e.g. EGN's output-space Gram) takes the same two
+// paths with the given Gram in place of A A^T: the fused kernel in factor-only mode (k = 0) for small n,
+// cuSOLVER plus the verify/retry kernel otherwise.
 // No path synchronises with the host.
 #include "../gram_cholesky.h"
 #include "gram_cholesky_kernels.h"
@@ -76,21 +79,48 @@ void apply_At(const at::Tensor& A, const at::Tensor& U, at::Tensor& out) {
   at::bmm_out(top, A.transpose(1, 2), U);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> library_factor(const at::Tensor& A, const at::Tensor& damping,
-                                                              bool append_ones) {
-  const int64_t B = A.size(0), n = A.size(1);
-  at::Tensor G = damped_gram(A, damping, append_ones);
+// Factor the damped Grams G (B, n, n, contiguous) with cuSOLVER, then verify/retry on the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> library_factor_damped(const at::Tensor& G) {
+  const int64_t B = G.size(0), n = G.size(1);
   auto [L, status] = at::linalg_cholesky_ex(G, /*upper=*/false, /*check_errors=*/false);
   L = L.contiguous();
   status = status.to(at::kInt).contiguous();
-  at::Tensor info = at::empty({B}, A.options().dtype(at::kInt));
-  at::Tensor jitter = at::empty({B}, A.options());
+  at::Tensor info = at::empty({B}, G.options().dtype(at::kInt));
+  at::Tensor jitter = at::empty({B}, G.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cuda::JitterSchedule schedule = device_schedule(A.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "revgn_verify_or_retry_cholesky", [&] {
+  const cuda::JitterSchedule schedule = device_schedule(G.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "revgn_verify_or_retry_cholesky", [&] {
     cuda::verify_or_retry_cholesky<scalar_t>(G.data_ptr<scalar_t>(), L.data_ptr<scalar_t>(), status.data_ptr<int>(),
                                              info.data_ptr<int>(), jitter.data_ptr<scalar_t>(), B, n, schedule,
                                              stream);
+  });
+  return {L, info, jitter};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> library_factor(const at::Tensor& A, const at::Tensor& damping,
+                                                              bool append_ones) {
+  return library_factor_damped(damped_gram(A, damping, append_ones));
+}
+
+// The fused kernel in factor-only mode on a plain Gram `gram` (B, n, n, contiguous): it adds the ones
+// block (append_ones) and the damping while loading the lower triangle into shared memory.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_factor(const at::Tensor& gram, const at::Tensor& damping,
+                                                            bool append_ones) {
+  const int64_t B = gram.size(0), n = gram.size(1);
+  const at::Tensor lambda = damping.contiguous();
+  at::Tensor L = at::empty({B, n, n}, gram.options());
+  at::Tensor info = at::empty({B}, gram.options().dtype(at::kInt));
+  at::Tensor jitter = at::empty({B}, gram.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "revgn_fused_gram_factor", [&] {
+    auto args = fused_args<scalar_t>(gram);
+    args.gram = gram.data_ptr<scalar_t>();
+    args.damping = lambda.data_ptr<scalar_t>();
+    args.append_ones = append_ones;
+    args.L_out = L.data_ptr<scalar_t>();
+    args.info = info.data_ptr<int>();
+    args.jitter = jitter.data_ptr<scalar_t>();
+    cuda::fused_gram_cholesky<scalar_t>(args, device_schedule(gram.scalar_type()), stream);
   });
   return {L, info, jitter};
 }
@@ -101,23 +131,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t B = A.size(0), n = A.size(1);
   if (n > fused_max_n(A.scalar_type()) || n == 0) return library_factor(A, damping, append_ones);
-  const at::Tensor gram = plain_gram(A);
-  const at::Tensor lambda = damping.contiguous();
-  at::Tensor L = at::empty({B, n, n}, A.options());
-  at::Tensor info = at::empty({B}, A.options().dtype(at::kInt));
-  at::Tensor jitter = at::empty({B}, A.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "revgn_fused_gram_factor", [&] {
-    auto args = fused_args<scalar_t>(A);
-    args.gram = gram.data_ptr<scalar_t>();
-    args.damping = lambda.data_ptr<scalar_t>();
-    args.append_ones = append_ones;
-    args.L_out = L.data_ptr<scalar_t>();
-    args.info = info.data_ptr<int>();
-    args.jitter = jitter.data_ptr<scalar_t>();
-    cuda::fused_gram_cholesky<scalar_t>(args, device_schedule(A.scalar_type()), stream);
-  });
-  return {L, info, jitter};
+  return fused_factor(plain_gram(A), damping, append_ones);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_from_gram_cuda(const at::Tensor& G,
+                                                                          const at::Tensor& damping) {
+  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2), "revgn: G must be (B, n, n)");
+  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, "revgn: G must be float32 or float64");
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == G.size(0), "revgn: damping must be (B,)");
+  TORCH_CHECK(damping.scalar_type() == G.scalar_type() && damping.device() == G.device(),
+              "revgn: damping must match G's dtype and device");
+  const c10::cuda::CUDAGuard guard(G.device());
+  const int64_t n = G.size(1);
+  if (G.size(0) == 0 || n == 0) {
+    return {at::empty_like(G, at::MemoryFormat::Contiguous), at::zeros({G.size(0)}, G.options().dtype(at::kInt)),
+            at::zeros({G.size(0)}, G.options())};
+  }
+  if (n <= fused_max_n(G.scalar_type())) return fused_factor(G.contiguous(), damping, /*append_ones=*/false);
+  // cuSOLVER factors in place of its input's copy; the verify/retry kernel needs the damped Gram.
+  at::Tensor damped = G.clone(at::MemoryFormat::Contiguous);
+  damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
+  return library_factor_damped(damped);
 }
 
 at::Tensor gram_solve_cuda(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones) {
@@ -196,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_cholesky_solve_cuda(const at
 
 TORCH_LIBRARY_IMPL(revgn, CUDA, m) {
   m.impl("gram_factor", &gram_factor_cuda);
+  m.impl("gram_factor_from_gram", &gram_factor_from_gram_cuda);
   m.impl("gram_solve", &gram_solve_cuda);
   m.impl("gram_cholesky_solve", &gram_cholesky_solve_cuda);
 }
