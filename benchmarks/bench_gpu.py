@@ -5,7 +5,7 @@ Rows (``--only`` takes a comma list; default all but ``graphs``):
 * ``egn``: one EGN step (line search off) against the naive ``vmap(jacrev)`` step of
   ``bench_egn_step.naive_egn_step``, on the MLP 8-32-64-32-1 (MSE, b = 1024) and the CNN
   32c3-pool-32c3-pool-64-10 on 1x28x28 (cross-entropy, b = 128, synthetic images and labels).
-  Goal: naive / EGN >= 3x. With ``--compile`` also ``torch.compile`` of the step.
+  Goal: naive / EGN >= 3x.
 * ``syncs``: host synchronisations of one warm EGN step (line search off) and one RevGN step. On CUDA,
   the warnings of ``torch.cuda.set_sync_debug_mode("warn")``; on every device, the reads of tensor
   values from Python (``.item()``, ``bool``, ``float``, ``.tolist()``, ...) with the line that made
@@ -18,13 +18,17 @@ Rows (``--only`` takes a comma list; default all but ``graphs``):
 * ``tf32``: error against float64 of the RevGN direction and of the Gram solve in float32 and with
   TF32 matmuls allowed, and their times (opt-in precision; nothing here changes a default).
 * ``profile``: ``torch.profiler`` breakdown of ``gram_cholesky_solve`` at n = 256 and 1024.
+* ``compiled``: ``torch.compile`` of the EGN step (a row of its own, so that a caller can bound its
+  compile time with a timeout).
 * ``graphs``: capture of one EGN step in a CUDA graph (CUDA only; run it in a process of its own,
   since a failed capture can leave the CUDA context unusable).
+* ``ncu_target``: no timing; one warm ``gram_cholesky_solve`` per profile size inside the NVTX range
+  ``gram_n<n>``, for Nsight Compute (``ncu --nvtx --nvtx-include gram_n256/``).
 
 ``--quick`` runs every row at tiny sizes (a CPU check of the script itself, well under a minute).
 
 Usage: python benchmarks/bench_gpu.py [--device cuda|cpu] [--quick] [--only egn,revgn,...]
-           [--compile] [--out DIR]      (DIR defaults to $OUT, else /tmp/revgn_gpu)
+           [--out DIR]      (DIR defaults to $OUT, else /tmp/revgn_gpu)
 Writes DIR/bench_<row>.json, DIR/summary_<row>.md and DIR/profile_*.txt; ``--summarize`` joins the
 json files of DIR into DIR/summary.md with a verdict per goal.
 """
@@ -53,8 +57,8 @@ from _machine import describe  # noqa: E402
 from bench_egn_step import mlp, naive_egn_step  # noqa: E402
 from bench_revgn_step import bench as revgn_vs_adam  # noqa: E402
 
-ROWS = ("egn", "syncs", "revgn", "gram", "tf32", "profile", "graphs")
-DEFAULT_ROWS = tuple(r for r in ROWS if r != "graphs")
+ROWS = ("egn", "syncs", "revgn", "gram", "tf32", "profile", "compiled", "graphs", "ncu_target")
+DEFAULT_ROWS = ("egn", "syncs", "revgn", "gram", "tf32", "profile")
 
 # Full sizes (the issue's) and quick sizes (CPU check of the script).
 FULL = dict(mlp_b=1024, cnn_b=128, revgn=dict(d=784, L=2, M=8000, n=1024), gram_B=12, gram_m=8000, gram_k=392,
@@ -228,11 +232,6 @@ def row_egn(device, size, args, notes):
         model = fresh(factory, device)
         r["naive_ms"] = attempt(lambda: wall_ms(lambda: naive_egn_step(model, x, y, loss, 0.1, 1.0), device,
                                                 size["repeat"]), notes, f"naive step on {name}")
-        if args.compile:
-            opt_c = egn_optimizer(fresh(factory, device), loss)
-            step_c = torch.compile(opt_c.step)
-            r["egn_compiled_ms"] = attempt(lambda: wall_ms(lambda: step_c(x, y), device, size["repeat"], warmup=3),
-                                           notes, f"torch.compile(EGN.step) on {name}")
         if r["naive_ms"]:
             r["naive_over_egn"] = r["naive_ms"] / r["egn_ms"]
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -407,6 +406,41 @@ def row_profile(device, size, args, notes):
     return out
 
 
+def row_compiled(device, size, args, notes):
+    out = []
+    for name, factory, x, y, loss in egn_workloads(size, device):
+        opt = egn_optimizer(fresh(factory, device), loss)
+        eager = wall_ms(lambda: opt.step(x, y), device, size["repeat"])
+        opt_c = egn_optimizer(fresh(factory, device), loss)
+        step_c = torch.compile(opt_c.step)
+        t0 = time.perf_counter()
+        first = attempt(lambda: step_c(x, y), notes, f"torch.compile(EGN.step) on {name}")
+        compile_s = time.perf_counter() - t0
+        compiled = None if first is None else attempt(
+            lambda: wall_ms(lambda: step_c(x, y), device, size["repeat"], warmup=2), notes,
+            f"compiled EGN.step on {name}")
+        r = {"workload": name, "egn_ms": eager, "egn_compiled_ms": compiled, "compile_s": compile_s}
+        out.append(r)
+        print(f"  {r}", flush=True)
+    return out
+
+
+def row_ncu_target(device, size, args, notes):
+    for n in size["profile_n"]:
+        A, R, lam = gram_problem(size["gram_B"], n, size["gram_m"], size["gram_k"], device)
+        with torch.no_grad():
+            for _ in range(3):
+                torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)
+            sync(device)
+            if device == "cuda":
+                torch.cuda.nvtx.range_push(f"gram_n{n}")
+            torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)
+            if device == "cuda":
+                torch.cuda.nvtx.range_pop()
+            sync(device)
+    return [{"profile_n": list(size["profile_n"])}]
+
+
 def row_graphs(device, size, args, notes):
     if device != "cuda":
         notes.append("graphs: CUDA only")
@@ -436,7 +470,7 @@ def row_graphs(device, size, args, notes):
 
 
 RUNNERS = {"egn": row_egn, "syncs": row_syncs, "revgn": row_revgn, "gram": row_gram, "tf32": row_tf32,
-           "profile": row_profile, "graphs": row_graphs}
+           "profile": row_profile, "compiled": row_compiled, "graphs": row_graphs, "ncu_target": row_ncu_target}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,10 +500,15 @@ def summary(folder: Path) -> str:
                          f"{len(r['host_reads'])} host-read sites | 0 | {verdict(None if syncs is None else syncs == 0)} |")
     for r in results.get("egn", {}).get("rows", []):
         ratio = r.get("naive_over_egn")
-        extra = f", compiled {r['egn_compiled_ms']:.2f} ms" if r.get("egn_compiled_ms") else ""
         lines.append(f"| EGN vs naive: {r['workload']} | EGN {r['egn_ms']:.2f} ms, naive "
-                     f"{r['naive_ms'] or float('nan'):.2f} ms: {ratio or float('nan'):.2f}x{extra} | >= 3x | "
+                     f"{r['naive_ms'] or float('nan'):.2f} ms: {ratio or float('nan'):.2f}x | >= 3x | "
                      f"{verdict(None if ratio is None else ratio >= GOALS['egn_speedup'])} |")
+    for r in results.get("compiled", {}).get("rows", []):
+        ms = r.get("egn_compiled_ms")
+        lines.append(f"| torch.compile(EGN.step): {r['workload']} | "
+                     + ("failed" if ms is None else f"{ms:.2f} ms vs eager {r['egn_ms']:.2f} ms "
+                                                    f"({r['egn_ms'] / ms:.2f}x)")
+                     + f", first call {r['compile_s']:.0f} s | report | - |")
     for r in results.get("graphs", {}).get("rows", []):
         ms = r.get("graph_replay_ms")
         lines.append(f"| EGN step as a CUDA graph: {r['workload']} | "
@@ -509,7 +548,6 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a check of the script, not of the goals")
     parser.add_argument("--only", default=",".join(DEFAULT_ROWS), help="comma list of " + ",".join(ROWS))
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the EGN step")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/revgn_gpu"))
     parser.add_argument("--summarize", action="store_true", help="only join DIR/bench_*.json into DIR/summary.md")
     args = parser.parse_args()
