@@ -165,17 +165,24 @@ HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 
 
 class HostReads(TorchFunctionMode):
-    """Records every read of tensor values by the host, with the innermost revgn_ext line behind it."""
+    """Records every read of tensor values by the host, with the innermost revgn_ext line behind it.
 
-    def __init__(self):
+    With ``device="cuda"`` only reads of CUDA tensors count (a CPU tensor's value is no sync); on the
+    CPU every read counts, as the list of what would sync were the tensors on the GPU.
+    """
+
+    def __init__(self, device: str):
         super().__init__()
+        self.device = device
         self.reads: list[tuple[str, str]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in HOST_READS:
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        on_device = first is None or self.device == "cpu" or first.device.type != "cpu"
+        if name in HOST_READS and on_device:
             self.reads.append((name, _package_line()))
-        elif name in ("cpu", "to") and args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cpu":
+        elif name in ("cpu", "to") and first is not None and first.device.type != "cpu":
             target = (args[1] if len(args) > 1 else (kwargs or {}).get("device"))
             if name == "cpu" or str(target).startswith("cpu"):
                 self.reads.append((name, _package_line()))
@@ -192,8 +199,8 @@ def _package_line() -> str:
     return "outside revgn_ext"
 
 
-def host_reads(fn) -> list[tuple[str, str]]:
-    with HostReads() as mode:
+def host_reads(fn, device: str) -> list[tuple[str, str]]:
+    with HostReads(device) as mode:
         fn()
     return mode.reads
 
@@ -237,6 +244,7 @@ def row_egn(device, size, args, notes):
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in r.items() if k != "workload"), flush=True)
         out.append(r)
+        args.save(out, notes)
     return out
 
 
@@ -246,7 +254,8 @@ def row_syncs(device, size, args, notes):
         opt = egn_optimizer(fresh(factory, device), loss)
         opt.step(x, y)  # warm: lazy initialisation (cuBLAS handles, hooks) is not a per-step cost
         sync(device)
-        r = {"step": f"EGN, line search off: {name}", "host_reads": summarise_reads(host_reads(lambda: opt.step(x, y)))}
+        reads = host_reads(lambda: opt.step(x, y), device)
+        r = {"step": f"EGN, line search off: {name}", "host_reads": summarise_reads(reads)}
         if device == "cuda":
             r["cuda_syncs"] = len(cuda_syncs(lambda: opt.step(x, y)))
         out.append(r)
@@ -258,7 +267,8 @@ def row_syncs(device, size, args, notes):
     gn = rg.RevGN(model, lr=0.1, damping=1e-4)
     gn.step(x, y)
     sync(device)
-    r = {"step": "RevGN d={d} L={L} M={M} n={n}".format(**cfg), "host_reads": summarise_reads(host_reads(lambda: gn.step(x, y)))}
+    reads = host_reads(lambda: gn.step(x, y), device)
+    r = {"step": "RevGN d={d} L={L} M={M} n={n}".format(**cfg), "host_reads": summarise_reads(reads)}
     if device == "cuda":
         r["cuda_syncs"] = len(cuda_syncs(lambda: gn.step(x, y)))
     out.append(r)
@@ -421,6 +431,7 @@ def row_compiled(device, size, args, notes):
             f"compiled EGN.step on {name}")
         r = {"workload": name, "egn_ms": eager, "egn_compiled_ms": compiled, "compile_s": compile_s}
         out.append(r)
+        args.save(out, notes)  # a caller's timeout during the next compile keeps this workload's row
         print(f"  {r}", flush=True)
     return out
 
@@ -496,8 +507,9 @@ def summary(folder: Path) -> str:
     for r in results.get("syncs", {}).get("rows", []):
         if r["step"].startswith("EGN"):
             syncs = r.get("cuda_syncs")
+            ok = None if syncs is None else syncs == 0
             lines.append(f"| sync-free EGN step: {r['step']} | {syncs if syncs is not None else '-'} CUDA syncs, "
-                         f"{len(r['host_reads'])} host-read sites | 0 | {verdict(None if syncs is None else syncs == 0)} |")
+                         f"{len(r['host_reads'])} host-read sites | 0 | {verdict(ok)} |")
     for r in results.get("egn", {}).get("rows", []):
         ratio = r.get("naive_over_egn")
         lines.append(f"| EGN vs naive: {r['workload']} | EGN {r['egn_ms']:.2f} ms, naive "
@@ -573,15 +585,22 @@ def main() -> None:
         notes: list[str] = []
         load = f"{os.getloadavg()[0]:.2f}"
         t0 = time.perf_counter()
+
+        def save(data, notes, partial=True):
+            record = {"row": row, "device": args.device, "quick": args.quick, "machine": machine, "load": load,
+                      "seconds": time.perf_counter() - t0, "rows": data,
+                      "notes": notes + ([f"partial: the {row} row did not finish"] if partial else [])}
+            (folder / f"bench_{row}.json").write_text(json.dumps(record, indent=1))
+            return record
+
+        args.save = save
         try:
             data = RUNNERS[row](args.device, size, args, notes)
         except Exception as exc:  # noqa: BLE001 - one row's failure must not hide the others
             traceback.print_exc()
             notes.append(f"{row} failed: {type(exc).__name__}: {exc}")
             data, _ = [], failed.append(row)
-        record = {"row": row, "device": args.device, "quick": args.quick, "machine": machine, "load": load,
-                  "seconds": time.perf_counter() - t0, "rows": data, "notes": notes}
-        (folder / f"bench_{row}.json").write_text(json.dumps(record, indent=1))
+        record = save(data, notes, partial=False)
         print(f"   {row}: {record['seconds']:.1f} s", flush=True)
     text = summary(folder)
     (folder / "summary.md").write_text(text)
