@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cuda(const at::Tensor
                                                                 bool append_ones) {
   check_gram_args(A, damping);
   const c10::cuda::CUDAGuard guard(A.device());
-  const int64_t B = A.size(0), n = A.size(1);
+  const int64_t n = A.size(1);
   if (n > fused_max_n(A.scalar_type()) || n == 0) return library_factor(A, damping, append_ones);
   return fused_factor(plain_gram(A), damping, append_ones);
 }
