@@ -512,8 +512,8 @@ def summary(folder: Path) -> str:
                          f"{len(r['host_reads'])} host-read sites | 0 | {verdict(ok)} |")
     for r in results.get("egn", {}).get("rows", []):
         ratio = r.get("naive_over_egn")
-        lines.append(f"| EGN vs naive: {r['workload']} | EGN {r['egn_ms']:.2f} ms, naive "
-                     f"{r['naive_ms'] or float('nan'):.2f} ms: {ratio or float('nan'):.2f}x | >= 3x | "
+        lines.append(f"| EGN vs naive: {r['workload']}, {r.get('gram_method', '?')} Gram | EGN {r['egn_ms']:.2f} ms, "
+                     f"naive {r['naive_ms'] or float('nan'):.2f} ms: {ratio or float('nan'):.2f}x | >= 3x | "
                      f"{verdict(None if ratio is None else ratio >= GOALS['egn_speedup'])} |")
     for r in results.get("compiled", {}).get("rows", []):
         ms = r.get("egn_compiled_ms")
