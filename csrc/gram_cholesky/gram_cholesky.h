@@ -26,6 +26,7 @@ at::Tensor damped_gram(const at::Tensor& A, const at::Tensor& damping, bool appe
 at::Tensor gram_solve(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones);
 
 void check_gram_args(const at::Tensor& A, const at::Tensor& damping);
+void check_from_gram_args(const at::Tensor& G, const at::Tensor& damping);
 void check_solve_args(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R);
 
 }  // namespace revgn

@@ -29,6 +29,14 @@ void check_gram_args(const at::Tensor& A, const at::Tensor& damping) {
               "revgn: damping must match A's dtype and device");
 }
 
+void check_from_gram_args(const at::Tensor& G, const at::Tensor& damping) {
+  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2), "revgn: G must be (B, n, n)");
+  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, "revgn: G must be float32 or float64");
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == G.size(0), "revgn: damping must be (B,)");
+  TORCH_CHECK(damping.scalar_type() == G.scalar_type() && damping.device() == G.device(),
+              "revgn: damping must match G's dtype and device");
+}
+
 void check_solve_args(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R) {
   TORCH_CHECK(A.dim() == 3 && L.dim() == 3 && R.dim() == 3, "revgn: A, L, R must be 3-d");
   TORCH_CHECK(L.size(0) == A.size(0) && L.size(1) == A.size(1) && L.size(2) == A.size(1),
@@ -152,11 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cpu(const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_from_gram_cpu(const at::Tensor& G,
                                                                          const at::Tensor& damping) {
-  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2), "revgn: G must be (B, n, n)");
-  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, "revgn: G must be float32 or float64");
-  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == G.size(0), "revgn: damping must be (B,)");
-  TORCH_CHECK(damping.scalar_type() == G.scalar_type() && damping.device() == G.device(),
-              "revgn: damping must match G's dtype and device");
+  check_from_gram_args(G, damping);
   at::Tensor damped = G.clone(at::MemoryFormat::Contiguous);
   damped.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
   return factor_damped_gram(damped);

@@ -136,11 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_cuda(const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_factor_from_gram_cuda(const at::Tensor& G,
                                                                           const at::Tensor& damping) {
-  TORCH_CHECK(G.dim() == 3 && G.size(1) == G.size(2), "revgn: G must be (B, n, n)");
-  TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, "revgn: G must be float32 or float64");
-  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == G.size(0), "revgn: damping must be (B,)");
-  TORCH_CHECK(damping.scalar_type() == G.scalar_type() && damping.device() == G.device(),
-              "revgn: damping must match G's dtype and device");
+  check_from_gram_args(G, damping);
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t n = G.size(1);
   if (G.size(0) == 0 || n == 0) {
