@@ -10,9 +10,10 @@
 #                                                          # CPU check of the script itself
 #   bash benchmarks/gpu_validate.sh DATA_DIR [MINI_EPOCHS] [FULL_EPOCHS]   # then the paper run (long)
 #
-# Knobs (environment): DEVICE (cuda), QUICK (0; 1 = tiny sizes), SKIP_BUILD (0), FULL_TESTS (0 = the
-# files with CUDA tests only), TESTS (test paths, replaces both), BUDGET_S (480: optional stages start only before this many seconds),
-# NCU (1 = run Nsight Compute when `ncu` exists), PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
+# Knobs (environment): DEVICE (cuda), QUICK (0; 1 = tiny sizes), SKIP_BUILD (0; 1 reuses the in-place
+# build), FULL_TESTS (0 = the files with CUDA tests only), TESTS (test paths, replaces both), BUDGET_S
+# (480: the optional stages start only before this many seconds), NCU (1 = run Nsight Compute when
+# `ncu` exists), PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
 set -u
 OUT=${OUT:-/tmp/revgn_gpu}
 DEVICE=${DEVICE:-cuda}
