@@ -45,11 +45,18 @@ stage() {
   [ $rc -ne 0 ] && [ "${OPTIONAL:-0}" != 1 ] && FAILED+=("$name")
   return $rc
 }
-time_left() { [ "$(elapsed)" -lt "$BUDGET_S" ] || { echo "== $1: skipped, $(elapsed) s used of BUDGET_S=$BUDGET_S" | tee -a "$OUT/stages.txt"; return 1; }; }
+# time_left NAME: true while the optional stages' budget lasts, else records that NAME was skipped.
+time_left() {
+  [ "$(elapsed)" -lt "$BUDGET_S" ] && return 0
+  echo "== $1: skipped, $(elapsed) s used of BUDGET_S=$BUDGET_S" | tee -a "$OUT/stages.txt"
+  return 1
+}
 
-{ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+{ command -v nvidia-smi > /dev/null \
+    && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   lscpu | grep "Model name"; uptime
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+          torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
