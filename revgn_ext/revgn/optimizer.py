@@ -32,6 +32,9 @@ from . import right_inverse as ri
 from . import targets as tg
 from .model import RevMLP
 
+# Integer label dtypes RevGN accepts (converted to int64); the wider unsigned ones lack the comparisons.
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 __all__ = ["RevGN"]
 
 DAMPING_MODES = ("relative", "absolute")
@@ -131,9 +134,9 @@ class RevGN(GaussNewtonOptimizer):
                 raise ValueError(f"y must have shape ({n}, {K}) (batch size of x, num_classes), "
                                  f"got {tuple(y.shape)}")
             return
-        if y.dtype in (torch.bool, torch.complex64, torch.complex128) or y.dim() != 1 or y.shape[0] != n:
-            raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x), got "
-                             f"{y.dtype} {tuple(y.shape)}")
+        if y.dtype not in _LABEL_DTYPES or y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x) with dtype int64, "
+                             f"int32, int16, int8 or uint8, got {y.dtype} {tuple(y.shape)}")
         if bool(((y < 0) | (y >= K)).any()):
             raise ValueError(f"y has labels outside [0, {K}) (num_classes={K}): "
                              f"min {int(y.min())}, max {int(y.max())}")
@@ -147,6 +150,8 @@ class RevGN(GaussNewtonOptimizer):
         else:
             shards.agree(lambda: self._check_batch(x, y), lambda: x.shape[0], like=x)
             n = shards.total
+        if not y.is_floating_point():
+            y = y.long()  # class labels of any accepted integer dtype; cross_entropy and one_hot need int64
         group = self.checked_group()
         model = self.model
         M = model.width
