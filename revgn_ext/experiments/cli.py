@@ -199,7 +199,7 @@ def _execute(args, argv, rank: int) -> int:
     configs = {k: make_config(args, *k) for k in plan}  # validates every option before any training
     runs, cache, t0 = {}, {}, time.perf_counter()
     for key in plan:
-        resume = args.resume and os.path.isfile(os.path.join(run_dirs[key], CHECKPOINT))
+        resume = args.resume and os.path.lexists(os.path.join(run_dirs[key], CHECKPOINT))
         if args.resume and args.command == "train" and not resume:
             raise FileNotFoundError(f"cannot resume: no checkpoint at {os.path.join(run_dirs[key], CHECKPOINT)}")
         runs[key] = run(configs[key], run_dirs[key], device=args.device, resume=resume,
