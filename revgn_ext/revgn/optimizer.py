@@ -116,10 +116,13 @@ class RevGN(GaussNewtonOptimizer):
         self.model = model
         self.shards = shards
         if shards is not None:
-            shards.synchronise(model)
+            shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
 
     # ------------------------------------------------------------------------------------------
     def _check_batch(self, x, y) -> None:
+        # The hyper-parameters first: when distributed this runs inside the ranks' joint check, so a
+        # NaN lr on one rank raises on every rank together.
+        self.checked_groups()
         model, loss = self.model, self.param_groups[0]["loss"]
         model.check_input(x, "x", finite=True)
         n, K = x.shape[0], model.num_classes
@@ -180,8 +183,8 @@ class RevGN(GaussNewtonOptimizer):
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
+        loss, n, deltas, report = self._direction(x, y)  # checks the hyper-parameters with the batch
         groups = self.checked_groups()
-        loss, n, deltas, report = self._direction(x, y)
         flat = [t for d in deltas for t in d]
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
