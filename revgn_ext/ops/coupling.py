@@ -13,6 +13,7 @@ registrations (fake kernels, autograd) and the C++/CUDA kernels' dispatch (csrc/
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from .._checks import check_dim, check_same, check_tensor
 from . import _loader
@@ -336,18 +337,22 @@ def _make_function(name: str, rows: int, reference, backward=None, jvp=None):
     return function
 
 
+def _differentiating(args) -> bool:
+    """True when a result of these arguments may be differentiated: grad mode with an input that requires
+    grad, a forward-AD dual level, or a torch.func transform."""
+    return (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+            or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
+
+
 def _autograd_kernel(function, op, reference):
     """Autograd-key kernel of ``revgn::op`` for callers of ``torch.ops.revgn.*``: the autograd.Function when
     something may be differentiated (grad mode and an input that requires grad, or a forward-AD dual
     level), the reference under a torch.func transform (an autograd.Function must be applied above the
     dispatcher for those, as the public wrappers do), else the kernel."""
-    from torch.autograd import forward_ad
-
     def kernel(keyset, *args):
         if torch._C._are_functorch_transforms_active():
             return tuple(reference(*args))
-        if forward_ad._current_level >= 0 or (torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        if _differentiating(args):
             return function.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
@@ -359,9 +364,13 @@ _FUNCTIONS: dict = {}
 
 
 def _apply(name: str, *args):
-    """Run the compiled ``revgn::name`` through its autograd.Function (applied above the dispatcher, so
-    torch.func transforms and forward-mode AD use its rules)."""
-    return _FUNCTIONS[name].apply(*args)
+    """Run the compiled ``revgn::name``; through its autograd.Function (applied above the dispatcher, so
+    torch.func transforms and forward-mode AD use its rules) when the result may be differentiated,
+    else straight to the kernel (autograd.Function.apply costs tens of microseconds a call)."""
+    if _differentiating(args):
+        return _FUNCTIONS[name].apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(torch.ops.revgn, name).default(*args)
 
 
 def _register() -> None:
