@@ -303,6 +303,10 @@ def test_idx_empty_training_set_is_refused(tmp_path):
     write_idx_dataset(tmp_path, n_train=0)
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz holds no images"):
         data.load_dataset("mnist", data_dir=str(tmp_path))
+    write(tmp_path / "train-images-idx3-ubyte.gz", idx_bytes(np.zeros((6, 0, 4), np.uint8)))
+    write(tmp_path / "train-labels-idx1-ubyte.gz", idx_bytes(np.zeros(6, np.uint8)))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz holds no images \(shape \(6, 0, 4\)\)"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
 
 
 def test_corrupt_gzip_body_directory_and_device_name_the_file(tmp_path):

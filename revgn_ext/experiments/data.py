@@ -219,8 +219,8 @@ def _idx_dataset(dataset: str, folder: str):
         (ipath, images), (lpath, labels) = pair
         if len(images) != len(labels):
             raise ValueError(f"{ipath} holds {len(images)} images but {lpath} holds {len(labels)} labels")
-        if not len(images):
-            raise ValueError(f"{ipath} holds no images")
+        if not len(images) or not images[0].size:
+            raise ValueError(f"{ipath} holds no images (shape {images.shape})")
         if labels.dtype.kind == "f" and not (labels == np.round(labels)).all():
             raise ValueError(f"{lpath}: labels must be whole numbers, found fractional values")
         if labels.size and (labels.min() < 0 or labels.max() > 9):
