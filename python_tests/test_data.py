@@ -264,3 +264,150 @@ def test_synthetic_and_bad_name():
         data.load_dataset("imagenet")
     with pytest.raises(ValueError, match="features"):
         data.synthetic(features=0)
+
+
+# ---------------------------------------------------------------------------------------------- fuzz cases
+# Each of these was accepted silently, crashed with a raw exception, read without bound or allocated
+# uninitialised memory before the readers checked it.
+
+def test_idx_nan_or_inf_pixel_is_refused(tmp_path):
+    for bad in (np.nan, np.inf, -np.inf):
+        images = np.ones((6, 4, 4), dtype=np.float32)
+        images[2, 1, 3] = bad
+        folder = tmp_path / f"f{bad}"
+        folder.mkdir()
+        write_idx_dataset(folder)
+        write(folder / "train-images-idx3-ubyte.gz", idx_bytes(images, 0x0D))
+        with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: 1 of 96 values are NaN or Inf"):
+            data.load_dataset("mnist", data_dir=str(folder))
+
+
+def test_idx_nan_or_fractional_float_labels_are_refused(tmp_path):
+    for bad, msg in ((np.nan, "NaN or Inf"), (2.5, "whole numbers")):
+        labels = np.array([1, 2, 3, 4, 5, bad])
+        folder = tmp_path / f"l{bad}"
+        folder.mkdir()
+        write_idx_dataset(folder)
+        write(folder / "train-labels-idx1-ubyte.gz", idx_bytes(labels, 0x0E))
+        with pytest.raises(ValueError, match=rf"train-labels-idx1-ubyte\.gz.*{msg}"):
+            data.load_dataset("mnist", data_dir=str(folder))
+    labels = np.array([1.0, 2, 3, 4, 5, 6])  # whole-number float labels are fine
+    folder = tmp_path / "whole"
+    folder.mkdir()
+    write_idx_dataset(folder)
+    write(folder / "train-labels-idx1-ubyte.gz", idx_bytes(labels, 0x0E))
+    assert data.load_dataset("mnist", data_dir=str(folder))[1].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_idx_empty_training_set_is_refused(tmp_path):
+    write_idx_dataset(tmp_path, n_train=0)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz holds no images"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    write(tmp_path / "train-images-idx3-ubyte.gz", idx_bytes(np.zeros((6, 0, 4), np.uint8)))
+    write(tmp_path / "train-labels-idx1-ubyte.gz", idx_bytes(np.zeros(6, np.uint8)))
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz holds no images \(shape \(6, 0, 4\)\)"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+
+
+def test_corrupt_gzip_body_directory_and_device_name_the_file(tmp_path):
+    raw = bytearray(gzip.compress(idx_bytes(np.arange(200, dtype=np.uint8).reshape(2, 10, 10))))
+    raw[30:40] = b"\xff" * 10  # damage the deflate stream, keep the gzip header
+    path = tmp_path / "body.gz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"body\.gz: cannot read"):
+        data.read_idx(str(path))
+    folder = tmp_path / "a-directory"
+    folder.mkdir()
+    for reader in (data.read_idx, data.read_cifar_batch):
+        with pytest.raises(ValueError, match="a-directory: a directory"):
+            reader(str(folder))
+        with pytest.raises(ValueError, match="/dev/zero: not a regular file"):
+            reader("/dev/zero")
+
+
+def _pickled(obj):
+    return pickle.dumps(obj, protocol=2)
+
+
+class _Reduce:
+    def __init__(self, *spec):
+        self.spec = spec
+
+    def __reduce__(self):
+        return self.spec
+
+
+def test_cifar_ndarray_reduce_and_forged_array_states_are_refused(tmp_path):
+    """numpy.ndarray reached through REDUCE allocated an uninitialised array of any claimed shape (132
+    bytes gave heap bytes, 1,140 bytes of files a 4.5 GB peak); the stand-ins build arrays only from
+    bytes present in the file, after checking shape, dtype and size."""
+    from numpy._core.multiarray import _reconstruct
+    import codecs
+
+    labels = [0, 1]
+    cases = {
+        "ndarray-reduce": (_Reduce(np.ndarray, ((2, 3072), "u1")), "refusing to call numpy.ndarray"),
+        "ndarray-huge": (_Reduce(np.ndarray, ((1 << 20, 3072), "u1")), "refusing to call numpy.ndarray"),
+        "state-too-short": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 3072), np.dtype("u1"), False, b"ab")),
+                            r"needs 6144 bytes, the pickle holds 2"),
+        "state-huge": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b"),
+                               (1, (1 << 30, 1 << 20), np.dtype("u1"), False, b"x")), "needs .* bytes, the pickle holds 1"),
+        "state-3d": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1, 2, 3), np.dtype("u1"), False, b"abcdef")),
+                     "refusing an array of shape"),
+        "reconstruct-args": (_Reduce(_reconstruct, (np.ndarray, (5,), b"b")), "refusing numpy _reconstruct arguments"),
+        "float-dtype": (np.zeros((2, 3072)), "refusing numpy dtype 'f8'"),
+        "object-dtype": (np.array([1, "a"], dtype=object), "refusing numpy dtype 'O8'|refusing numpy dtype"),
+        "codecs-other": (_Reduce(codecs.encode, ("x", "rot13")), r"refusing _codecs.encode"),
+        "no-build": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b")), "a numpy array without its data"),
+    }
+    for name, (value, msg) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(_pickled({b"data": value, b"labels": labels}))
+        tracemalloc.start()
+        with pytest.raises(ValueError, match=rf"{name}.*({msg})"):
+            data.read_cifar_batch(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20, (name, peak)
+
+
+def test_cifar_labels_must_be_one_int_per_image(tmp_path):
+    images = np.zeros((2, 3072), np.uint8)
+    cases = {
+        "float-list": [0.0, 1.0],
+        "float-array": np.array([0.5, 1.0]),
+        "nested": [[0], [1]],
+        "2d-array": np.array([[0, 1], [1, 0]]),
+        "strings": [b"cat", b"dog"],
+        "str-array": np.array(["0", "1"]),
+        "bools": [True, False],
+        "none": None,
+    }
+    for name, labels in cases.items():
+        path = tmp_path / name
+        path.write_bytes(_pickled({b"data": images, b"labels": labels}))
+        with pytest.raises(ValueError, match=rf"{name}.*(labels|refusing numpy dtype)"):
+            data.read_cifar_batch(str(path))
+    path = tmp_path / "int-array"  # an integer array is one int per image too
+    path.write_bytes(pickle.dumps({b"data": images, b"labels": np.array([3, 4], np.int32)}, protocol=5))
+    assert data.read_cifar_batch(str(path))[1].tolist() == [3, 4]
+
+
+def test_cifar_python2_style_batch(tmp_path):
+    """The opcodes a Python 2 cPickle of a real batch uses: STRING data read as bytes, numpy's
+    _reconstruct + BUILD, big batches compared bit for bit."""
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+
+    def string(b: bytes) -> bytes:  # protocol-1 BINSTRING, what Python 2 writes for str
+        return b"T" + struct.pack("<I", len(b)) + b
+
+    body = (b"\x80\x02}q\x00(" + string(b"data")
+            + b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85" + string(b"b") + b"\x87R"
+            + b"(K\x01K\x03M\x00\x0c\x86cnumpy\ndtype\nq\x03" + string(b"u1") + b"K\x00K\x01\x87R"
+            + b"(K\x03" + string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + string(images.tobytes())
+            + b"tb" + string(b"labels") + b"]q\x04(K\x01K\x02K\x03e" + b"u.")
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(body)
+    got, labels = data.read_cifar_batch(str(path))
+    np.testing.assert_array_equal(got, images)
+    assert labels.tolist() == [1, 2, 3]

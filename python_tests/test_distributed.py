@@ -150,7 +150,65 @@ def _case_rank_raises(rank):
         return {"raised": type(err).__name__, "seconds": time.perf_counter() - t0}
 
 
-CASES = {"exact": _case_exact, "bad_input": _case_bad_input, "rank_raises": _case_rank_raises}
+def _outcome(fn):
+    """(exception type name, message) of fn(), or (None, result)."""
+    try:
+        return None, fn()
+    except Exception as err:
+        return type(err).__name__, str(err)
+
+
+def _case_mismatch(rank):
+    """Ranks built with different models or hyper-parameters, or whose hyper-parameters diverge later."""
+    sl, out = SHARDS[rank], {}
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 10, dtype=f64), torch.randint(0, 4, (8,))
+    # A different hidden width: before, the weight broadcast aborted rank 0 inside gloo (SIGABRT).
+    model = rg.RevMLP(10, 4, 2, 24 if rank == 0 else 32, seed=0, dtype=f64)
+    out["hidden"] = _outcome(lambda: rg.RevGN(model, lr=0.5, distributed=True))
+    model = rg.RevMLP(10, 4, 2, 24, seed=0, dtype=f64)
+    out["lr"] = _outcome(lambda: rg.RevGN(model, lr=0.5 if rank == 0 else 0.4, distributed=True))
+    # EGN compares its hyper-parameters at its first step.
+    emodel, ex, ey = _egn_problem("mse")
+    egn = rg.EGN(emodel, lr=0.3, damping=0.1 if rank == 0 else 0.2, loss="mse", distributed=True)
+    out["egn_damping"] = _outcome(lambda: egn.step(ex[sl], ey[sl]))
+    opt = rg.RevGN(model, lr=0.5, distributed=True)
+    out["first"] = _outcome(lambda: opt.step(x[sl], y[sl])["refused"])
+    if rank == 1:   # a scheduler or user code on one rank only
+        opt.param_groups[0]["lr"] = 0.25
+    out["diverged"] = _outcome(lambda: opt.step(x[sl], y[sl]))
+    opt.param_groups[0]["lr"] = 0.5
+    if rank == 1:
+        opt.param_groups[0]["lr"] = float("nan")
+    before = [p.clone() for p in model.parameters()]
+    out["nan_lr"] = _outcome(lambda: opt.step(x[sl], y[sl]))
+    out["untouched"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.param_groups[0]["lr"] = 0.5
+    out["after"] = _outcome(lambda: opt.step(x[sl], y[sl])["refused"])
+    return out
+
+
+def _case_out_of_step(rank):
+    """A rank whose step raises before the exchange and whose caller retries with its next batch, and a
+    rank that computes a direction where the others step: the ranks must raise together, not pair
+    batch i of one rank with batch i+1 of another."""
+    sl, out = SHARDS[rank], {}
+    model, x, y = _egn_problem("mse")
+    opt = rg.EGN(model, lr=0.3, damping=0.1, loss="mse", distributed=True)
+    out["first"] = _outcome(lambda: opt.step(x[sl], y[sl])["accepted"])
+    if rank == 1:
+        opt.param_groups[0]["lr"] = float("nan")     # EGN's step checks this on its own rank first
+        out["local"] = _outcome(lambda: opt.step(x[sl], y[sl]))
+        opt.param_groups[0]["lr"] = 0.3
+    out["retry"] = _outcome(lambda: opt.step(x[sl] * 2, y[sl]))
+    model, x, y = _revgn_problem()
+    opt = rg.RevGN(model, lr=0.5, distributed=True)
+    out["skip"] = _outcome(lambda: opt.step(x[sl], y[sl]) if rank == 0 else opt.direction(x[sl], y[sl]))
+    return out
+
+
+CASES = {"exact": _case_exact, "bad_input": _case_bad_input, "rank_raises": _case_rank_raises,
+         "mismatch": _case_mismatch, "out_of_step": _case_out_of_step}
 
 
 def _worker(rank, port, case, results, pg_timeout):
@@ -235,3 +293,50 @@ def test_a_rank_that_raises_does_not_hang_the_others():
     assert "rank 1 fails on purpose" in out[1]["error"]
     assert out[0]["raised"] is not None, "rank 0's step completed without its peer"
     assert time.monotonic() - t0 < 60.0
+
+
+def test_different_models_or_hyper_parameters_raise_on_every_rank():
+    out = _run("mismatch", deadline=90.0, pg_timeout=20.0)
+    assert "error" not in out[0] and "error" not in out[1], out
+    for key, pattern in (("hidden", "models differ: rank 0 has 'parameter blocks.0.WF: shape (5, 24)"),
+                         ("lr", "hyper-parameters differ: rank 0 has \"param_groups[0]['lr'] = 0.5\""),
+                         ("egn_damping", "param_groups[0]['damping'] = 0.1"),
+                         ("diverged", "param_groups[0]['lr'] = 0.5\", rank 1 has \"param_groups[0]['lr'] = 0.25"),
+                         ("nan_lr", "rank 1: param_groups[0]['lr']")):
+        assert out[0][key] == out[1][key], (key, out[0][key], out[1][key])
+        kind, message = out[0][key]
+        assert kind == "ValueError" and pattern in message, (key, message)
+    assert out[0]["first"] == out[1]["first"] == (None, False)
+    assert out[0]["untouched"] and out[1]["untouched"]
+    assert out[0]["after"] == out[1]["after"] == (None, False)   # the group is still usable
+
+
+def test_ranks_out_of_step_raise_on_every_rank():
+    out = _run("out_of_step", deadline=90.0, pg_timeout=20.0)
+    assert "error" not in out[0] and "error" not in out[1], out
+    assert out[0]["first"] == out[1]["first"] == (None, True)
+    assert out[1]["local"][0] == "ValueError"
+    for key in ("retry", "skip"):
+        for rank in range(WORLD):
+            kind, message = out[rank][key]
+            assert kind == "RuntimeError" and "the ranks are out of step" in message, (key, rank, message)
+
+
+def test_cli_sets_a_finite_process_group_timeout(monkeypatch):
+    """--distributed used a fixed 10-minute timeout (PyTorch's gloo default is 30): --dist-timeout sets it."""
+    from revgn_ext.experiments import cli
+
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    parser = cli.build_parser()
+    assert cli.init_distributed(parser.parse_args(["train", "--distributed"])) == 0
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(seconds=300)
+    cli.init_distributed(parser.parse_args(["train", "--distributed", "--dist-timeout", "42.5"]))
+    assert seen["timeout"] == datetime.timedelta(seconds=42.5)
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--distributed", "--dist-timeout", bad])

@@ -10,6 +10,7 @@ import torch
 
 from revgn_ext.experiments import cli, report
 from revgn_ext.experiments.config import PRESETS, RunConfig, paper_lr
+from revgn_ext.experiments.checkpoint import load as load_checkpoint
 from revgn_ext.experiments.runner import CHECKPOINT, load_history, run
 
 TINY = ["--dataset", "synthetic", "--max-train", "96", "--max-test", "64", "--hidden", "32", "--batch-size", "32",
@@ -114,7 +115,7 @@ def test_train_writes_metrics_figures_report(tmp_path, optimizer, capsys):
     assert "| setting |" in text and "figures/losses.png" in text
     assert json.loads((out / "config.json").read_text())["optimizer"] == optimizer
     assert "report:" in capsys.readouterr().out
-    ckpt = torch.load(out / CHECKPOINT, weights_only=True)
+    ckpt = load_checkpoint(str(out / CHECKPOINT))
     assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "rng", "history", "config"}
 
 
@@ -135,8 +136,8 @@ def test_resume_continues_identically(tmp_path, optimizer, setting):
         torch.manual_seed(1234)  # the global RNG state must come from the checkpoint, not from here
         run(tiny_config(optimizer=optimizer, setting=setting, epochs=3), split, resume=True, progress=False)
     assert rows_without_time(load_history(split)) == rows_without_time(load_history(whole))
-    a = torch.load(os.path.join(whole, CHECKPOINT), weights_only=True)
-    b = torch.load(os.path.join(split, CHECKPOINT), weights_only=True)
+    a = load_checkpoint(os.path.join(whole, CHECKPOINT))
+    b = load_checkpoint(os.path.join(split, CHECKPOINT))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["rng"]["torch"].equal(b["rng"]["torch"])
@@ -147,7 +148,7 @@ def test_resume_through_the_command_line(tmp_path):
     main("train", *TINY, "--optimizer", "adam", "--epochs", "1", "--out", out)
     main("train", *TINY, "--optimizer", "adam", "--epochs", "2", "--out", out, "--resume")
     assert [r["epoch"] for r in load_history(out)] == [0, 1, 2]
-    state = torch.load(os.path.join(out, CHECKPOINT), weights_only=True)["optimizer"]["state"]
+    state = load_checkpoint(os.path.join(out, CHECKPOINT))["optimizer"]["state"]
     assert int(state[0]["step"]) == 2 * 3                              # Adam's state carried over
 
 

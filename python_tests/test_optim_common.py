@@ -62,3 +62,38 @@ def test_lr_zero_moves_nothing_and_reports(which):
     assert set(COMMON_STATS) <= set(stats)
     assert stats["refused"] is False and stats["reason"] is None and stats["lr"] == 0.0
     assert math.isfinite(stats["loss"]) and stats["batch_size"] == 6 and stats["direction_norm"] > 0
+
+
+@pytest.mark.parametrize("which", MAKERS)
+@pytest.mark.parametrize("key", ["lr", "damping"])
+def test_direction_rechecks_hyperparameters_too(which, key):
+    """direction() reads damping (a NaN damping was used as 0 before the per-step check)."""
+    model, opt, x, y = MAKERS[which]()
+    opt.param_groups[0][key] = float("nan")
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\]"):
+        opt.direction(x, y)
+
+
+@pytest.mark.parametrize("which", MAKERS)
+def test_scheduler_that_makes_lr_infinite_is_refused(which):
+    model, opt, x, y = MAKERS[which]()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: math.inf if epoch else 1.0)
+    opt.step(x, y)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
+        opt.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("which", MAKERS)
+def test_nan_damping_through_load_state_dict_is_refused(which):
+    model, opt, x, y = MAKERS[which]()
+    state = opt.state_dict()
+    state["param_groups"][0]["damping"] = float("nan")
+    opt.load_state_dict(state)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="damping"):
+        opt.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

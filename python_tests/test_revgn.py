@@ -316,6 +316,21 @@ def test_bad_inputs_raise_before_touching_parameters():
         assert torch.equal(b, p)
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_narrow_integer_labels_equal_int64_labels(loss):
+    """int32 / int16 / int8 / uint8 labels give the int64 direction (they failed inside torch before:
+    "expected target dtype to be Long" / "one_hot is only applicable to index tensor of type LongTensor")."""
+    m, x, y = make()
+    opt = rg.RevGN(m, damping=1e-6, loss=loss)
+    want = opt.direction(x, y)
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        got = opt.direction(x, y.to(dtype))
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), dtype
+    for bad in (y.to(torch.uint16), y.bool(), y.to(torch.complex128)):
+        with pytest.raises(ValueError, match="y must be integer labels .* int64, int32, int16, int8 or uint8"):
+            opt.direction(x, bad)
+
+
 def test_bad_constructor_arguments():
     m, _, _ = make()
     cases = [(dict(lr=-0.1), "lr"), (dict(lr=math.nan), "lr"), (dict(damping=-1.0), "damping"),

@@ -4,12 +4,26 @@ The global batch is the concatenation, in rank order, of the shards the P ranks 
 to ``step``. Samples interact only through the n x n (RevGN) or (b c) x (b c) (EGN) Gram, so one step is:
 
 1. every rank checks its own shard; the verdicts are exchanged (:meth:`ShardGroup.agree`) so that bad
-   input on one rank raises the same ``ValueError`` on all of them;
+   input on one rank raises the same ``ValueError`` on all of them. The same exchange carries each
+   rank's step and exchange counters and a fingerprint of its optimizer's hyper-parameters: ranks that
+   are out of step (one rank raised outside the exchange and its caller retried, so its batch i+1
+   would meet the others' batch i) raise ``RuntimeError`` together, and ranks whose hyper-parameters
+   differ raise ``ValueError`` together, naming the first difference;
 2. the rows of the Gram's factor (RevGN: features A_r, EGN: layer inputs X_r and output gradients G_r)
    and of the right-hand side are gathered (:meth:`ShardGroup.gather_rows`), so every rank forms and
    factors the same global Gram and solves the same system: no broadcast of the solution is needed;
 3. each rank contracts its own rows, A_r^T U_r (RevGN) or J_r^T S_r u_r (EGN), and one all_reduce sums
    the parameter update (:meth:`ShardGroup.sum_tensors`), which every rank then applies identically.
+
+At construction (:meth:`ShardGroup.synchronise`) the ranks first compare a fixed-size fingerprint of
+the model's structure (parameter and buffer names, shapes, dtypes) and of the optimizer's
+hyper-parameters, so that a rank built with another hidden width or learning rate gets a clear
+``ValueError`` on every rank before any collective whose sizes depend on them (a broadcast of
+mismatched shapes aborts the process inside gloo).
+
+A rank that stays alive but stops calling ``step`` blocks the others in their next collective until the
+process group's timeout (``init_process_group(timeout=...)``; 30 minutes by default for gloo). The
+experiments CLI sets it with ``--dist-timeout`` (docs/distributed.md).
 
 Only ``torch.distributed`` collectives are used (gloo on CPU, NCCL on GPU). Byte counts below are per
 rank, for P ranks, shards of n/P rows and s bytes per element (ring algorithms):
@@ -25,11 +39,13 @@ counts and :func:`choose_gram_route` picks the smaller.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 __all__ = ["ShardGroup", "resolve", "all_gather_bytes", "all_reduce_bytes", "gram_route_bytes",
            "choose_gram_route", "GRAM_ROUTES"]
@@ -66,6 +82,29 @@ def choose_gram_route(route: str, n: int, M: int, world: int, itemsize: int) -> 
     return "reduce_gram" if counts["reduce_gram"] < counts["gather_rows"] else "gather_rows"
 
 
+def describe_model(module: nn.Module) -> list:
+    """One line per parameter and buffer: name, shape, dtype (what must match across ranks)."""
+    lines = [f"model {type(module).__name__}"]
+    for kind, items in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        lines += [f"{kind} {name}: shape {tuple(t.shape)}, {t.dtype}" for name, t in items]
+    return lines
+
+
+def describe_optimizer(optimizer) -> list:
+    """One line per hyper-parameter of every param group (``param_groups[0]['lr'] = 0.1``), plus the
+    optimizer's type and the shapes of its parameters."""
+    lines = [f"optimizer {type(optimizer).__name__}"]
+    for i, group in enumerate(optimizer.param_groups):
+        lines.append(f"param_groups[{i}] parameter shapes {[tuple(p.shape) for p in group['params']]}")
+        lines += [f"param_groups[{i}][{key!r}] = {group[key]!r}" for key in sorted(group) if key != "params"]
+    return lines
+
+
+def _fingerprint(lines: list) -> int:
+    """A signed 64-bit digest of the description lines."""
+    return int.from_bytes(hashlib.sha256("\n".join(lines).encode()).digest()[:8], "little", signed=True)
+
+
 class ShardGroup:
     """The ranks of ``group`` holding consecutive shards of one global batch.
 
@@ -83,6 +122,9 @@ class ShardGroup:
         self.world = dist.get_world_size(group)
         self.counts = [0] * self.world
         self.traffic = {"all_gather": 0, "all_reduce": 0, "all_to_all": 0}
+        self.steps = 0       # optimizer.step() calls begun on this rank (counted by a step pre-hook)
+        self.exchanges = 0   # agree() calls on this rank
+        self.optimizer = None  # whose hyper-parameters every exchange compares across ranks
 
     @property
     def total(self) -> int:
@@ -100,26 +142,88 @@ class ShardGroup:
         return torch.device("cpu")
 
     def agree(self, check: Callable, batch_size: Callable[[], int], like: torch.Tensor | None = None):
-        """Run ``check()`` on every rank, then exchange the verdicts and shard sizes (one all_gather of
-        two integers per rank). If any rank's check raised ValueError, every rank raises ValueError with
-        the first failing rank's message prefixed by "rank r: ". Returns what ``check`` returned.
+        """Run ``check()`` on every rank, then exchange the verdicts, shard sizes, step and exchange
+        counters and hyper-parameter fingerprints (one all_gather of six integers per rank).
+
+        * Counters that differ (a rank raised outside this exchange and was retried, or skipped a step):
+          RuntimeError on every rank, before anything of the mismatched batches is combined.
+        * A rank whose check raised (any Exception): ValueError on every rank with the first failing
+          rank's message prefixed by "rank r: ".
+        * Hyper-parameters that differ (one rank's ``param_groups`` were changed): ValueError on every
+          rank naming the first difference.
+
+        Returns what ``check`` returned.
         """
+        self.exchanges += 1
         result, message = None, ""
         try:
             result = check()
-        except ValueError as err:
-            message = str(err) or type(err).__name__
+        except Exception as err:  # any failure of one rank's check must reach every rank
+            message = (str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}") \
+                or type(err).__name__
         n = 0 if message else int(batch_size())
-        mine = torch.tensor([int(bool(message)), n], dtype=torch.int64, device=self._device(like))
+        settings = 0 if self.optimizer is None else _fingerprint(describe_optimizer(self.optimizer))
+        mine = torch.tensor([int(bool(message)), n, self.steps, self.exchanges, settings, 0], dtype=torch.int64,
+                            device=self._device(like))
         verdicts = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(verdicts, mine, group=self.group)
-        failed = [r for r, v in enumerate(verdicts) if int(v[0])]
+        verdicts = [v.tolist() for v in verdicts]
+        counters = [tuple(v[2:4]) for v in verdicts]
+        if len(set(counters)) > 1:
+            where = ", ".join(f"rank {r} at step {c[0]} (exchange {c[1]})" for r, c in enumerate(counters))
+            raise RuntimeError(f"the ranks are out of step: {where}. A step raised on some ranks only and was "
+                               "retried, or a rank skipped a step, so the ranks would combine different batches; "
+                               "rebuild the optimizer on every rank (from a checkpoint) to resume")
+        failed = [r for r, v in enumerate(verdicts) if v[0]]
         if failed:
             messages = [None] * self.world
             dist.all_gather_object(messages, message, group=self.group)
             raise ValueError(f"rank {failed[0]}: {messages[failed[0]]}")
-        self.counts = [int(v[1]) for v in verdicts]
+        if len({v[4] for v in verdicts}) > 1:
+            self._raise_difference(describe_optimizer(self.optimizer), "hyper-parameters")
+        self.counts = [v[1] for v in verdicts]
         return result
+
+    def _raise_difference(self, lines: list, what: str) -> None:
+        """Gather every rank's description lines and raise ValueError naming the first line in which a
+        rank differs from rank 0 (the same message on every rank)."""
+        described = [None] * self.world
+        dist.all_gather_object(described, lines, group=self.group)
+        base = described[0]
+        for r, other in enumerate(described[1:], start=1):
+            for i in range(max(len(base), len(other))):
+                a = base[i] if i < len(base) else "(nothing)"
+                b = other[i] if i < len(other) else "(nothing)"
+                if a != b:
+                    raise ValueError(f"the ranks' {what} differ: rank 0 has {a!r}, rank {r} has {b!r}; every rank "
+                                     "must build the same model and optimizer")
+        raise ValueError(f"the ranks' {what} differ")
+
+    def check_consistent(self, module: nn.Module, optimizer=None) -> None:
+        """ValueError on every rank unless all ranks have the same model structure (and, given the
+        optimizer, the same hyper-parameters). One all_gather of two integers per rank comes first, so a
+        mismatch is found before any collective whose sizes depend on the model."""
+        model_lines = describe_model(module)
+        settings = [] if optimizer is None else describe_optimizer(optimizer)
+        mine = torch.tensor([_fingerprint(model_lines), _fingerprint(settings)], dtype=torch.int64,
+                            device=self._device(next(iter(module.parameters()), None)))
+        prints = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(prints, mine, group=self.group)
+        prints = [tuple(p.tolist()) for p in prints]
+        if len({p[0] for p in prints}) > 1:
+            self._raise_difference(model_lines, "models")
+        if len({p[1] for p in prints}) > 1:
+            self._raise_difference(settings, "hyper-parameters")
+
+    def begin_step(self, optimizer) -> None:
+        """Called as ``optimizer.step`` begins (a step pre-hook on every optimizer whose ``shards`` is
+        this group): counts the step, and compares the hyper-parameters across ranks once if the
+        optimizer did not pass itself to :meth:`synchronise`."""
+        self.steps += 1
+        if self.optimizer is not optimizer:
+            model = getattr(optimizer, "model", None)
+            self.check_consistent(model if isinstance(model, nn.Module) else nn.Module(), optimizer)
+            self.optimizer = optimizer
 
     def gather_rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """The global tensor whose ``dim`` concatenates every rank's shard (sizes from :meth:`agree`).
@@ -173,8 +277,13 @@ class ShardGroup:
         """The global-batch mean from this shard's mean: sum_r n_r mean_r / n."""
         return self.sum_tensors([local_mean.reshape(1) * self.counts[self.rank]])[0][0] / self.total
 
-    def synchronise(self, module: nn.Module) -> None:
-        """Copy the parameters and buffers of the group's rank 0 to every rank (as DDP does at wrap time)."""
+    def synchronise(self, module: nn.Module, optimizer=None) -> None:
+        """Check that every rank has the same model structure and (given ``optimizer``) hyper-parameters
+        (:meth:`check_consistent`), then copy the parameters and buffers of the group's rank 0 to every
+        rank (as DDP does at wrap time)."""
+        self.check_consistent(module, optimizer)
+        if optimizer is not None:
+            self.optimizer = optimizer
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
@@ -199,3 +308,14 @@ def resolve(model: nn.Module, distributed: bool, process_group) -> tuple[nn.Modu
     if not distributed:
         return model, None
     return model, ShardGroup(process_group)
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    shards = getattr(optimizer, "shards", None)
+    if isinstance(shards, ShardGroup):
+        shards.begin_step(optimizer)
+
+
+# One global step pre-hook (it returns at once for optimizers without a ShardGroup): every data-parallel
+# optimizer's steps are counted from their start, so a step that raises before its exchange still counts.
+register_optimizer_step_pre_hook(_count_step)

@@ -23,6 +23,7 @@ from datetime import timedelta
 from .data import DATASETS
 from . import plots, report
 from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
+from .checkpoint import CheckpointError
 from .runner import CHECKPOINT, run
 
 
@@ -43,6 +44,16 @@ def _csv(choices):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {choices}, got {text!r}")
         return items
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _lr(text: str):
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g.add_argument("--distributed", action="store_true",
                    help="data-parallel GN over the ranks started by torchrun (gloo on CPU, NCCL on GPU)")
+    g.add_argument("--dist-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="with --distributed: how long a rank waits for a stuck peer before it raises "
+                        "(the process group's timeout; default 300)")
 
     t = sub.add_parser("train", parents=[common], help="one optimizer in one setting")
     t.add_argument("--optimizer", default="gn", choices=OPTIMIZERS)
@@ -171,7 +185,7 @@ def init_distributed(args) -> int:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))
     return dist.get_rank()
 
 
@@ -199,7 +213,7 @@ def _execute(args, argv, rank: int) -> int:
     configs = {k: make_config(args, *k) for k in plan}  # validates every option before any training
     runs, cache, t0 = {}, {}, time.perf_counter()
     for key in plan:
-        resume = args.resume and os.path.isfile(os.path.join(run_dirs[key], CHECKPOINT))
+        resume = args.resume and os.path.lexists(os.path.join(run_dirs[key], CHECKPOINT))
         if args.resume and args.command == "train" and not resume:
             raise FileNotFoundError(f"cannot resume: no checkpoint at {os.path.join(run_dirs[key], CHECKPOINT)}")
         runs[key] = run(configs[key], run_dirs[key], device=args.device, resume=resume,
@@ -229,5 +243,5 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return execute(args, argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # CheckpointError: any unusable checkpoint
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -9,11 +9,14 @@ split only.
 * ``"fashion-mnist"`` / ``"mnist"``: IDX files (``train-images-idx3-ubyte.gz`` ...), by default from
   Debian's ``dataset-fashion-mnist`` folder ``/usr/share/datasets/fashion-mnist``.
 * ``"cifar10"``: the python-pickle batches of ``cifar-10-batches-py``, read by a restricted unpickler
-  that only builds numpy arrays, lists, dicts, bytes, str and numbers.
+  that builds lists, dicts, bytes, str and numbers, and numpy integer arrays only from bytes the file
+  holds (the stand-ins for numpy's reconstructors check shape, dtype and size before building one).
 * ``"synthetic"``: a Gaussian mixture made from a seed, for tests.
 
-Every reader checks the sizes a file claims against what the file holds before allocating, and a
-malformed file raises ``ValueError`` naming the file and the problem.
+Every reader checks the sizes a file claims against what the file holds before allocating, reads at
+most a bounded number of bytes, and a malformed file (not a regular file, a corrupt or cut gzip stream,
+NaN or Inf pixels, labels that are not integers in 0..9, no samples) raises ``ValueError`` naming the
+file and the problem.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import io
 import os
 import pickle
 import pickletools
+import stat
 import struct
+import zlib
 from math import prod
 
 import numpy as np
@@ -37,9 +42,9 @@ DEFAULT_DIRS = {
     "cifar10": "cifar-10-batches-py",
 }
 
-# A file claiming more than this is refused before anything is read (the largest real file here,
-# CIFAR-10's training set, is 150 MB).
-MAX_BYTES = 1 << 32
+# A file claiming more than this is refused before anything is read (the largest real files here,
+# Fashion-MNIST's training images, are 47 MB; a CIFAR-10 batch is 31 MB).
+MAX_BYTES = 1 << 30
 _CHUNK = 1 << 20
 
 
@@ -114,10 +119,31 @@ _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
+# What reading a damaged (gzip) file raises.
+_READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _check_regular_file(path: str) -> None:
+    """ValueError unless ``path`` is a regular file (a directory, a device such as /dev/zero, a FIFO are not)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{path}: {kind}; expected a data file")
+
+
 def _open(path: str):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
+    _check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        return gzip.open(path, "rb") if gz else open(path, "rb")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open: {e}") from None
 
 
 def _read_exact(f, n: int, path: str, what: str) -> bytes:
@@ -129,8 +155,8 @@ def _read_exact(f, n: int, path: str, what: str) -> bytes:
             if not chunk:
                 break
             buf += chunk
-    except (OSError, EOFError, gzip.BadGzipFile) as e:  # corrupt or cut gzip stream
-        raise ValueError(f"{path}: cannot read {what}: {e}") from None
+    except _READ_ERRORS as e:  # corrupt or cut gzip stream
+        raise ValueError(f"{path}: cannot read {what}: {type(e).__name__}: {e}") from None
     if len(buf) < n:
         raise ValueError(f"{path}: truncated: {what} needs {n} bytes but the file holds only {len(buf)}")
     return bytes(buf)
@@ -158,11 +184,15 @@ def read_idx(path: str) -> np.ndarray:
         data = _read_exact(f, nbytes, path, f"data of shape {dims}")
         try:
             extra = f.read(1)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: cannot read past the data: {e}") from None
+        except _READ_ERRORS as e:
+            raise ValueError(f"{path}: cannot read past the data: {type(e).__name__}: {e}") from None
         if extra:
             raise ValueError(f"{path}: trailing bytes after the {nbytes} data bytes of shape {dims}")
-    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    array = np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise ValueError(f"{path}: {bad} of {array.size} values are NaN or Inf")
+    return array
 
 
 def _find(folder: str, names: tuple[str, ...], dataset: str) -> str:
@@ -189,6 +219,10 @@ def _idx_dataset(dataset: str, folder: str):
         (ipath, images), (lpath, labels) = pair
         if len(images) != len(labels):
             raise ValueError(f"{ipath} holds {len(images)} images but {lpath} holds {len(labels)} labels")
+        if not len(images) or not images[0].size:
+            raise ValueError(f"{ipath} holds no images (shape {images.shape})")
+        if labels.dtype.kind == "f" and not (labels == np.round(labels)).all():
+            raise ValueError(f"{lpath}: labels must be whole numbers, found fractional values")
         if labels.size and (labels.min() < 0 or labels.max() > 9):
             raise ValueError(f"{lpath}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
         splits.append((images.reshape(len(images), -1), labels))
@@ -203,12 +237,112 @@ def _idx_dataset(dataset: str, folder: str):
 # CIFAR-10 python-pickle batches
 # --------------------------------------------------------------------------------------------------
 
-# Everything a numpy array pickle (protocols 2 to 5, numpy 1 or 2) needs, and nothing that can run code.
+# A CIFAR-10 batch is 31 MB; a larger pickle is refused before it is read.
+MAX_PICKLE_BYTES = 1 << 28
+# numpy dtypes a batch's arrays may have: 'data' is uint8, labels (a list in the real files) may be an
+# integer array.
+_ARRAY_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")
+_ARRAY_MAX_DIMS = 2
+
+
+class _NdarrayName:
+    """Stands for ``numpy.ndarray`` as the class argument of ``_reconstruct``; calling it (REDUCE) would
+    allocate an array of any claimed shape with uninitialised memory, so it refuses."""
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("refusing to call numpy.ndarray (it allocates an uninitialised array of any claimed "
+                         "shape); a CIFAR-10 batch builds arrays through _reconstruct or _frombuffer")
+
+
+_NDARRAY = _NdarrayName()
+
+
+class _DtypeStub:
+    """What ``numpy.dtype(name, align, copy)`` unpickles to; its BUILD state gives the byte order."""
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name):
+        if isinstance(name, bytes):  # a Python 2 pickle's str, read with encoding="bytes"
+            name = name.decode("latin1")
+        if not isinstance(name, str) or name not in _ARRAY_DTYPES:
+            raise ValueError(f"refusing numpy dtype {name!r}; a CIFAR-10 batch holds integer arrays "
+                             f"({', '.join(_ARRAY_DTYPES)})")
+        self.name, self.dtype = name, np.dtype(name)
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and isinstance(state[1], bytes):
+            state = state[:1] + (state[1].decode("latin1"),) + state[2:]
+        if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4)
+                or state[1] not in ("|", "<", ">", "=") or state[2:5] != (None, None, None)):
+            raise ValueError(f"refusing numpy dtype state {state!r} (sub-arrays and fields are not allowed)")
+        self.dtype = np.dtype(self.name).newbyteorder(state[1]) if state[1] in "<>" else np.dtype(self.name)
+
+
+def _dtype(name, align=False, copy=True):
+    return _DtypeStub(name)
+
+
+def _array(raw, dtype, shape, order: str) -> np.ndarray:
+    """The array of ``shape`` read from the bytes ``raw``, after checking every claim against them."""
+    if not isinstance(dtype, _DtypeStub):
+        raise ValueError(f"an array's dtype must be a numpy dtype, got {type(dtype).__name__}")
+    if (not isinstance(shape, tuple) or not 1 <= len(shape) <= _ARRAY_MAX_DIMS
+            or not all(type(s) is int and 0 <= s < 1 << 40 for s in shape)):
+        raise ValueError(f"refusing an array of shape {shape!r}: expected 1 to {_ARRAY_MAX_DIMS} sizes >= 0")
+    if isinstance(raw, pickle.PickleBuffer):
+        raw = raw.raw()
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ValueError(f"an array's data must be bytes, got {type(raw).__name__}")
+    need = prod(shape) * dtype.dtype.itemsize
+    if len(raw) != need:
+        raise ValueError(f"an array of shape {shape} and dtype {dtype.dtype} needs {need} bytes, the pickle holds "
+                         f"{len(raw)}")
+    return np.frombuffer(raw, dtype=dtype.dtype).reshape(shape, order=order)
+
+
+class _ArrayStub:
+    """What numpy's ``_reconstruct(ndarray, (0,), b'b')`` unpickles to; BUILD's state
+    (version, shape, dtype, is_fortran, data) makes it the array."""
+    __slots__ = ("array",)
+
+    def __init__(self):
+        self.array = None
+
+    def __setstate__(self, state):
+        if self.array is not None or not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+            raise ValueError("refusing a numpy array state that is not (1, shape, dtype, is_fortran, data)")
+        _, shape, dtype, fortran, raw = state
+        if type(fortran) is not bool:
+            raise ValueError("refusing a numpy array state whose is_fortran is not a bool")
+        self.array = _array(raw, dtype, shape, "F" if fortran else "C")
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _NDARRAY or shape != (0,) or typecode != b"b":
+        raise ValueError("refusing numpy _reconstruct arguments other than (ndarray, (0,), b'b')")
+    return _ArrayStub()
+
+
+def _frombuffer(buf, dtype, shape, order):
+    if order not in ("C", "F"):
+        raise ValueError(f"refusing array order {order!r}")
+    return _array(buf, dtype, shape, order)
+
+
+def _latin1(text, encoding):
+    """``_codecs.encode``, as protocol 2 writes bytes from Python 3: latin-1 only."""
+    if type(text) is not str or encoding not in ("latin1", "latin-1"):
+        raise ValueError("refusing _codecs.encode other than (str, 'latin1')")
+    return text.encode("latin1")
+
+
+# The globals a CIFAR-10 batch pickle (Python 2 cPickle, or protocols 2 to 5 from numpy 1 or 2) names,
+# each mapped to a stand-in that checks its arguments; numpy.ndarray itself cannot be called.
 _SAFE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # how protocol 2 writes bytes from Python 3
+    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _latin1,
 }
 
 
@@ -220,19 +354,37 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in _SAFE_GLOBALS:
             raise ValueError(f"{self.path}: refusing to unpickle {module}.{name}; a CIFAR-10 batch may only "
-                             f"contain numpy arrays, lists, dicts, bytes, str and numbers")
-        return super().find_class(module, name)
+                             f"contain numpy integer arrays, lists, dicts, bytes, str and numbers")
+        return _SAFE_GLOBALS[(module, name)]
 
     def persistent_load(self, pid):
         raise ValueError(f"{self.path}: refusing a persistent id in the pickle")
 
 
+def _finish(value, path: str):
+    """Replace the array stand-ins (at the top level, in a dict's values and in lists there) by arrays."""
+    if isinstance(value, _ArrayStub):
+        if value.array is None:
+            raise ValueError(f"{path}: a numpy array without its data")
+        return value.array
+    if isinstance(value, (_DtypeStub, _NdarrayName)):
+        raise ValueError(f"{path}: a bare numpy {type(value).__name__} where data was expected")
+    return value
+
+
 def _unpickle(path: str):
+    _check_regular_file(path)
     size = os.path.getsize(path)
-    if size > MAX_BYTES:
-        raise ValueError(f"{path}: file of {size} bytes is larger than the {MAX_BYTES}-byte limit")
-    with open(path, "rb") as f:
-        raw = f.read()
+    if size > MAX_PICKLE_BYTES:
+        raise ValueError(f"{path}: file of {size} bytes is larger than the {MAX_PICKLE_BYTES}-byte limit of a "
+                         f"CIFAR-10 batch")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(size + 1)  # the size it had a moment ago: a file that grows since is refused below
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    if len(raw) > size:
+        raise ValueError(f"{path}: the file grew while it was read")
     # Walking the opcodes first checks every length the pickle claims against the bytes present, so a
     # forged length cannot make the unpickler allocate it.
     try:
@@ -241,7 +393,11 @@ def _unpickle(path: str):
     except Exception as e:  # pickletools reports malformed input as ValueError or others
         raise ValueError(f"{path}: not a valid pickle: {e}") from None
     try:
-        return _RestrictedUnpickler(io.BytesIO(raw), path).load()
+        value = _RestrictedUnpickler(io.BytesIO(raw), path).load()
+        if isinstance(value, dict):
+            value = {k: [_finish(v, path) for v in x] if isinstance(x, list) else _finish(x, path)
+                     for k, x in value.items()}
+        return _finish(value, path)
     except Exception as e:
         if isinstance(e, ValueError) and str(e).startswith(path):
             raise
@@ -269,7 +425,13 @@ def read_cifar_batch(path: str):
         n = len(labels) if isinstance(labels, (list, np.ndarray)) else type(labels).__name__
         raise ValueError(f"{path}: 'labels' must be a list of {len(data)} ints, got {n}")
     if isinstance(labels, list) and not all(type(v) is int for v in labels):
-        raise ValueError(f"{path}: 'labels' must hold ints only")
+        kinds = sorted({type(v).__name__ for v in labels if type(v) is not int})
+        raise ValueError(f"{path}: 'labels' must hold ints only, found {', '.join(kinds)}")
+    if isinstance(labels, np.ndarray) and (labels.ndim != 1 or labels.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: 'labels' must be one int per image, got a {labels.dtype} array of shape "
+                         f"{labels.shape}")
+    if not len(data):
+        raise ValueError(f"{path}: the batch holds no images")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")

@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from ..revgn.model import RevMLP
+from . import checkpoint
 from . import diagnostics as dg
 from .data import load_dataset
 from .config import RunConfig
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = checkpoint.CHECKPOINT
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
@@ -166,12 +167,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _save_checkpoint(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
 def _write_metrics(out_dir: str, history: list) -> None:
     with open(os.path.join(out_dir, METRICS_JSONL), "w") as f:
         for row in history:  # NaN (e.g. no loss change at epoch 0) is written as null: strict JSON
@@ -235,10 +230,10 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     ckpt = None
+    if writer:
+        checkpoint.remove_stale_tmp(ckpt_path)
     if resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        ckpt = checkpoint.load(ckpt_path, map_location=dev)  # checksum verified, state validated
         cfg.check_resumable(RunConfig.from_dict(ckpt["config"]))
     if writer:
         with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
@@ -250,11 +245,9 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     opt = build_optimizer(cfg, model, distributed)
 
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        checkpoint.restore(ckpt_path, ckpt, model, opt, lambda state: _set_rng_state(state, dev))
         tracker = Tracker(cfg, model, x_tr, ckpt["tracker"])
         history, start = ckpt["history"], ckpt["epoch"] + 1
-        _set_rng_state(ckpt["rng"], dev)
     else:
         torch.manual_seed(cfg.seed)
         tracker = Tracker(cfg, model, x_tr)
@@ -303,7 +296,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
         if not writer:
             continue
         _write_metrics(out_dir, history)
-        _save_checkpoint(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+        checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(dev),
                                      "tracker": tracker.state(), "history": history})
     epochs.close()

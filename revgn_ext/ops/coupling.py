@@ -13,6 +13,7 @@ registrations (fake kernels, autograd) and the C++/CUDA kernels' dispatch (csrc/
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from .._checks import check_dim, check_same, check_tensor
 from . import _loader
@@ -104,6 +105,8 @@ def coupling_vjp(x2, y1, VF, WF, VG, WG, activation_name, gy1, gy2, hF=None, hG=
 def _check_coupling(inputs: dict, params: dict, activation: str, check_finite: bool) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    # Reading a value back (the finiteness check) is data-dependent control flow, which torch.vmap refuses.
+    check_finite = check_finite and not torch._C._are_functorch_transforms_active()
     names = tuple(inputs)
     for name, t in inputs.items():
         check_tensor(name, t, ndim=2, finite=check_finite)
@@ -151,7 +154,7 @@ def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation: str = "relu", c
     _check_coupling({"y1": y1, "y2": y2}, {"VF": VF, "WF": WF, "bF": bF, "VG": VG, "WG": WG, "bG": bG},
                     activation, check_finite)
     if VF is not None and VG is not None and _use_kernel("coupling_inverse", y1):
-        return tuple(torch.ops.revgn.coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation))
+        return tuple(_apply("coupling_inverse", y1, y2, VF, WF, bF, VG, WG, bG, activation))
     return coupling_inverse_reference(y1, y2, VF, WF, bF, VG, WG, bG, activation)
 
 
@@ -187,7 +190,7 @@ def coupling_inverse_tangent_unchecked(y1, x2, dy1, dy2, VF, WF, VG, WG, activat
     if hF is not None and hG is not None and activation in FEATURE_GRAD:
         return coupling_inverse_tangent_reference(y1, x2, dy1, dy2, VF, WF, VG, WG, activation, hF, hG)
     if VF is not None and VG is not None and _use_kernel("coupling_inverse_tangent", y1):
-        return tuple(torch.ops.revgn.coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation))
+        return tuple(_apply("coupling_inverse_tangent", y1, x2, dy1, dy2, VF, WF, VG, WG, activation))
     return coupling_inverse_tangent_reference(y1, x2, dy1, dy2, VF, WF, VG, WG, activation)
 
 
@@ -196,36 +199,179 @@ def _coupling_forward_kernel(x1, x2, VF, WF, bF, VG, WG, bG, activation, return_
     # anyway, so asking for it costs nothing and saves recomputing act(U V) there.
     keep = return_features or (torch.is_grad_enabled()
                                 and any(t.requires_grad for t in (x1, x2, VF, WF, bF, VG, WG, bG)))
-    y1, y2, hF, hG = torch.ops.revgn.coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation, keep)
+    y1, y2, hF, hG = _apply("coupling_forward", x1, x2, VF, WF, bF, VG, WG, bG, activation, keep)
     if not return_features:
         hF = hG = None
     return y1, y2, hF, hG
 
 
-def _coupling_setup_context(ctx, inputs, output):
-    x1, x2, VF, WF, bF, VG, WG, bG, activation, return_features = inputs
-    y1, _, hF, hG = output
-    ctx.activation = activation
-    ctx.has_features = bool(return_features)
-    ctx.save_for_backward(x2, VF, WF, VG, WG, y1, hF, hG)
+def coupling_jvp(x2, y1, VF, WF, VG, WG, activation_name, dx1, dx2, dVF, dWF, dbF, dVG, dWG, dbG, hF=None,
+                 hG=None):
+    """Jacobian-vector product (forward-mode tangent) of :func:`coupling_forward_reference` at input half x2
+    and output half y1, along input tangents (any may be None for zero), with zF = x2 V_F, zG = y1 V_G:
+
+        dhF = act'(zF) * (dx2 V_F + x2 dV_F),   dy1 = dx1 + dhF W_F^T + hF dW_F^T + db_F
+        dhG = act'(zG) * (dy1 V_G + y1 dV_G),   dy2 = dx2 + dhG W_G^T + hG dW_G^T + db_G
+
+    The features hF, hG are recomputed when not given. Returns (dy1, dy2, dhF, dhG).
+    """
+    def pre(U, V):
+        return lambda: _pre(U, V)
+
+    def total(*terms):
+        terms = [t for t in terms if t is not None]
+        if not terms:
+            return None
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t
+        return out
+
+    if hF is None:
+        hF = activation(activation_name, _pre(x2, VF))
+    if hG is None:
+        hG = activation(activation_name, _pre(y1, VG))
+    dzF = total(None if dx2 is None else _pre(dx2, VF), None if dVF is None else x2 @ dVF)
+    dzF = torch.zeros_like(hF) if dzF is None else dzF
+    dhF = activation_grad_times(activation_name, dzF, pre(x2, VF), hF)
+    dy1 = total(dx1, dhF @ WF.mT, None if dWF is None else hF @ dWF.mT, dbF)
+    dzG = total(_pre(dy1, VG), None if dVG is None else y1 @ dVG)
+    dhG = activation_grad_times(activation_name, dzG, pre(y1, VG), hG)
+    dy2 = total(dx2, dhG @ WG.mT, None if dWG is None else hG @ dWG.mT, dbG)
+    return dy1, dy2, dhF, dhG
 
 
-def _coupling_backward(ctx, gy1, gy2, ghF, ghG):
-    """Vector-Jacobian product of coupling_forward (:func:`coupling_vjp`); the
-    features saved by the forward supply act' without recomputing the hidden tiles."""
-    x2, VF, WF, VG, WG, y1, hF, hG = ctx.saved_tensors
-    gy1 = torch.zeros_like(y1) if gy1 is None else gy1
-    gy2 = torch.zeros_like(y1) if gy2 is None else gy2
-    if not ctx.has_features:
+# --------------------------------------------------------------------------------------------------
+# torch.library registrations (fake kernels for torch.compile / meta; autograd, forward-mode AD, vmap)
+# --------------------------------------------------------------------------------------------------
+#
+# Each compiled op's Autograd kernel runs it inside a torch.autograd.Function with setup_context, so
+# torch.func (grad, vjp, jacrev, jvp, jacfwd, vmap) and torch.autograd.forward_ad see proper rules:
+# backward and jvp are the hand-written coupling_vjp / coupling_jvp for coupling_forward, and for the
+# inverse and its tangent (used by RevGN under no_grad; differentiating them is rare) the VJP / JVP of
+# the reference. The vmap rule folds a batch that only the row inputs (samples) carry into the rows of
+# one kernel call; a batch over the weights runs the reference under torch.vmap. Without these rules the
+# op dropped forward-mode tangents silently (torch.func.jvp returned zeros).
+
+def _forward_op_reference(x1, x2, VF, WF, bF, VG, WG, bG, activation_name, return_features):
+    """:func:`coupling_forward_reference` with the op's outputs: empty features unless requested."""
+    y1, y2, hF, hG = coupling_forward_reference(x1, x2, VF, WF, bF, VG, WG, bG, activation_name, True)
+    if not return_features:
+        hF, hG = x1.new_zeros(0), x1.new_zeros(0)
+    return y1, y2, hF, hG
+
+
+def _inverse_op_reference(y1, y2, VF, WF, bF, VG, WG, bG, activation_name):
+    return coupling_inverse_reference(y1, y2, VF, WF, bF, VG, WG, bG, activation_name)
+
+
+def _tangent_op_reference(y1, x2, dy1, dy2, VF, WF, VG, WG, activation_name):
+    return coupling_inverse_tangent_reference(y1, x2, dy1, dy2, VF, WF, VG, WG, activation_name)
+
+
+def _forward_backward(ctx, gy1, gy2, ghF, ghG):
+    """coupling_vjp with the features the forward saved (they supply act' without recomputing)."""
+    x1, x2, VF, WF, bF, VG, WG, bG, y1, _, hF, hG = ctx.saved_tensors
+    if not ctx.extra[1]:
         hF = hG = ghF = ghG = None
-    grads = coupling_vjp(x2, y1, VF, WF, VG, WG, ctx.activation, gy1, gy2, hF, hG, ghF, ghG,
-                                   need=(True,) + tuple(ctx.needs_input_grad[1:8]))
+    grads = coupling_vjp(x2, y1, VF, WF, VG, WG, ctx.extra[0], gy1, gy2, hF, hG, ghF, ghG,
+                         need=(True,) + tuple(ctx.needs_input_grad[1:8]))
     return (*grads, None, None)
 
 
-# --------------------------------------------------------------------------------------------------
-# torch.library registrations (fake kernels for torch.compile / meta, autograd)
-# --------------------------------------------------------------------------------------------------
+def _forward_jvp(ctx, dx1, dx2, dVF, dWF, dbF, dVG, dWG, dbG, *_):
+    x1, x2, VF, WF, bF, VG, WG, bG, y1, _, hF, hG = ctx.saved_tensors
+    activation_name, features = ctx.extra
+    dy1, dy2, dhF, dhG = coupling_jvp(x2, y1, VF, WF, VG, WG, activation_name, dx1, dx2, dVF, dWF, dbF, dVG,
+                                      dWG, dbG, hF if features else None, hG if features else None)
+    if not features:
+        dhF, dhG = torch.zeros_like(hF), torch.zeros_like(hG)
+    return dy1, dy2, dhF, dhG
+
+
+def _make_function(name: str, rows: int, reference, backward=None, jvp=None):
+    """The autograd.Function around ``revgn::name``: its first 8 arguments are tensors, of which the first
+    ``rows`` are (n, d/2) sample rows; ``reference`` computes the same outputs in PyTorch."""
+    op = getattr(torch.ops.revgn, name).default
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return tuple(op(*args))
+
+    def setup_context(ctx, inputs, output):
+        ctx.extra = tuple(inputs[8:])
+        ctx.save_for_backward(*inputs[:8], *output)
+        ctx.save_for_forward(*inputs[:8], *output)
+
+    def reference_backward(ctx, *grads):
+        inputs = ctx.saved_tensors[:8]
+        _, vjp_fn = torch.func.vjp(lambda *t: reference(*t, *ctx.extra), *inputs)
+        return (*vjp_fn(tuple(grads)), *(None,) * len(ctx.extra))
+
+    def reference_jvp(ctx, *tangents):
+        inputs = ctx.saved_tensors[:8]
+        tangents = tuple(torch.zeros_like(t) if dt is None else dt for t, dt in zip(inputs, tangents))
+        return torch.func.jvp(lambda *t: reference(*t, *ctx.extra), inputs, tangents)[1]
+
+    def vmap(info, in_dims, *args):
+        tensors, extra, dims = args[:8], args[8:], in_dims[:8]
+        if all(d is None for d in dims[rows:]):
+            size = info.batch_size
+
+            def fold(t, d):
+                t = t.expand(size, *t.shape) if d is None else t.movedim(d, 0)
+                return t.reshape(-1, t.shape[-1])
+
+            out = function.apply(*(fold(t, d) for t, d in zip(tensors[:rows], dims[:rows])), *tensors[rows:],
+                                 *extra)
+            return (tuple(o.unflatten(0, (size, -1)) if o.dim() == 2 else o for o in out),
+                    tuple(0 if o.dim() == 2 else None for o in out))
+        out = torch.vmap(lambda *t: reference(*t, *extra), in_dims=tuple(dims), randomness=info.randomness)(
+            *tensors)
+        return tuple(out), (0,) * len(out)
+
+    function = type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward or reference_backward), "jvp": staticmethod(jvp or reference_jvp),
+        "vmap": staticmethod(vmap)})
+    return function
+
+
+def _differentiating(args) -> bool:
+    """True when a result of these arguments may be differentiated: grad mode with an input that requires
+    grad, a forward-AD dual level, or a torch.func transform."""
+    return (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+            or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
+
+
+def _autograd_kernel(function, op, reference):
+    """Autograd-key kernel of ``revgn::op`` for callers of ``torch.ops.revgn.*``: the autograd.Function when
+    something may be differentiated (grad mode and an input that requires grad, or a forward-AD dual
+    level), the reference under a torch.func transform (an autograd.Function must be applied above the
+    dispatcher for those, as the public wrappers do), else the kernel."""
+    def kernel(keyset, *args):
+        if torch._C._are_functorch_transforms_active():
+            return tuple(reference(*args))
+        if _differentiating(args):
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return kernel
+
+
+_LIBRARY: list = []  # keeps the registrations alive
+_FUNCTIONS: dict = {}
+
+
+def _apply(name: str, *args):
+    """Run the compiled ``revgn::name``; through its autograd.Function (applied above the dispatcher, so
+    torch.func transforms and forward-mode AD use its rules) when the result may be differentiated,
+    else straight to the kernel (autograd.Function.apply costs tens of microseconds a call)."""
+    if _differentiating(args):
+        return _FUNCTIONS[name].apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return getattr(torch.ops.revgn, name).default(*args)
+
 
 def _register() -> None:
     if _loader.load() == "reference" or not hasattr(torch.ops.revgn, "coupling_forward"):
@@ -249,8 +395,15 @@ def _register() -> None:
         stacked = y1.new_empty(2 * y1.shape[0], y1.shape[1])
         return y1.new_empty(y1.shape), stacked[y1.shape[0]:]
 
-    torch.library.register_autograd("revgn::coupling_forward", _coupling_backward,
-                                    setup_context=_coupling_setup_context)
+    lib = torch.library.Library("revgn", "IMPL")
+    _LIBRARY.append(lib)
+    for name, rows, reference, backward, jvp in (
+            ("coupling_forward", 2, _forward_op_reference, _forward_backward, _forward_jvp),
+            ("coupling_inverse", 2, _inverse_op_reference, None, None),
+            ("coupling_inverse_tangent", 4, _tangent_op_reference, None, None)):
+        _FUNCTIONS[name] = function = _make_function(name, rows, reference, backward, jvp)
+        lib.impl(name, _autograd_kernel(function, getattr(torch.ops.revgn, name).default, reference), "Autograd",
+                 with_keyset=True)
 
 
 _register()

@@ -96,6 +96,13 @@ class CouplingBlock(nn.Module):
         return gx1, gx2, gWF, gbF, gWG, gbG
 
 
+def _transforms_active() -> bool:
+    """True under a torch.func transform or a forward-mode AD dual level. There the blocks run one by one
+    (each op has rules for them) instead of through :class:`_ReversibleStack`, whose memory saving is
+    for ordinary reverse-mode backprop."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 class _ReversibleStack(torch.autograd.Function):
     """Runs all blocks keeping only the final output; backward recomputes each block's input with
     the exact inverse (memory O(1) in depth instead of O(L))."""
@@ -145,7 +152,8 @@ class RevMLP(nn.Module):
         weight_std: standard deviation of the initial W (paper 1e-3).
         seed: seeds V, W and Q (drawn in this order, block by block, then Q).
         reversible_backprop: when True, the autograd forward stores only the output and the backward
-            recomputes block inputs with the exact inverse.
+            recomputes block inputs with the exact inverse (ordinary backprop only: under torch.func
+            transforms and forward-mode AD the blocks run one by one).
     Parameters are, block by block, (W_F, b_F, W_G, b_G); V_F, V_G and Q are buffers.
     """
 
@@ -234,7 +242,7 @@ class RevMLP(nn.Module):
         """The network output Z = X_L (n, d) before the readout."""
         self.check_input(x)
         x1, x2 = self.split(x)
-        if self.reversible_backprop and torch.is_grad_enabled():
+        if self.reversible_backprop and torch.is_grad_enabled() and not _transforms_active():
             x1, x2 = _ReversibleStack.apply(self.blocks, x1, x2, *self.parameters())
         else:
             for block in self.blocks:

@@ -32,6 +32,9 @@ from . import right_inverse as ri
 from . import targets as tg
 from .model import RevMLP
 
+# Integer label dtypes RevGN accepts (converted to int64); the wider unsigned ones lack the comparisons.
+_LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 __all__ = ["RevGN"]
 
 DAMPING_MODES = ("relative", "absolute")
@@ -113,10 +116,13 @@ class RevGN(GaussNewtonOptimizer):
         self.model = model
         self.shards = shards
         if shards is not None:
-            shards.synchronise(model)
+            shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
 
     # ------------------------------------------------------------------------------------------
     def _check_batch(self, x, y) -> None:
+        # The hyper-parameters first: when distributed this runs inside the ranks' joint check, so a
+        # NaN lr on one rank raises on every rank together.
+        self.checked_groups()
         model, loss = self.model, self.param_groups[0]["loss"]
         model.check_input(x, "x", finite=True)
         n, K = x.shape[0], model.num_classes
@@ -131,9 +137,9 @@ class RevGN(GaussNewtonOptimizer):
                 raise ValueError(f"y must have shape ({n}, {K}) (batch size of x, num_classes), "
                                  f"got {tuple(y.shape)}")
             return
-        if y.dtype in (torch.bool, torch.complex64, torch.complex128) or y.dim() != 1 or y.shape[0] != n:
-            raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x), got "
-                             f"{y.dtype} {tuple(y.shape)}")
+        if y.dtype not in _LABEL_DTYPES or y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x) with dtype int64, "
+                             f"int32, int16, int8 or uint8, got {y.dtype} {tuple(y.shape)}")
         if bool(((y < 0) | (y >= K)).any()):
             raise ValueError(f"y has labels outside [0, {K}) (num_classes={K}): "
                              f"min {int(y.min())}, max {int(y.max())}")
@@ -147,6 +153,8 @@ class RevGN(GaussNewtonOptimizer):
         else:
             shards.agree(lambda: self._check_batch(x, y), lambda: x.shape[0], like=x)
             n = shards.total
+        if not y.is_floating_point():
+            y = y.long()  # class labels of any accepted integer dtype; cross_entropy and one_hot need int64
         group = self.checked_group()
         model = self.model
         M = model.width
@@ -175,8 +183,8 @@ class RevGN(GaussNewtonOptimizer):
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
+        loss, n, deltas, report = self._direction(x, y)  # checks the hyper-parameters with the batch
         groups = self.checked_groups()
-        loss, n, deltas, report = self._direction(x, y)
         flat = [t for d in deltas for t in d]
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
