@@ -259,10 +259,15 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{who} got an empty parameter list")
         known = {id(p) for p in model.parameters()}
         allowed = {id(p) for p in trainable}
-        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        is_groups = isinstance(params[0], dict)
+        groups = params if is_groups else [{"params": params}]
+        out = []
         for g in groups:
-            ps = g.get("params") if isinstance(g, dict) else None
+            if not isinstance(g, dict):
+                raise ValueError("params must be all tensors or all dicts (parameter groups)")
+            ps = g.get("params")
             ps = [ps] if isinstance(ps, torch.Tensor) else list(ps or [])
+            out.append({**g, "params": ps})
             for p in ps:
                 if not isinstance(p, torch.Tensor):
                     raise ValueError(f"params must hold tensors, got {type(p).__name__}")
@@ -273,7 +278,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
                 if id(p) not in allowed:
                     raise ValueError(f"params holds a parameter of shape {tuple(p.shape)} that {who} "
                                      f"does not train (requires_grad=False or a fixed tensor)")
-        return params
+        return out if is_groups else out[0]["params"]
 
     @classmethod
     def check_model_dtype(cls, params: list) -> None:
@@ -447,6 +452,10 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
             except ValueError:
                 continue
             on_output.append((func, args, x))
+        if not on_output:
+            raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
+                             f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
+                             f"needs loss(model(x), target)")
         if len(on_output) != 1:
             raise ValueError(f"{who}.step(closure): the closure computed {len(on_output)} losses on the "
                              f"model's output; with more than one, return (output, target) to say which")
