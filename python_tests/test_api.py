@@ -425,3 +425,50 @@ def test_steps_under_autocast_run_in_the_parameters_dtype():
     RevGN(rev_twin, lr=0.1).step(x, y)
     for p, q in zip(rev.parameters(), rev_twin.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def _coupling_args(n=5, half=4, M=6, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return r(n, half), r(n, half), r(half, M), r(half, M), r(half), r(half, M), r(half, M), r(half)
+
+
+def test_ops_under_autocast_run_in_float32_on_either_backend():
+    """The same dtypes and values as the float32 call, for the compiled ops and the references alike
+    (CI runs this file with REVGN_BACKEND=reference too)."""
+    from revgn_ext import ops
+
+    args = _coupling_args()
+    plain = ops.coupling_forward(*args, activation="tanh", return_features=True)
+    low = [a.bfloat16() if i < 2 else a for i, a in enumerate(args)]    # inputs from a bf16 region
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = ops.coupling_forward(*[a.bfloat16().float() if i < 2 else a for i, a in enumerate(args)],
+                                    activation="tanh", return_features=True)
+        mixed = ops.coupling_forward(*low, activation="tanh")
+        inv = ops.coupling_inverse(*plain[:2], *args[2:], activation="tanh")
+        A = torch.randn(2, 3, 5)
+        x = ops.gram_cholesky_solve(A.bfloat16(), torch.randn(2, 3, 1).bfloat16(), 0.1)
+    assert all(t.dtype == torch.float32 for t in (*auto, *mixed[:2], *inv, x))
+    torch.testing.assert_close(auto[0], mixed[0])
+    torch.testing.assert_close(inv[0], args[0], rtol=1e-5, atol=1e-5)
+    if hasattr(torch.ops, "revgn") and hasattr(torch.ops.revgn, "coupling_forward"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):        # the registered autocast rule
+            direct = torch.ops.revgn.coupling_forward(*low, "tanh", False)
+        assert direct[0].dtype == torch.float32
+        torch.testing.assert_close(direct[0], mixed[0])
+
+
+def test_revmlp_training_under_autocast_matches_float32():
+    torch.set_default_dtype(torch.float32)
+    model = RevMLP(6, 3, num_blocks=2, hidden=16, seed=0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        auto_loss = F.cross_entropy(out, y)
+    auto_grads = torch.autograd.grad(auto_loss, list(model.parameters()))
+    # The blocks run in float32 under autocast; only the final readout Q is an autocast matmul.
+    torch.testing.assert_close(auto_loss, loss, rtol=2e-2, atol=2e-2)
+    for a, b in zip(auto_grads, grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)

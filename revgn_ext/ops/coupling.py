@@ -16,6 +16,7 @@ import torch
 
 from .._checks import check_dim, check_same, check_tensor
 from . import _loader
+from ._autocast import float32_under_autocast, register as _register_autocast
 from .activations import ACTIVATIONS, FEATURE_GRAD, activation, activation_grad_times
 
 __all__ = ["coupling_forward", "coupling_inverse", "coupling_inverse_tangent", "coupling_forward_reference",
@@ -131,6 +132,7 @@ def _check_coupling(inputs: dict, params: dict, activation: str, check_finite: b
         check_dim("W" + side, W, 1, width, "hidden width M of V" + side if V is not None else "d/2")
 
 
+@float32_under_autocast
 def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
                      return_features: bool = False, check_finite: bool = True):
     """Forward of one coupling block: ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``.
@@ -146,6 +148,7 @@ def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
     return coupling_forward_reference(x1, x2, VF, WF, bF, VG, WG, bG, activation, return_features)
 
 
+@float32_under_autocast
 def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation: str = "relu", check_finite: bool = True):
     """Exact inverse of :func:`coupling_forward`: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``."""
     _check_coupling({"y1": y1, "y2": y2}, {"VF": VF, "WF": WF, "bF": bF, "VG": VG, "WG": WG, "bG": bG},
@@ -155,6 +158,7 @@ def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation: str = "relu", c
     return coupling_inverse_reference(y1, y2, VF, WF, bF, VG, WG, bG, activation)
 
 
+@float32_under_autocast
 def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation: str = "relu",
                              check_finite: bool = True, hF=None, hG=None):
     """Push a tangent (dy1, dy2) of the block output back through the inverse; returns (dx1, dx2).
@@ -249,6 +253,8 @@ def _register() -> None:
         stacked = y1.new_empty(2 * y1.shape[0], y1.shape[1])
         return y1.new_empty(y1.shape), stacked[y1.shape[0]:]
 
+    # Under autocast the ops run in float32, as the wrappers' reference path does.
+    _register_autocast("revgn::coupling_forward", "revgn::coupling_inverse", "revgn::coupling_inverse_tangent")
     torch.library.register_autograd("revgn::coupling_forward", _coupling_backward,
                                     setup_context=_coupling_setup_context)
 
