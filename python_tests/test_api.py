@@ -472,3 +472,75 @@ def test_revmlp_training_under_autocast_matches_float32():
     torch.testing.assert_close(auto_loss, loss, rtol=2e-2, atol=2e-2)
     for a, b in zip(auto_grads, grads):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiments CLI: defaults in --help, --lr 0 refused, one line per run in a log, Ctrl-C
+# --------------------------------------------------------------------------------------------------
+
+CLI_TINY = ["--dataset", "synthetic", "--max-train", "64", "--max-test", "32", "--hidden", "32", "--batch-size", "32",
+            "--full-batch-size", "32", "--diag-samples", "32", "--ntk-samples", "8", "--ntk-probes", "2",
+            "--epochs", "2"]
+
+
+def test_cli_help_shows_defaults_and_refuses_lr_zero(capsys):
+    from revgn_ext.experiments import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: digits)" in out and "(default: float32)" in out
+    for lr in ("0", "gn=0", "-1", "nan"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--lr", lr])
+        assert e.value.code == 2
+        assert "positive" in capsys.readouterr().err
+
+
+def test_cli_log_gets_one_line_per_run(tmp_path, capsys):
+    from revgn_ext.experiments import cli
+
+    with _quiet():
+        assert cli.main(["train", *CLI_TINY, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err                      # pytest's capture is not a terminal
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len([line for line in lines if "epochs in" in line]) == 1
+    assert "\r" not in err and "\x1b[" not in err
+
+
+def test_cli_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from revgn_ext.experiments import cli, runner
+
+    calls = {"n": 0}
+    real = runner.train_step
+
+    def interrupted(cfg, model, opt, x, y):
+        calls["n"] += 1
+        if calls["n"] > 2:                              # during the second epoch (2 batches an epoch)
+            raise KeyboardInterrupt
+        return real(cfg, model, opt, x, y)
+
+    monkeypatch.setattr(runner, "train_step", interrupted)
+    with _quiet():
+        code = cli.main(["train", *CLI_TINY, "--out", str(tmp_path)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "stopped after epoch 1" in err and "rerun with --resume" in err
+    monkeypatch.setattr(runner, "train_step", real)
+    with _quiet():
+        assert cli.main(["train", *CLI_TINY, "--out", str(tmp_path), "--resume"]) == 0
+
+
+def _quiet():
+    import warnings
+
+    ctx = warnings.catch_warnings()
+
+    class _Ctx:
+        def __enter__(self):
+            ctx.__enter__()
+            warnings.simplefilter("ignore")
+
+        def __exit__(self, *exc):
+            return ctx.__exit__(*exc)
+    return _Ctx()
