@@ -43,15 +43,23 @@ def _all_finite(tensors) -> bool:
 
 
 class EGN(GaussNewtonOptimizer):
-    """Exact Gauss-Newton / Levenberg-Marquardt optimizer for any ``nn.Module``.
+    """Exact Gauss-Newton / Levenberg-Marquardt optimizer for any ``nn.Module`` (docs/api.md).
+
+    ``EGN(params, model=model, loss=...)`` as for any ``torch.optim`` optimizer, or ``EGN(model, ...)``.
 
     Args:
-        model: the network; its trainable parameters (``requires_grad``) are optimised, in
-            ``model.parameters()`` order. Samples must not interact (no BatchNorm in training mode).
+        params: the parameters to train, all of them parameters of ``model`` (default: its trainable
+            ones, in ``model.parameters()`` order). One group: the step solves one system for all.
+        model: the network, called as ``model(x)``; may be ``torch.compile``-d or DDP-wrapped. Samples
+            must not interact (no BatchNorm in training mode).
+        loss: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (``label_smoothing``, probability targets) or
+            ``nn.BCEWithLogitsLoss`` with reduction "mean" or "sum"; or "mse" (0.5 ||f - y||^2 per
+            sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (one logit,
+            targets in [0, 1]), averaged over the batch. None: the closure's loss, or inferred from the
+            targets where unambiguous (:func:`revgn_ext._optim.infer_loss`). Damping applies to the
+            loss as given: for a loss s L, lambda / s is used with L (docs/api.md).
         lr: step size alpha (the largest step when ``line_search`` is on). Default 0.1.
         damping: lambda in (J^T Q J / b + lambda I) dir = -g. Default 1.0.
-        loss: "mse" (0.5 ||f - y||^2 per sample), "cross_entropy" (softmax, integer labels) or
-            "binary_cross_entropy" (one logit, targets in [0, 1]); averaged over the batch.
         line_search: Armijo backtracking on the same batch: alpha0 = min(1.5 alpha_prev, lr), accept if
             L(w + alpha d) <= L(w) + armijo * alpha g^T d, else alpha *= backtrack, at most max_tries.
         momentum: beta of the bias-corrected EMA of directions, m = beta m + (1 - beta) dir,
@@ -73,8 +81,9 @@ class EGN(GaussNewtonOptimizer):
     process group. The optimizer needs the bare module because it runs its own forward and VJPs, which
     DDP's reducer (expecting one backward per forward) would try to average across ranks.
 
-    ``step(x, y)`` returns a dict of statistics (``loss`` is the pre-step loss); a step whose update is not
-    finite is refused, leaving parameters and state as they were.
+    ``step(closure)`` works as for ``torch.optim.LBFGS`` and returns the closure's loss; ``step(x, y)``
+    returns a dict of statistics (``loss`` is the pre-step loss), kept in ``last_stats`` either way. A
+    step whose update is not finite is refused, leaving parameters and state as they were.
     """
 
     HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),

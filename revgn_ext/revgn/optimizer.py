@@ -41,16 +41,23 @@ class RevGN(GaussNewtonOptimizer):
     """Exact Gauss-Newton step for a :class:`~revgn_ext.RevMLP`: ``theta <- theta - lr * Delta`` with
     ``J Delta = E Q^T`` (see the module docstring for the math and the paper's learning rates).
 
+    ``RevGN(params, model=model, ...)`` as for any ``torch.optim`` optimizer, or ``RevGN(model, ...)``.
+
     Args:
-        model: the RevMLP whose W and b are trained (all of them; V and Q are fixed buffers).
+        params: the RevMLP's parameters, all of them, as tensors or groups; groups may have their
+            own ``lr`` (0 holds a group still), every other option is shared.
+        model: the RevMLP whose W and b are trained (all of them; V and Q are fixed buffers); may be
+            ``torch.compile``-d or DDP-wrapped.
         lr: step size (ours = L * the official code's, see above).
         damping: lambda of ``A^+ R = A^T (A A^T + lambda I)^{-1} R``; relative to mean(diag(A A^T)) of
             each Gram by default. 0 gives the exact right inverse when every A has full row rank n
             (n <= M and non-linear blocks; a linear block has rank <= d/2 + 1).
         target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i) or "damped"
             (E_i = (H_i + target_damping I)^{-1} g_i).
-        loss: "cross_entropy" (y: int labels) or "mse" (0.5 ||z - y||^2 per sample; y: (n, K) floats
-            or int labels, one-hot encoded).
+        loss: "cross_entropy" / ``nn.CrossEntropyLoss`` (y: int labels) or "mse" / ``nn.MSELoss``
+            (0.5 ||z - y||^2 per sample; y: (n, K) floats, or int labels one-hot encoded for "mse").
+            The reduction scales only ``stats["loss"]``: the step is a per-sample function-space move.
+            None: the closure's loss, or inferred from y where unambiguous.
         shares: s_l, the fraction of the target block l produces; non-negative, sum 1; default 1/L.
         damping_mode: "relative" or "absolute".
         solver: "cholesky" (one batched Gram factorisation) or "svd" (the official truncated pinv:
@@ -72,8 +79,9 @@ class RevGN(GaussNewtonOptimizer):
     wrapper's process group. DDP's own gradient all_reduce (an average of per-shard gradients) is not
     used, because the exact step couples all samples through the Gram; a bare module works as well.
 
-    ``step(x, y)`` returns a stats dict: "loss" (pre-step batch loss), "refused" (True when the update
-    was not finite and the parameters were left untouched), per-Gram lists in the order
+    ``step(closure)`` works as for ``torch.optim.LBFGS`` and returns the closure's loss; ``step(x, y)``
+    returns a stats dict (kept in ``last_stats`` either way): "loss" (pre-step batch loss), "refused"
+    (True when the update was not finite and the parameters were left untouched), per-Gram lists in the order
     F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda), "info" and "jitter" (Cholesky retries and the
     jitter they added; info -1 = all retries failed) or "rank" (SVD), and "exact" (damping 0, n <= M and
     every Gram factored cleanly at full rank).
