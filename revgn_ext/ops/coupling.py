@@ -140,6 +140,9 @@ def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
     Returns ``(y1, y2, hF, hG)``; the features ``hF = act(x2 V_F)``, ``hG = act(y1 V_G)`` are returned
     when ``return_features`` (RevGN needs them), else ``None``. Differentiable. ``VF``/``VG`` may be
     ``None`` for the variant without a bottleneck.
+
+    Shapes: x1, x2 (n, d/2); VF, VG (d/2, M); WF, WG (d/2, M) ((d/2, d/2) without V); bF, bG (d/2,).
+    Returns y1, y2 (n, d/2) and hF, hG (n, M). Under autocast it runs in float32.
     """
     _check_coupling({"x1": x1, "x2": x2}, {"VF": VF, "WF": WF, "bF": bF, "VG": VG, "WG": WG, "bG": bG},
                     activation, check_finite)
@@ -150,7 +153,10 @@ def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
 
 @float32_under_autocast
 def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation: str = "relu", check_finite: bool = True):
-    """Exact inverse of :func:`coupling_forward`: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``."""
+    """Exact inverse of :func:`coupling_forward`: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``.
+
+    Shapes as :func:`coupling_forward`: y1, y2 (n, d/2) -> x1, x2 (n, d/2).
+    """
     _check_coupling({"y1": y1, "y2": y2}, {"VF": VF, "WF": WF, "bF": bF, "VG": VG, "WG": WG, "bG": bG},
                     activation, check_finite)
     if VF is not None and VG is not None and _use_kernel("coupling_inverse", y1):
@@ -167,6 +173,8 @@ def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation: str =
     Passing the forward's features ``hF = act(x2 V_F)`` and ``hG = act(y1 V_G)`` (as RevGN does) reads
     act' off them for identity, relu and tanh: two GEMMs instead of the kernel's four (the kernel
     recomputes the pre-activations).
+
+    Shapes: y1, x2, dy1, dy2 (n, d/2); VF, WF, VG, WG (d/2, M); hF, hG (n, M). Returns dx1, dx2 (n, d/2).
     """
     _check_coupling({"y1": y1, "x2": x2, "dy1": dy1, "dy2": dy2},
                     {"VF": VF, "WF": WF, "VG": VG, "WG": WG}, activation, check_finite)
