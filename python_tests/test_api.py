@@ -544,3 +544,32 @@ def _quiet():
         def __exit__(self, *exc):
             return ctx.__exit__(*exc)
     return _Ctx()
+
+
+# --------------------------------------------------------------------------------------------------
+# Build choices (revgn_ext/ops/_build.py, shared by setup.py and the JIT path)
+# --------------------------------------------------------------------------------------------------
+
+def test_cuda_kernels_only_when_a_gpu_is_visible_or_asked_for(monkeypatch):
+    from revgn_ext.ops import _build
+
+    for var in ("REVGN_NO_CUDA", "REVGN_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_build, "cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not _build.want_cuda()                                   # CUDA torch and nvcc, no GPU
+    assert "CPU kernels" in _build.describe(False) and "TORCH_CUDA_ARCH_LIST" in _build.describe(False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _build.want_cuda()                                       # asked for: CI
+    assert ".cu" in _build.describe(True)
+    monkeypatch.setenv("REVGN_NO_CUDA", "1")
+    assert not _build.want_cuda()
+    monkeypatch.delenv("REVGN_NO_CUDA")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _build.want_cuda()                                       # a GPU
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert not _build.want_cuda()                                   # a CPU build of torch
+    monkeypatch.setenv("REVGN_FORCE_CUDA", "1")
+    assert _build.want_cuda()
