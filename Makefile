@@ -3,12 +3,18 @@
 #   make demo    create .venv, install the package (compiling the kernels), run the main job
 #   make test    same set-up, then the test suite and the CMake build check
 #   make bench   microbenchmarks (kernels vs their pure-PyTorch references)
+#
+# Kernels: the C++ CPU kernels always; the CUDA kernels when a GPU is visible, or when
+# TORCH_CUDA_ARCH_LIST or REVGN_FORCE_CUDA=1 asks for them (CI sets both: .ci/run). On a machine
+# without a GPU that asks for no CUDA, the CPU build of torch is installed (from the PyTorch CPU index;
+# if that index is unreachable, PyPI's default torch, which bundles the CUDA libraries).
+# `make demo TORCH_SPEC=/path/to/torch-*.whl` installs a given torch wheel.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch
-DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn matplotlib tqdm
+DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn matplotlib tqdm lightning
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -16,13 +22,21 @@ export MAX_JOBS
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
-# Without a GPU to detect, torch would compile for every architecture it knows; build for Hopper
-# unless told otherwise.
-ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
-export TORCH_CUDA_ARCH_LIST ?= 9.0
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+WANT_CUDA := $(if $(or $(HAVE_GPU),$(TORCH_CUDA_ARCH_LIST),$(filter 1,$(REVGN_FORCE_CUDA))),1,)
+ifeq ($(WANT_CUDA),)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+endif
+# The CMake check builds the CUDA sources under the same condition, for the first listed architecture.
+CUDA_ARCH := $(subst .,,$(or $(firstword $(TORCH_CUDA_ARCH_LIST)),9.0))
+# cmake from pip when the system has none.
+SYSTEM_CMAKE := $(shell command -v cmake 2>/dev/null)
+CMAKE := $(or $(SYSTEM_CMAKE),$(VENV)/bin/cmake)
+ifeq ($(SYSTEM_CMAKE),)
+DEPS += cmake
 endif
 
-SOURCES := setup.py $(shell find csrc -type f) $(shell find revgn_ext -name '*.py')
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f) $(shell find revgn_ext -name '*.py')
 PYTEST_ARGS ?=
 # -P: import the installed package, not the source tree beside it.
 RUN := $(PY) -P
@@ -31,12 +45,18 @@ RUN := $(PY) -P
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
+ifneq ($(TORCH_INDEX_URL),)
+	$(PY) -m pip install -q --timeout 20 --retries 1 --index-url $(TORCH_INDEX_URL) "$(TORCH_SPEC)" || { \
+	  echo "make: the CPU build of torch is not reachable at $(TORCH_INDEX_URL); installing PyPI's default torch instead (it bundles the CUDA libraries, several GB)"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)"; }
+endif
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
 	touch $@
 
 venv: $(VENV)/.deps
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	@$(PY) revgn_ext/ops/_build.py
 	$(PY) -m pip install -q --no-build-isolation --no-deps .
 	touch $@
 
@@ -54,13 +74,18 @@ pytest: install
 test-reference: install
 	REVGN_BACKEND=reference REVGN_REQUIRE_EXT=0 $(RUN) -m pytest python_tests -q -ra $(PYTEST_ARGS)
 
+# A CUDA build of torch makes its CMake config enable CUDA, so the CMake build then needs nvcc and an
+# architecture (TORCH_CUDA_ARCH_LIST, default 9.0) whatever the pip build chose.
 cmake-check: venv
 	rm -rf build/cmake
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	@cuda=$$($(PY) -c 'import torch; print("ON" if torch.version.cuda else "OFF")'); \
+	if [ "$$cuda" = ON ] && [ -z "$(CUDA_HOME)" ]; then \
+	  echo "cmake-check: this torch is a CUDA build, whose CMake config needs nvcc; set CUDA_HOME"; exit 1; fi; \
+	set -x; TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" $(CMAKE) -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython3_EXECUTABLE=$(abspath $(PY)) \
-	  $(if $(CUDA_HOME),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DREVGN_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$(subst .,,$(firstword $(TORCH_CUDA_ARCH_LIST))))
-	cmake --build build/cmake -j $(MAX_JOBS)
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) -DREVGN_WITH_CUDA=$$cuda \
+	  $$([ "$$cuda" = ON ] && echo "-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_HOME) -DCUDAToolkit_ROOT=$(CUDA_HOME) -DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)")
+	$(CMAKE) --build build/cmake -j $(MAX_JOBS)
 	REVGN_BACKEND=reference $(RUN) -c "import torch; torch.ops.load_library('build/cmake/librevgn_ops.so'); \
 	  A = torch.randn(2, 3, 4, dtype=torch.float64); out = torch.ops.revgn.gram_cholesky_solve(A, torch.randn(2, 3, 1, dtype=torch.float64), torch.ones(2, dtype=torch.float64), True)[0]; \
 	  print('CMake library loads and runs:', tuple(out.shape))"

@@ -1,14 +1,17 @@
-"""Build and install revgn_ext, compiling the ops on the fly.
+"""Build revgn_ext, compiling the ops ahead of time. The package metadata lives in pyproject.toml.
 
-    pip install --no-build-isolation .     # the build needs the torch you already have
+    pip install .                          # isolated build: pip brings torch for the build
+    pip install --no-build-isolation .     # build against the torch already installed (matching ABI)
 
-* CUDAExtension when nvcc and a CUDA build of torch are present, or when REVGN_FORCE_CUDA=1;
-* CppExtension otherwise;
-* REVGN_NO_EXT=1 installs the pure-Python package (reference ops) without compiling.
+* The C++ CPU kernels always; the CUDA kernels when a GPU is visible (with nvcc and a CUDA torch), or
+  when TORCH_CUDA_ARCH_LIST or REVGN_FORCE_CUDA=1 asks for them. REVGN_NO_CUDA=1 skips CUDA.
+* REVGN_NO_EXT=1, or a build where torch cannot be imported, installs the pure-Python package: the ops
+  then run their pure-PyTorch references (REVGN_JIT=1 compiles the kernels on first use instead).
 TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured as in torch.utils.cpp_extension.
 """
 import os
 import runpy
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -16,15 +19,28 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 build = runpy.run_path(str(ROOT / "revgn_ext" / "ops" / "_build.py"))
 
-ext_modules = []
-cmdclass = {}
-if os.environ.get("REVGN_NO_EXT", "0") != "1":
+
+def extensions():
+    if os.environ.get("REVGN_NO_EXT", "0") == "1":
+        print("revgn_ext: REVGN_NO_EXT=1, installing the pure-Python package (reference ops)", file=sys.stderr)
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension  # noqa: F401
+    except ImportError as exc:
+        print(f"revgn_ext: torch cannot be imported at build time ({exc}); installing the pure-Python "
+              "package, whose ops run their pure-PyTorch references. For the compiled kernels install "
+              "torch first, then `pip install --no-build-isolation .` (or set REVGN_JIT=1 to compile "
+              "them on first use).", file=sys.stderr)
+        return [], {}
     with_cuda = build["want_cuda"]()
     if with_cuda and not os.environ.get("CUDA_HOME") and build["cuda_home"]():
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = build["cuda_home"]()
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     if with_cuda:
         build["ensure_cuda_arch_list"]()
+    print(build["describe"](with_cuda), file=sys.stderr, flush=True)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     srcs = [os.path.relpath(s, ROOT) for s in build["sources"](with_cuda)]
@@ -34,27 +50,18 @@ if os.environ.get("REVGN_NO_EXT", "0") != "1":
                             include_dirs=build["cuda_include_dirs"]())
     else:
         ext = CppExtension("revgn_ext._C", srcs, extra_compile_args=args)
-    ext_modules = [ext]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
-    name="revgn_ext",
-    version="0.1.0",
-    description="Exact Gauss-Newton optimisation for PyTorch: RevGN for reversible MLPs and EGN for any "
-                "nn.Module, with fused C++/CUDA kernels",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
     packages=find_packages(include=["revgn_ext", "revgn_ext.*"]) + ["revgn_ext._csrc"],
     # The kernel sources travel with the package so that REVGN_JIT=1 can build them after install.
     package_dir={"revgn_ext._csrc": "csrc"},
-    package_data={"revgn_ext._csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h", "*/cuda/*.cpp", "*/cuda/*.cu",
-                                       "*/cuda/*.h"]},
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "experiments": ["tqdm", "matplotlib", "scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib"],
-    },
+    package_data={"revgn_ext": ["py.typed"],
+                  "revgn_ext._csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h", "*/cuda/*.cpp", "*/cuda/*.cu",
+                                      "*/cuda/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -9,21 +9,205 @@
   that decay to zero expect); ``damping >= 0``; a step whose update is not finite is refused: the
   parameters and the optimizer state stay as they were, ``stats["refused"]`` is True and
   ``stats["reason"]`` says why, with a ``RuntimeWarning``.
+* **The torch.optim calling conventions** (:class:`GaussNewtonOptimizer`): ``Opt(params, model=...)``
+  or ``Opt(model)``; ``step(closure)`` as in ``torch.optim.LBFGS`` or ``step(x, y)``; losses given as
+  ``torch.nn`` loss modules or names (:func:`resolve_loss`); one place for parameter-group rules.
 * **The stats record.** Every step returns a dict with at least :data:`COMMON_STATS`: "loss" (the
   pre-step batch loss), "refused", "reason" (None unless refused), "lr" (of the first group),
   "direction_norm" (of the unscaled direction) and "batch_size".
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._checks import check_number
 
-__all__ = ["GaussNewtonOptimizer", "COMMON_STATS", "refuse"]
+__all__ = ["GaussNewtonOptimizer", "COMMON_STATS", "refuse", "LossSpec", "resolve_loss", "infer_loss",
+           "unwrap_compiled", "Batch"]
 
 COMMON_STATS = ("loss", "refused", "reason", "lr", "direction_norm", "batch_size")
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+
+LOSS_NAMES = ("mse", "cross_entropy", "binary_cross_entropy")
+NN_LOSSES = {nn.MSELoss: "mse", nn.CrossEntropyLoss: "cross_entropy", nn.BCEWithLogitsLoss: "binary_cross_entropy"}
+_FUNCTIONAL = {F.mse_loss: "mse", F.cross_entropy: "cross_entropy",
+               F.binary_cross_entropy_with_logits: "binary_cross_entropy"}
+# Losses a closure may compute that have no Gauss-Newton factor here: named in the error.
+_UNSUPPORTED = (F.nll_loss, F.binary_cross_entropy, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.kl_div,
+                F.soft_margin_loss, F.multi_margin_loss, F.multilabel_soft_margin_loss, F.poisson_nll_loss,
+                F.gaussian_nll_loss)
+_HINTS = {nn.BCELoss: "use nn.BCEWithLogitsLoss on the logits (the model without its final sigmoid)",
+          nn.NLLLoss: "use nn.CrossEntropyLoss on the logits (the model without its final log_softmax)"}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss whose Gauss-Newton matrix the optimizers form.
+
+    ``name`` is the per-sample loss l(f_i, y_i) of :mod:`revgn_ext.egn.loss_factors`: "mse"
+    0.5 ||f_i - y_i||^2, "cross_entropy" -sum_a q_ia log softmax(f_i)_a (q: one-hot labels, smoothed
+    by ``label_smoothing``, or class probabilities), "binary_cross_entropy" on one logit. The
+    optimizers' own batch loss is L = (1/b) sum_i l(f_i, y_i); ``reduction`` says how the user's loss
+    relates to it: "batch_mean" (a name such as "mse": the user's loss is L), or a torch.nn
+    ``reduction``, "mean" or "sum" (the user's loss is ``scale(b, c) * L``).
+    """
+    name: str
+    reduction: str = "batch_mean"
+    label_smoothing: float = 0.0
+
+    def scale(self, b: int, c: int) -> float:
+        """s with (user's loss) = s * L for b samples of c outputs: nn.MSELoss has no 1/2 and its
+        mean runs over b*c elements, so "mean" gives 2/c; "sum" gives 2b (MSE) or b."""
+        if self.reduction == "batch_mean":
+            return 1.0
+        per_sample = 2.0 if self.name == "mse" else 1.0
+        if self.reduction == "sum":
+            return per_sample * b
+        return per_sample / c if self.name in ("mse", "binary_cross_entropy") else per_sample
+
+    def describe(self) -> str:
+        if self.reduction == "batch_mean":
+            return repr(self.name)
+        cls = {v: k for k, v in NN_LOSSES.items()}[self.name].__name__
+        smoothing = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        return f"nn.{cls}(reduction={self.reduction!r}{smoothing})"
+
+
+def _check_reduction(reduction: str, where: str, who: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{where} has reduction={reduction!r}; {who} needs a scalar loss to form its "
+                         "Gauss-Newton step: use reduction='mean' or 'sum'")
+
+
+def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed) -> LossSpec:
+    if name not in allowed:
+        raise ValueError(f"{where}: {who} supports the losses {list(allowed)}, not {name}")
+    _check_reduction(reduction, where, who)
+    for arg, value in weights.items():
+        if value is not None:
+            raise ValueError(f"{where} has {arg} set; {who} supports unweighted losses only")
+    smoothing = float(smoothing or 0.0)
+    if smoothing:
+        check_number(f"{where} label_smoothing", smoothing, low=0.0, high=1.0)
+    return LossSpec(name, reduction, smoothing)
+
+
+def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
+    """The :class:`LossSpec` of a constructor's ``loss``: None (inferred later, see :func:`infer_loss`),
+    a name in ``allowed``, or an ``nn.MSELoss`` / ``nn.CrossEntropyLoss`` / ``nn.BCEWithLogitsLoss``
+    instance with reduction "mean" or "sum" (its ``label_smoothing`` is kept; class weights are refused).
+    """
+    if loss is None or isinstance(loss, LossSpec):
+        return loss
+    names = [NN_LOSSES_NAMES[n] for n in allowed]
+    if isinstance(loss, str):
+        if loss not in allowed:
+            raise ValueError(f"loss must be one of {list(allowed)} or one of {names}, got {loss!r}")
+        return LossSpec(loss)
+    kind = next((name for cls, name in NN_LOSSES.items() if isinstance(loss, cls)), None)
+    if kind is None:
+        hint = next((h for cls, h in _HINTS.items() if isinstance(loss, cls)), None)
+        raise ValueError(f"loss must be one of {list(allowed)} or one of {names}, got "
+                         f"{type(loss).__name__}" + (f": {hint}" if hint else ""))
+    weights = {"weight": getattr(loss, "weight", None), "pos_weight": getattr(loss, "pos_weight", None)}
+    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed)
+
+
+NN_LOSSES_NAMES = {"mse": "nn.MSELoss()", "cross_entropy": "nn.CrossEntropyLoss()",
+                   "binary_cross_entropy": "nn.BCEWithLogitsLoss()"}
+
+
+def infer_loss(y, who: str, allowed=LOSS_NAMES) -> LossSpec:
+    """The loss for targets ``y`` when the constructor got none, only where there is no doubt among
+    ``allowed``: integer labels mean cross-entropy; floating targets mean MSE unless every value is 0 or
+    1, which looks like labels (one-hot for cross-entropy, 0/1 for binary cross-entropy) and is refused."""
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    ask = (f"pass loss= to {who} (one of {list(allowed)}, or "
+           f"{', '.join(NN_LOSSES_NAMES[n] for n in allowed)})")
+    if y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"y has dtype {y.dtype}, which names no loss; {ask}")
+    if not y.is_floating_point():
+        if "cross_entropy" not in allowed:
+            raise ValueError(f"y holds integers; {ask}")
+        return LossSpec("cross_entropy")
+    if y.numel() and bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"y holds only 0s and 1s, which may be class labels (for cross-entropy or binary "
+                         f"cross-entropy) or regression targets (mse); {ask}")
+    return LossSpec("mse")
+
+
+def _spec_from_call(func, args: dict, who: str, allowed) -> LossSpec:
+    where = f"the closure's F.{func.__name__}"
+    if func not in _FUNCTIONAL:
+        raise ValueError(f"{where} has no Gauss-Newton factor in {who}; compute the loss with one of "
+                         f"{[NN_LOSSES_NAMES[n] for n in allowed]}, or return (output, target) from the closure")
+    reduction = args.get("reduction", "mean")
+    if args.get("size_average") is not None or args.get("reduce") is not None:
+        reduction = torch.nn._reduction.legacy_get_string(args.get("size_average"), args.get("reduce"))
+    weights = {k: args.get(k) for k in ("weight", "pos_weight")}
+    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Closures: what the model saw and what the loss compared
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """One batch for a step: inputs ``x``, targets ``y``, the loss the closure computed (or None), and
+    what ``step`` returns (``returned``: the closure's value; None for ``step(x, y)``)."""
+    x: Any
+    y: Any
+    spec: LossSpec | None = None
+    returned: Any = None
+    from_closure: bool = False
+
+
+class _LossRecorder(TorchFunctionMode):
+    """Records every loss function the closure calls (``nn`` loss modules call them too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[Callable, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _FUNCTIONAL or func in _UNSUPPORTED:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+            self.calls.append((func, dict(bound.arguments)))
+        return func(*args, **kwargs)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """b is a (reshaped) view of all of a, as ``output.squeeze(1)`` or ``output.view(-1)`` are."""
+    if a is b:
+        return True
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() == b.numel()
+            and a.data_ptr() == b.data_ptr() and a.is_contiguous() and b.is_contiguous())
+
+
+def unwrap_compiled(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model``. The
+    optimizers run their own forward passes and VJPs on it; the user's forwards stay compiled."""
+    while isinstance(model, nn.Module) and type(model).__name__ == "OptimizedModule" \
+            and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 class GaussNewtonOptimizer(torch.optim.Optimizer):
@@ -31,10 +215,104 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
 
     ``HYPERPARAMETERS`` maps a numeric option to the keyword arguments of
     :func:`revgn_ext._checks.check_number` (bounds); a string value names another option that is the
-    lower bound (e.g. ``max_damping >= min_damping``).
+    lower bound (e.g. ``max_damping >= min_damping``). ``PER_GROUP`` lists the options that may differ
+    between parameter groups; every other option must agree, because one Gauss-Newton system couples
+    all the parameters.
     """
 
     HYPERPARAMETERS: dict[str, dict] = {}
+    PER_GROUP: tuple[str, ...] = ()
+    LOSSES: tuple[str, ...] = LOSS_NAMES
+    ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def split_model(cls, params, model):
+        """(params or None, model) from ``Opt(model, ...)`` or ``Opt(params, model=model, ...)``."""
+        who = cls.__name__
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError(f"{who} got two models: pass {who}(model.parameters(), model=model) "
+                                 f"or {who}(model)")
+            return None, params
+        if model is None:
+            raise ValueError(f"{who} needs the model it trains, because it runs the model's forward to "
+                             f"form the Gauss-Newton curvature: {who}(model.parameters(), model=model, ...) "
+                             f"or {who}(model, ...)")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(params, torch.Tensor):
+            raise ValueError("params must be an iterable of tensors or of dicts (parameter groups), "
+                             "as for torch.optim, got a single Tensor")
+        return params, model
+
+    @classmethod
+    def model_params(cls, params, model: nn.Module, trainable: list) -> list:
+        """``params`` (tensors or groups) checked against the model's ``trainable`` parameters; all of
+        ``trainable`` when ``params`` is None."""
+        who = cls.__name__
+        if params is None:
+            return list(trainable)
+        params = list(params)
+        if not params:
+            raise ValueError(f"{who} got an empty parameter list")
+        known = {id(p) for p in model.parameters()}
+        allowed = {id(p) for p in trainable}
+        is_groups = isinstance(params[0], dict)
+        groups = params if is_groups else [{"params": params}]
+        out = []
+        for g in groups:
+            if not isinstance(g, dict):
+                raise ValueError("params must be all tensors or all dicts (parameter groups)")
+            ps = g.get("params")
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps or [])
+            out.append({**g, "params": ps})
+            for p in ps:
+                if not isinstance(p, torch.Tensor):
+                    raise ValueError(f"params must hold tensors, got {type(p).__name__}")
+                if id(p) not in known:
+                    raise ValueError(f"params holds a tensor of shape {tuple(p.shape)} that is not a "
+                                     f"parameter of model; {who} differentiates through model's forward, "
+                                     f"so it can only train model's parameters")
+                if id(p) not in allowed:
+                    raise ValueError(f"params holds a parameter of shape {tuple(p.shape)} that {who} "
+                                     f"does not train (requires_grad=False or a fixed tensor)")
+        return out if is_groups else out[0]["params"]
+
+    @classmethod
+    def check_model_dtype(cls, params: list) -> None:
+        """A half-precision model is refused: the Gram and its Cholesky factor need float32/64."""
+        for p in params:
+            if p.dtype not in (torch.float32, torch.float64):
+                raise ValueError(
+                    f"{cls.__name__}: your model's parameters are {p.dtype}, but the Gauss-Newton step "
+                    f"needs float32 or float64 parameters (its Gram matrix and Cholesky factor lose too "
+                    f"much in half precision). Keep the model in float32 (model.float()) and use "
+                    f"torch.autocast for mixed precision: the optimizer runs its own forward, Gram and "
+                    f"solve with autocast off, in the parameters' dtype")
+
+    def finish_construction(self, hook_module: nn.Module) -> None:
+        """After ``torch.optim.Optimizer.__init__``: the group rules, and the module whose calls a
+        closure's batch is read from (the module the user calls, possibly compiled)."""
+        self._hook_module = hook_module
+        self._groups_fixed = True
+        self.last_stats: dict | None = None
+        self.check_group_agreement()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_groups_fixed", False):
+            raise ValueError(f"{type(self).__name__}.add_param_group: {self.ADD_GROUP_MESSAGE}")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # State dicts saved before the loss options existed.
+        for group in self.param_groups:
+            group.setdefault("reduction", "batch_mean")
+            group.setdefault("label_smoothing", 0.0)
+
+    # -- hyper-parameters -----------------------------------------------------------------------
 
     def checked_group(self, index: int = 0) -> dict:
         """``param_groups[index]`` after re-checking its hyper-parameters; raises ValueError naming
@@ -48,7 +326,22 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         return group
 
     def checked_groups(self) -> list[dict]:
-        return [self.checked_group(i) for i in range(len(self.param_groups))]
+        groups = [self.checked_group(i) for i in range(len(self.param_groups))]
+        self.check_group_agreement()
+        return groups
+
+    def check_group_agreement(self) -> None:
+        first = self.param_groups[0]
+        for i, group in enumerate(self.param_groups[1:], 1):
+            for key, value in first.items():
+                if key == "params" or key in self.PER_GROUP:
+                    continue
+                if group.get(key) != value:
+                    allowed = f"only {list(self.PER_GROUP)} may" if self.PER_GROUP else "no option may"
+                    raise ValueError(
+                        f"param_groups[{i}][{key!r}] = {group.get(key)!r} differs from param_groups[0]"
+                        f"[{key!r}] = {value!r}: {type(self).__name__} solves one Gauss-Newton system "
+                        f"for all its parameters, so {allowed} differ between groups")
 
     @classmethod
     def check_hyperparameters(cls, values: dict) -> None:
@@ -60,6 +353,133 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
             if isinstance(bounds.get("low"), str):
                 bounds["low"] = values[bounds["low"]]
             check_number(name, values[name], **bounds)
+
+    # -- losses ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def loss_options(spec: LossSpec | None) -> dict:
+        """The group entries that store a loss (plain values, so ``state_dict`` stays plain)."""
+        if spec is None:
+            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0)
+        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing)
+
+    def loss_spec(self) -> LossSpec | None:
+        group = self.param_groups[0]
+        if group["loss"] is None:
+            return None
+        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0))
+
+    def adopt_loss(self, batch: Batch) -> LossSpec:
+        """The loss of this step: the constructor's; else the closure's; else inferred from y (and kept
+        for later steps). A closure whose loss is another kind than the constructor's is refused."""
+        who = type(self).__name__
+        current = self.loss_spec()
+        seen = batch.spec
+        if current is not None:
+            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing):
+                raise ValueError(f"{who} was built with loss={current.describe()}, but the closure computed "
+                                 f"{seen.describe()}; the Gauss-Newton step must use the loss you train with")
+            return current
+        spec = seen if seen is not None else infer_loss(batch.y, who, self.LOSSES)
+        if spec.reduction == "sum" and getattr(self, "shards", None) is not None:
+            raise ValueError(f"{who}: reduction='sum' is not supported with distributed=True (the "
+                             "global batch size would scale the damping); use reduction='mean'")
+        for group in self.param_groups:
+            group.update(self.loss_options(spec))
+        return spec
+
+    # -- step(closure) / step(x, y) -------------------------------------------------------------
+
+    def batch(self, closure, y) -> Batch:
+        """The batch of ``step(closure)`` or ``step(x, y)``."""
+        who = type(self).__name__
+        if y is not None:
+            return Batch(closure, y)
+        if closure is None:
+            raise ValueError(f"{who}.step needs a closure that runs the model and computes the loss (as "
+                             f"for torch.optim.LBFGS), or a batch: step(x, y)")
+        if isinstance(closure, torch.Tensor):
+            raise ValueError(f"{who}.step(x) needs the targets as well: step(x, y)")
+        if not callable(closure):
+            raise ValueError(f"closure must be callable, got {type(closure).__name__}")
+        return self.capture(closure)
+
+    def capture(self, closure: Callable) -> Batch:
+        """Run ``closure`` (with grad enabled, as torch.optim does) and read off the batch: the model's
+        input x from its call, and the target from the loss the closure computed, or from the
+        ``(output, target)`` pair it returned."""
+        who = type(self).__name__
+        calls: list = []
+
+        def record(module, args, kwargs, output):
+            calls.append((args, kwargs, output))
+
+        handle = self._hook_module.register_forward_hook(record, with_kwargs=True)
+        recorder = _LossRecorder()
+        try:
+            with torch.enable_grad(), recorder:
+                returned = closure()
+        finally:
+            handle.remove()
+        if not calls:
+            raise ValueError(f"{who}.step(closure): the closure never called the model ({type(self._hook_module).__name__}) "
+                             f"given to {who}; call it in the closure, e.g. loss = loss_fn(model(x), y)")
+
+        def model_input(output):
+            for args, kwargs, out in reversed(calls):
+                if _same_tensor(out, output):
+                    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                        raise ValueError(f"{who} needs a model called with one input tensor, model(x); "
+                                         f"it was called with {len(args)} positional and {len(kwargs)} "
+                                         f"keyword arguments")
+                    return args[0]
+            raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
+                             f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
+                             f"needs loss(model(x), target)")
+
+        if isinstance(returned, (tuple, list)) and len(returned) == 2 \
+                and all(isinstance(t, torch.Tensor) for t in returned):
+            output, target = returned
+            return Batch(model_input(output), target.detach(), None, None, True)
+        if not recorder.calls:
+            raise ValueError(f"{who}.step(closure): no loss the optimizer knows was computed in the "
+                             f"closure; compute it with {[NN_LOSSES_NAMES[n] for n in self.LOSSES]} (or "
+                             f"their torch.nn.functional forms), or return (output, target)")
+        on_output = []
+        for func, args in recorder.calls:
+            try:
+                x = model_input(args.get("input"))
+            except ValueError:
+                continue
+            on_output.append((func, args, x))
+        if not on_output:
+            raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
+                             f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
+                             f"needs loss(model(x), target)")
+        if len(on_output) != 1:
+            raise ValueError(f"{who}.step(closure): the closure computed {len(on_output)} losses on the "
+                             f"model's output; with more than one, return (output, target) to say which")
+        func, args, x = on_output[0]
+        spec = _spec_from_call(func, args, who, self.LOSSES)
+        target = args["target"].detach()
+        return Batch(x, target, spec, returned, True)
+
+    @staticmethod
+    def step_result(batch: Batch, stats: dict):
+        """What ``step`` returns: the closure's loss for ``step(closure)`` (as torch.optim), the stats
+        dict for ``step(x, y)``."""
+        if not batch.from_closure:
+            return stats
+        if batch.returned is not None:
+            return batch.returned
+        return torch.tensor(stats["loss"])
+
+    def no_autocast(self):
+        """The optimizers' own forward, Gram and solve run in the parameters' dtype."""
+        device = self.param_groups[0]["params"][0].device.type
+        if torch.amp.is_autocast_available(device):
+            return torch.autocast(device, enabled=False)
+        return contextlib.nullcontext()
 
 
 def refuse(stats: dict, reason: str, who: str) -> dict:

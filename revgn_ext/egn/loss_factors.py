@@ -45,22 +45,27 @@ def mse_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
 
 
 def cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
-    """Softmax cross-entropy, l = -log softmax(f_i)[y_i], with p_i = softmax(f_i):
+    """Softmax cross-entropy, l = -sum_a q_ia log softmax(f_i)_a, with p_i = softmax(f_i) and target
+    distribution q_i (one-hot for a label; smoothed labels or class probabilities otherwise):
 
-    e_i = p_i - onehot(y_i),  Q_i = diag p_i - p_i p_i^T,
+    e_i = p_i - q_i,  Q_i = diag p_i - p_i p_i^T  (the same for every q_i with 1^T q_i = 1),
     S_i = diag(sqrt p_i) - p_i sqrt(p_i)^T  (S_i S_i^T = Q_i because sqrt(p)^T sqrt(p) = 1),
     t_i = e_i / sqrt(p_i)  (S_i t_i = e_i - p_i 1^T e_i = e_i because 1^T e_i = 0).
 
-    f: (b, c) logits, y: (b,) int64 class indices. Computed from log-probabilities, so t stays finite
-    while log p does: t_ia = sqrt(p_ia) - [a = y_i] / sqrt(p_ia).
+    f: (b, c) logits; y: (b,) int64 class indices, or (b, c) floats q with rows summing to 1. Computed
+    from log-probabilities, so t stays finite while log p does: t_ia = sqrt(p_ia) - q_ia / sqrt(p_ia).
     """
     logp = torch.log_softmax(f, dim=1)
     p = logp.exp()
     s = (0.5 * logp).exp()
-    onehot = F.one_hot(y, f.shape[1]).to(f.dtype)
-    e = p - onehot
-    t = s - onehot * (-0.5 * logp).exp()
-    loss = -logp.gather(1, y[:, None]).sum() / f.shape[0]
+    if y.is_floating_point():
+        q = y
+        loss = -torch.where(q > 0, q * logp, torch.zeros_like(logp)).sum() / f.shape[0]
+    else:
+        q = F.one_hot(y, f.shape[1]).to(f.dtype)
+        loss = -logp.gather(1, y[:, None]).sum() / f.shape[0]
+    e = p - q
+    t = s - q * (-0.5 * logp).exp()
     return LossFactor(loss, e, t, s, p)
 
 

@@ -19,13 +19,14 @@ J^T S u = sum_r J_r^T S_r u_r is one local VJP per rank and one all_reduce (docs
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
 from torch import nn
 
 from .._checks import check_tensor
-from .._optim import GaussNewtonOptimizer, refuse
+from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from ..distributed import resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
@@ -34,21 +35,31 @@ from .loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, fa
 
 __all__ = ["EGN"]
 
+_SHAPE_ERROR = re.compile(r"shape|size|dimension|channel", re.IGNORECASE)
+
 
 def _all_finite(tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class EGN(GaussNewtonOptimizer):
-    """Exact Gauss-Newton / Levenberg-Marquardt optimizer for any ``nn.Module``.
+    """Exact Gauss-Newton / Levenberg-Marquardt optimizer for any ``nn.Module`` (docs/api.md).
+
+    ``EGN(params, model=model, loss=...)`` as for any ``torch.optim`` optimizer, or ``EGN(model, ...)``.
 
     Args:
-        model: the network; its trainable parameters (``requires_grad``) are optimised, in
-            ``model.parameters()`` order. Samples must not interact (no BatchNorm in training mode).
+        params: the parameters to train, all of them parameters of ``model`` (default: its trainable
+            ones, in ``model.parameters()`` order). One group: the step solves one system for all.
+        model: the network, called as ``model(x)``; may be ``torch.compile``-d or DDP-wrapped. Samples
+            must not interact (no BatchNorm in training mode).
+        loss: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (``label_smoothing``, probability targets) or
+            ``nn.BCEWithLogitsLoss`` with reduction "mean" or "sum"; or "mse" (0.5 ||f - y||^2 per
+            sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (one logit,
+            targets in [0, 1]), averaged over the batch. None: the closure's loss, or inferred from the
+            targets where unambiguous (:func:`revgn_ext._optim.infer_loss`). Damping applies to the
+            loss as given: for a loss s L, lambda / s is used with L (docs/api.md).
         lr: step size alpha (the largest step when ``line_search`` is on). Default 0.1.
         damping: lambda in (J^T Q J / b + lambda I) dir = -g. Default 1.0.
-        loss: "mse" (0.5 ||f - y||^2 per sample), "cross_entropy" (softmax, integer labels) or
-            "binary_cross_entropy" (one logit, targets in [0, 1]); averaged over the batch.
         line_search: Armijo backtracking on the same batch: alpha0 = min(1.5 alpha_prev, lr), accept if
             L(w + alpha d) <= L(w) + armijo * alpha g^T d, else alpha *= backtrack, at most max_tries.
         momentum: beta of the bias-corrected EMA of directions, m = beta m + (1 - beta) dir,
@@ -70,8 +81,9 @@ class EGN(GaussNewtonOptimizer):
     process group. The optimizer needs the bare module because it runs its own forward and VJPs, which
     DDP's reducer (expecting one backward per forward) would try to average across ranks.
 
-    ``step(x, y)`` returns a dict of statistics (``loss`` is the pre-step loss); a step whose update is not
-    finite is refused, leaving parameters and state as they were.
+    ``step(closure)`` works as for ``torch.optim.LBFGS`` and returns the closure's loss; ``step(x, y)``
+    returns a dict of statistics (``loss`` is the pre-step loss), kept in ``last_stats`` either way. A
+    step whose update is not finite is refused, leaving parameters and state as they were.
     """
 
     HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),
@@ -80,21 +92,29 @@ class EGN(GaussNewtonOptimizer):
                        "max_damping": dict(low="min_damping"), "armijo": dict(low=0.0, high=1.0, high_open=True),
                        "backtrack": dict(low=0.0, high=1.0, low_open=True, high_open=True)}
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, damping: float = 1.0, loss: str = "mse",
+    PER_GROUP = ()
+    ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
+                         "Gram assembler hooks their layers); build a new EGN with every parameter to train")
+
+    def __init__(self, params=None, lr: float = 0.1, damping: float = 1.0, loss=None,
                  line_search: bool = False, momentum: float = 0.0, adaptive_damping: bool = False, *,
                  damping_increase: float = 1.01, damping_decrease: float = 0.99, min_damping: float = 1e-8,
                  max_damping: float = 1e8, armijo: float = 0.1, backtrack: float = 0.8, max_tries: int = 15,
                  gram: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT, distributed: bool = False,
-                 process_group=None):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        model, shards = resolve(model, distributed, process_group)
+                 process_group=None,
+                 model: nn.Module | None = None):
+        params, model = self.split_model(params, model)
+        called = model                      # what the user calls (maybe compiled): closures are read off it
+        model, shards = resolve(unwrap_compiled(model), distributed, process_group)
+        model = unwrap_compiled(model)
         self.check_hyperparameters(dict(lr=lr, damping=damping, momentum=momentum,
                                         damping_increase=damping_increase, damping_decrease=damping_decrease,
                                         min_damping=min_damping, max_damping=max_damping, armijo=armijo,
                                         backtrack=backtrack))
-        if loss not in LOSS_FACTORS:
-            raise ValueError(f"loss must be one of {sorted(LOSS_FACTORS)}, got {loss!r}")
+        spec = resolve_loss(loss, "EGN")
+        if spec is not None and spec.reduction == "sum" and shards is not None:
+            raise ValueError("EGN: reduction='sum' is not supported with distributed=True (the global batch "
+                             "size would scale the damping); use reduction='mean'")
         for name, flag in (("line_search", line_search), ("adaptive_damping", adaptive_damping)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -102,22 +122,28 @@ class EGN(GaussNewtonOptimizer):
             raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
         if not isinstance(memory_limit, int) or memory_limit <= 0:
             raise ValueError(f"memory_limit must be a positive int (bytes), got {memory_limit!r}")
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
-        defaults = dict(lr=lr, damping=damping, loss=loss, line_search=line_search, momentum=momentum,
-                        adaptive_damping=adaptive_damping, damping_increase=damping_increase,
+        params = self.model_params(params, model, trainable)
+        defaults = dict(lr=lr, damping=damping, **self.loss_options(spec), line_search=line_search,
+                        momentum=momentum, adaptive_damping=adaptive_damping, damping_increase=damping_increase,
                         damping_decrease=damping_decrease, min_damping=min_damping, max_damping=max_damping,
                         armijo=armijo, backtrack=backtrack, max_tries=max_tries, gram=gram,
                         memory_limit=memory_limit)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
-            raise ValueError("EGN doesn't support per-parameter options (parameter groups)")
+            raise ValueError("EGN keeps one parameter group: its step solves one Gauss-Newton system for "
+                             "all its parameters, so per-group options would not apply; pass the "
+                             "parameters as one list (freeze others with requires_grad=False)")
+        params = self.param_groups[0]["params"]
+        self.check_model_dtype(params)
         self.model = model
         self._assembler = gram_assembler(model, params, gram, memory_limit)
         self.shards = shards
         if shards is not None:
             shards.synchronise(model)
+        self.finish_construction(called)
 
     # ----------------------------------------------------------------------------------------------
     # The LM direction
@@ -140,18 +166,21 @@ class EGN(GaussNewtonOptimizer):
         check_tensor("y", y, float_only=False)
 
     def _targets(self, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        """y in the form the loss factor expects, checked against the outputs f (b, c)."""
+        """y in the form the loss factor expects, checked against the outputs f (b, c): for
+        cross_entropy int64 labels (b,), or class probabilities (b, c) when y holds probabilities or
+        the loss has label smoothing; (b, c) floats otherwise."""
         b, c = f.shape
-        loss = self.param_groups[0]["loss"]
+        group = self.param_groups[0]
+        loss = group["loss"]
         if loss == "cross_entropy":
-            if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
-                raise ValueError(f"y must be a 1-d tensor of integer class labels for cross_entropy, got "
-                                 f"{y.dtype} of shape {tuple(y.shape)}")
-            if c < 2:
-                raise ValueError("cross_entropy needs at least 2 model outputs; use binary_cross_entropy")
-            if bool(((y < 0) | (y >= c)).any()):
-                raise ValueError(f"y holds labels outside [0, {c}) (the model has {c} outputs)")
-            return y.long()
+            return self._class_targets(y, f, group.get("label_smoothing", 0.0))
+        if y.is_complex() or y.dtype == torch.bool or not y.is_floating_point():
+            hint = (" (for class labels use loss='cross_entropy')" if loss == "mse" else
+                    f" in [0, 1]; convert labels with y.to({f.dtype})")
+            raise ValueError(f"y has dtype {y.dtype}, but {loss} needs floating-point targets{hint}")
+        if y.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"y has dtype {y.dtype}; the targets must be float32 or float64 (the model "
+                             f"computes in {f.dtype}): convert them with y.to({f.dtype})")
         if y.numel() != b * c:
             raise ValueError(f"y must hold {c} value(s) per sample to match the model output {tuple(f.shape)}, "
                              f"got shape {tuple(y.shape)}")
@@ -161,9 +190,34 @@ class EGN(GaussNewtonOptimizer):
                 raise ValueError(f"binary_cross_entropy needs one model output (logit), got {c}")
             if bool(((y < 0) | (y > 1)).any()):
                 raise ValueError("y must lie in [0, 1] for binary_cross_entropy")
-        elif y.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"y must be floating point for mse, got {y.dtype}")
         return y
+
+    @staticmethod
+    def _class_targets(y: torch.Tensor, f: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """Labels (b,) as int64, or q (b, c) = (1 - eps) q + eps / c for probabilities or smoothing."""
+        b, c = f.shape
+        if c < 2:
+            raise ValueError("cross_entropy needs at least 2 model outputs; use binary_cross_entropy")
+        if y.is_floating_point():
+            if y.dtype not in (torch.float32, torch.float64) or tuple(y.shape) != (b, c):
+                raise ValueError(f"y must be integer class labels of shape ({b},) or float32/float64 class "
+                                 f"probabilities of shape ({b}, {c}) for cross_entropy, got {y.dtype} of "
+                                 f"shape {tuple(y.shape)}")
+            q = y.to(f.dtype)
+            tol = 1e-4 if q.dtype == torch.float32 else 1e-10
+            if bool(((q < 0) | (q > 1)).any()) or bool(((q.sum(1) - 1).abs() > tol).any()):
+                raise ValueError("y holds class probabilities for cross_entropy, so each row must lie in "
+                                 "[0, 1] and sum to 1")
+        else:
+            if y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+                raise ValueError(f"y must be a 1-d tensor of integer class labels for cross_entropy, got "
+                                 f"{y.dtype} of shape {tuple(y.shape)}")
+            if bool(((y < 0) | (y >= c)).any()):
+                raise ValueError(f"y holds labels outside [0, {c}) (the model has {c} outputs)")
+            if not smoothing:
+                return y.long()
+            q = torch.nn.functional.one_hot(y.long(), c).to(f.dtype)
+        return q * (1 - smoothing) + smoothing / c if smoothing else q
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -176,12 +230,23 @@ class EGN(GaussNewtonOptimizer):
             self._assembler = FunctionalGram(self.model, group["params"], group["memory_limit"])
             return self._assembler.forward(x)
 
+    def _forward_naming_x(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward, with torch's shape errors ("mat1 and mat2 shapes cannot be multiplied") turned
+        into one that names x."""
+        try:
+            return self._forward(x)
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(err)):
+                raise
+            raise ValueError(f"x of shape {tuple(x.shape)} does not fit the model (check the number of "
+                             f"features per sample); its forward pass failed with: {err}") from err
+
     def _checked_forward(self, x, y):
         """(f, y in loss form) after every check on (x, y); on all ranks together when distributed."""
         def check():
             self._check_inputs(x, y)
             check_samplewise(self.model)
-            f = self._forward(x)
+            f = self._forward_naming_x(x)
             return f, self._targets(y, f)
         if self.shards is None:
             return check()
@@ -231,32 +296,64 @@ class EGN(GaussNewtonOptimizer):
         loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
         return loss if self.shards is None else self.shards.mean(loss)
 
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """The LM direction dir = -J^T S u on the batch (x, y), one tensor per trainable parameter.
+    def direction(self, closure=None, y=None) -> list[torch.Tensor]:
+        """The LM direction dir = -J^T S u, one tensor per trainable parameter, on the batch of
+        ``direction(closure)`` or ``direction(x, y)`` (see :meth:`step`).
 
         Nothing is stepped and no state changes. Raises RuntimeError when the loss at the current
         parameters is not finite.
         """
-        with torch.enable_grad():
-            sol = self._solve(x, y, self.checked_group()["damping"])
+        batch = self.batch(closure, y)
+        spec = self.adopt_loss(batch)
+        x, y = batch.x, batch.y
+        with torch.enable_grad(), self.no_autocast():
+            sol = self._solve(x, y, self.checked_group()["damping"] / self._loss_scale(spec, x, y))
         if sol["direction"] is None:
             raise RuntimeError(f"the loss or its curvature at the current parameters is not finite "
                                f"(loss {float(sol['loss'])}); no direction exists")
         return [d.detach() for d in sol["direction"]]
 
+    @staticmethod
+    def _loss_scale(spec: LossSpec, x, y) -> float:
+        """s with (user's loss) = s * L: the damping of the user's loss is lambda, that of L lambda / s."""
+        if spec.reduction == "batch_mean" or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
+                or x.dim() == 0 or y.dim() == 0:
+            return 1.0
+        return spec.scale(x.shape[0], y[0].numel() if y.dim() > 1 else 1)
+
     # ----------------------------------------------------------------------------------------------
     # The step
     # ----------------------------------------------------------------------------------------------
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """One EGN step on the batch (x, y). Returns statistics; ``stats["loss"]`` is the pre-step loss."""
+    def step(self, closure=None, y=None):
+        """One EGN step, as torch.optim steps, or on a batch given directly.
+
+        * ``step(closure)``: ``closure()`` runs the model on a batch and computes the loss, as for
+          ``torch.optim.LBFGS``; EGN reads the input x from the model's call and the targets from the
+          loss call (an ``nn.MSELoss``/``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` or its
+          ``torch.nn.functional`` form), or from an ``(output, target)`` pair the closure returns. EGN
+          then runs its own forward on x (the closure's backward is not needed, but harmless). Returns
+          what the closure returned (for a pair, the pre-step loss), as torch.optim does.
+        * ``step(x, y)``: the batch itself; returns the statistics dict.
+
+        The statistics (``"loss"``: the pre-step loss, in the user's reduction) are also kept in
+        ``last_stats``. The step runs with autocast off, in the parameters' dtype.
+        """
+        batch = self.batch(closure, y)
+        spec = self.adopt_loss(batch)
+        with self.no_autocast():
+            stats = self._step(batch.x, batch.y, self._loss_scale(spec, batch.x, batch.y))
+        self.last_stats = stats
+        return self.step_result(batch, stats)
+
+    def _step(self, x, y, scale: float) -> dict:
         group = self.checked_group()
         params = group["params"]
         lam = float(group["damping"])
         state = self.state.get(params[0], {})  # read only: a refused step must leave no state behind
         with torch.enable_grad():
-            sol = self._solve(x, y, lam)
-        stats = {"loss": float(sol["loss"]), "refused": False, "reason": None, "lr": float(group["lr"]),
+            sol = self._solve(x, y, lam / scale)
+        stats = {"loss": float(sol["loss"]) * scale, "refused": False, "reason": None, "lr": float(group["lr"]),
                  "direction_norm": None, "batch_size": sol["b"], "new_loss": None, "damping": lam, "alpha": 0.0,
                  "line_search_tries": 0, "accepted": False, "cholesky_retries": sol["retries"],
                  "cholesky_jitter": sol["jitter"], "rho": None, "gram": self._assembler.method}
@@ -331,7 +428,7 @@ class EGN(GaussNewtonOptimizer):
             group["damping"] = min(max(lam, group["min_damping"]), group["max_damping"])
             stats["rho"] = rho
         stats.update(accepted=accepted, alpha=alpha if accepted else 0.0, next_damping=group["damping"],
-                     new_loss=None if new_loss is None else float(new_loss))
+                     new_loss=None if new_loss is None else float(new_loss) * scale)
         return stats
 
     def _model_terms(self, sol: dict, d_step: list[torch.Tensor], with_momentum: bool):

@@ -24,7 +24,7 @@ from .data import DATASETS
 from . import plots, report
 from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
 from .checkpoint import CheckpointError
-from .runner import CHECKPOINT, run
+from .runner import CHECKPOINT, RunInterrupted, run
 
 
 def _hidden(text: str):
@@ -67,12 +67,33 @@ def _lr(text: str):
         lr = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"learning rate must be a number, got {value!r}") from None
+    if not lr > 0 or lr == float("inf"):
+        raise argparse.ArgumentTypeError(f"learning rate must be a positive finite number, got {value!r}")
     return (opt or None, setting or None, lr)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default (an unset option, None, means the
+    dataset's preset or the paper's value, as its help says)."""
+
+    @staticmethod
+    def _default(action) -> str | None:
+        value = action.default
+        if value in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return None
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        return f"(default: {text})".replace("%", "%%")
+
+    def _format_action(self, action):
+        default = self._default(action)
+        if default and "default" not in (action.help or "").lower():
+            action.help = f"{action.help} {default}" if action.help else default
+        return super()._format_action(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m revgn_ext.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("data")
@@ -117,11 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --distributed: how long a rank waits for a stuck peer before it raises "
                         "(the process group's timeout; default 300)")
 
-    t = sub.add_parser("train", parents=[common], help="one optimizer in one setting")
+    t = sub.add_parser("train", parents=[common], help="one optimizer in one setting",
+                       formatter_class=_HelpFormatter)
     t.add_argument("--optimizer", default="gn", choices=OPTIMIZERS)
     t.add_argument("--setting", default="mini", choices=SETTINGS,
                    help="full: first --full-batch-size samples, one step per epoch; mini: --batch-size")
-    r = sub.add_parser("reproduce", parents=[common], help="GN, Adam and SGD in both settings, plus REPORT.md")
+    r = sub.add_parser("reproduce", parents=[common], help="GN, Adam and SGD in both settings, plus REPORT.md",
+                       formatter_class=_HelpFormatter)
     r.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=OPTIMIZERS)
     r.add_argument("--settings", type=_csv(SETTINGS), default=SETTINGS)
     r.add_argument("--full-epochs", type=int, default=None, help="epochs (= steps) of the full-batch runs")
@@ -245,3 +268,7 @@ def main(argv=None) -> int:
         return execute(args, argv)
     except (ValueError, FileNotFoundError, CheckpointError) as e:  # CheckpointError: any unusable checkpoint
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt as e:
+        where = f"stopped after epoch {e.epoch} of {e.label}" if isinstance(e, RunInterrupted) else "stopped"
+        print(f"\n{where}; rerun with --resume to continue", file=sys.stderr)
+        return 130

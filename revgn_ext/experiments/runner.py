@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -210,6 +211,14 @@ def train_step(cfg: RunConfig, model: RevMLP, opt, x: torch.Tensor, y: torch.Ten
     return before, after, _scalar_stats(stats)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``epoch`` is the last epoch whose checkpoint is on disk (0: none yet)."""
+
+    def __init__(self, epoch: int, label: str):
+        super().__init__(epoch, label)
+        self.epoch, self.label = epoch, label
+
+
 def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool = False,
         progress: bool = True, data_cache: dict | None = None, label: str | None = None,
         distributed: bool = False) -> list:
@@ -262,44 +271,54 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
         _write_metrics(out_dir, history)
 
     label = label or cfg.name
+    # Bars only on a terminal; a log (non-interactive stderr) gets one line per run at its end.
+    interactive = progress and sys.stderr.isatty()
     epochs = tqdm(range(start, cfg.epochs + 1), desc=label, initial=start - 1, total=cfg.epochs,
-                  disable=not progress, leave=True, dynamic_ncols=True)
+                  disable=not interactive, leave=True, dynamic_ncols=True)
     step = history[-1]["step"]
     elapsed = history[-1]["time_s"]
-    for epoch in epochs:
-        batches = epoch_batches(cfg, len(x_tr), epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress or len(batches) == 1,
-                   dynamic_ncols=True)
-        t0 = time.perf_counter()
-        loss_sum, count, changes, stat_sums = 0.0, 0, [], {}
-        for idx in bar:
-            idx = idx.to(dev)
-            mine = idx if world == 1 else idx.tensor_split(world)[rank]
-            before, after, stats = train_step(cfg, model, opt, x_tr[mine], y_tr[mine])
-            step += 1
-            loss_sum += before * len(idx)
-            count += len(idx)
-            changes.append(100.0 * (after - before) / before if before > 0 else math.nan)
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{before:.4f}")
-        elapsed += time.perf_counter() - t0
-        test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
-        row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "test_loss": test_loss,
-               "test_acc": test_acc, "loss_change_pct": sum(changes) / len(changes)}
-        if epoch % cfg.diag_every == 0 or epoch == cfg.epochs:
-            row.update(tracker())
-        row["time_s"] = elapsed
-        row.update({f"opt_{k}": v / len(batches) for k, v in stat_sums.items() if k != "loss"})
-        history.append(row)
-        epochs.set_postfix(train=f"{row['train_loss']:.4f}", test=f"{test_loss:.4f}", acc=f"{test_acc:.3f}")
-        if not writer:
-            continue
-        _write_metrics(out_dir, history)
-        checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                                     "optimizer": opt.state_dict(), "rng": _rng_state(dev),
-                                     "tracker": tracker.state(), "history": history})
+    try:
+        for epoch in epochs:
+            batches = epoch_batches(cfg, len(x_tr), epoch)
+            bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not interactive or len(batches) == 1,
+                       dynamic_ncols=True)
+            t0 = time.perf_counter()
+            loss_sum, count, changes, stat_sums = 0.0, 0, [], {}
+            for idx in bar:
+                idx = idx.to(dev)
+                mine = idx if world == 1 else idx.tensor_split(world)[rank]
+                before, after, stats = train_step(cfg, model, opt, x_tr[mine], y_tr[mine])
+                step += 1
+                loss_sum += before * len(idx)
+                count += len(idx)
+                changes.append(100.0 * (after - before) / before if before > 0 else math.nan)
+                for k, v in stats.items():
+                    stat_sums[k] = stat_sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{before:.4f}")
+            elapsed += time.perf_counter() - t0
+            test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "test_loss": test_loss,
+                   "test_acc": test_acc, "loss_change_pct": sum(changes) / len(changes)}
+            if epoch % cfg.diag_every == 0 or epoch == cfg.epochs:
+                row.update(tracker())
+            row["time_s"] = elapsed
+            row.update({f"opt_{k}": v / len(batches) for k, v in stat_sums.items() if k != "loss"})
+            history.append(row)
+            epochs.set_postfix(train=f"{row['train_loss']:.4f}", test=f"{test_loss:.4f}", acc=f"{test_acc:.3f}")
+            if not writer:
+                continue
+            _write_metrics(out_dir, history)
+            checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                                        "optimizer": opt.state_dict(), "rng": _rng_state(dev),
+                                        "tracker": tracker.state(), "history": history})
+    except KeyboardInterrupt:
+        epochs.close()
+        raise RunInterrupted(history[-1]["epoch"] if writer else start - 1, label) from None
     epochs.close()
+    if progress and not interactive and len(history) > 1:
+        last = history[-1]
+        print(f"{label}: {last['epoch']} epochs in {last['time_s']:.1f} s; train loss {last['train_loss']:.4f}, "
+              f"test loss {last['test_loss']:.4f}, test acc {last['test_acc']:.3f}", file=sys.stderr, flush=True)
     return history
 
 

@@ -26,17 +26,45 @@ def cuda_home() -> str | None:
     return str(Path(nvcc).resolve().parent.parent) if nvcc else None
 
 
-def want_cuda() -> bool:
-    """CUDA kernels when forced, or when nvcc and a CUDA build of torch are both present.
+def cuda_requested() -> bool:
+    """The environment asks for CUDA kernels: REVGN_FORCE_CUDA=1 or a TORCH_CUDA_ARCH_LIST."""
+    return os.environ.get("REVGN_FORCE_CUDA", "0") == "1" or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
 
-    ``REVGN_NO_CUDA=1`` always builds the CPU kernels only."""
+
+def want_cuda() -> bool:
+    """Whether to compile the CUDA kernels.
+
+    * ``REVGN_NO_CUDA=1``: never; ``REVGN_FORCE_CUDA=1``: always.
+    * Otherwise only with a CUDA build of torch and nvcc, and then only when a GPU is visible or
+      ``TORCH_CUDA_ARCH_LIST`` names the architectures: on a machine without a GPU the CUDA kernels
+      could not run, and compiling them takes minutes.
+    """
     if os.environ.get("REVGN_NO_CUDA", "0") == "1":
         return False
     if os.environ.get("REVGN_FORCE_CUDA", "0") == "1":
         return True
     import torch
 
-    return torch.version.cuda is not None and cuda_home() is not None
+    if torch.version.cuda is None or cuda_home() is None:
+        return False
+    return cuda_requested() or torch.cuda.is_available()
+
+
+def describe(with_cuda: bool) -> str:
+    """The one line the build prints: what it compiles and roughly how long that takes."""
+    files = sources(with_cuda)
+    n_cu = sum(f.endswith(".cu") for f in files)
+    jobs = os.environ.get("MAX_JOBS", "all cores")
+    if with_cuda:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH
+        return (f"revgn_ext: compiling the C++ CPU kernels and the CUDA kernels for TORCH_CUDA_ARCH_LIST={arch} "
+                f"({len(files)} files, {n_cu} of them .cu; about 2-6 min with MAX_JOBS={jobs}; "
+                f"REVGN_NO_CUDA=1 builds the CPU kernels only)")
+    why = ""
+    if os.environ.get("REVGN_NO_CUDA", "0") != "1":
+        why = " (no GPU visible or no CUDA torch/nvcc; TORCH_CUDA_ARCH_LIST or REVGN_FORCE_CUDA=1 adds the CUDA kernels)"
+    return (f"revgn_ext: compiling the C++ CPU kernels ({len(files)} files, about 1-2 min with "
+            f"MAX_JOBS={jobs}){why}")
 
 
 DEFAULT_CUDA_ARCH = "9.0"
@@ -111,3 +139,12 @@ def jit_load() -> str:
         verbose=os.environ.get("REVGN_VERBOSE_BUILD", "0") == "1",
     )
     return str(build_dir / "revgn_ext_jit.so")
+
+
+if __name__ == "__main__":
+    # `python revgn_ext/ops/_build.py`: print what a build here would compile (the Makefile shows it,
+    # since pip hides the build's own output).
+    try:
+        print(describe(want_cuda()))
+    except ImportError:
+        print("revgn_ext: torch is not importable, so the build installs the pure-Python package")

@@ -17,6 +17,7 @@ from torch.autograd import forward_ad
 
 from .._checks import check_dim, check_same, check_tensor
 from . import _loader
+from ._autocast import float32_under_autocast, register as _register_autocast
 from .activations import ACTIVATIONS, FEATURE_GRAD, activation, activation_grad_times
 
 __all__ = ["coupling_forward", "coupling_inverse", "coupling_inverse_tangent", "coupling_forward_reference",
@@ -134,6 +135,7 @@ def _check_coupling(inputs: dict, params: dict, activation: str, check_finite: b
         check_dim("W" + side, W, 1, width, "hidden width M of V" + side if V is not None else "d/2")
 
 
+@float32_under_autocast
 def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
                      return_features: bool = False, check_finite: bool = True):
     """Forward of one coupling block: ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``.
@@ -141,6 +143,9 @@ def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
     Returns ``(y1, y2, hF, hG)``; the features ``hF = act(x2 V_F)``, ``hG = act(y1 V_G)`` are returned
     when ``return_features`` (RevGN needs them), else ``None``. Differentiable. ``VF``/``VG`` may be
     ``None`` for the variant without a bottleneck.
+
+    Shapes: x1, x2 (n, d/2); VF, VG (d/2, M); WF, WG (d/2, M) ((d/2, d/2) without V); bF, bG (d/2,).
+    Returns y1, y2 (n, d/2) and hF, hG (n, M). Under autocast it runs in float32.
     """
     _check_coupling({"x1": x1, "x2": x2}, {"VF": VF, "WF": WF, "bF": bF, "VG": VG, "WG": WG, "bG": bG},
                     activation, check_finite)
@@ -149,8 +154,12 @@ def coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, activation: str = "relu",
     return coupling_forward_reference(x1, x2, VF, WF, bF, VG, WG, bG, activation, return_features)
 
 
+@float32_under_autocast
 def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation: str = "relu", check_finite: bool = True):
-    """Exact inverse of :func:`coupling_forward`: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``."""
+    """Exact inverse of :func:`coupling_forward`: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``.
+
+    Shapes as :func:`coupling_forward`: y1, y2 (n, d/2) -> x1, x2 (n, d/2).
+    """
     _check_coupling({"y1": y1, "y2": y2}, {"VF": VF, "WF": WF, "bF": bF, "VG": VG, "WG": WG, "bG": bG},
                     activation, check_finite)
     if VF is not None and VG is not None and _use_kernel("coupling_inverse", y1):
@@ -158,6 +167,7 @@ def coupling_inverse(y1, y2, VF, WF, bF, VG, WG, bG, activation: str = "relu", c
     return coupling_inverse_reference(y1, y2, VF, WF, bF, VG, WG, bG, activation)
 
 
+@float32_under_autocast
 def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation: str = "relu",
                              check_finite: bool = True, hF=None, hG=None):
     """Push a tangent (dy1, dy2) of the block output back through the inverse; returns (dx1, dx2).
@@ -166,6 +176,8 @@ def coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation: str =
     Passing the forward's features ``hF = act(x2 V_F)`` and ``hG = act(y1 V_G)`` (as RevGN does) reads
     act' off them for identity, relu and tanh: two GEMMs instead of the kernel's four (the kernel
     recomputes the pre-activations).
+
+    Shapes: y1, x2, dy1, dy2 (n, d/2); VF, WF, VG, WG (d/2, M); hF, hG (n, M). Returns dx1, dx2 (n, d/2).
     """
     _check_coupling({"y1": y1, "x2": x2, "dy1": dy1, "dy2": dy2},
                     {"VF": VF, "WF": WF, "VG": VG, "WG": WG}, activation, check_finite)
@@ -395,6 +407,8 @@ def _register() -> None:
         stacked = y1.new_empty(2 * y1.shape[0], y1.shape[1])
         return y1.new_empty(y1.shape), stacked[y1.shape[0]:]
 
+    # Under autocast the ops run in float32, as the wrappers' reference path does.
+    _register_autocast("revgn::coupling_forward", "revgn::coupling_inverse", "revgn::coupling_inverse_tangent")
     lib = torch.library.Library("revgn", "IMPL")
     _LIBRARY.append(lib)
     for name, rows, reference, backward, jvp in (

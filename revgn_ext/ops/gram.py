@@ -15,6 +15,7 @@ import torch
 
 from .._checks import check_dim, check_same, check_tensor
 from . import _loader
+from ._autocast import float32_under_autocast, register as _register_autocast
 
 __all__ = ["GramFactor", "CholeskyFactor", "gram_factor", "gram_factor_from_gram", "gram_solve",
            "gram_cholesky_solve", "gram_factor_unchecked", "gram_factor_from_gram_unchecked",
@@ -191,6 +192,7 @@ def _check_R(R, A, check_finite: bool) -> torch.Tensor:
     return check_tensor("R", R, finite=check_finite)
 
 
+@float32_under_autocast
 def gram_factor(A: torch.Tensor, damping=0.0, append_ones: bool = False,
                 check_finite: bool = True) -> GramFactor:
     """Factor all B Grams at once: ``L L^T = A A^T (+ 1 1^T) + lambda I``.
@@ -211,6 +213,7 @@ class CholeskyFactor(NamedTuple):
     jitter: torch.Tensor
 
 
+@float32_under_autocast
 def gram_factor_from_gram(G: torch.Tensor, damping=0.0, check_finite: bool = True) -> CholeskyFactor:
     """Factor Grams formed elsewhere (G: (B, n, n), symmetric PSD) with the same jitter policy as
     :func:`gram_factor`: ``L L^T = G + (lambda + jitter) I``. Solve with ``torch.cholesky_solve(R, L)``.
@@ -221,6 +224,7 @@ def gram_factor_from_gram(G: torch.Tensor, damping=0.0, check_finite: bool = Tru
     return gram_factor_from_gram_unchecked(G, damping_tensor(damping, G, check_finite))
 
 
+@float32_under_autocast
 def gram_solve(factor: GramFactor, R: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """Solve against new right-hand sides with a stored factor: ``A^T (L L^T)^{-1} R``.
 
@@ -255,6 +259,7 @@ def gram_solve_unchecked(factor: GramFactor, R: torch.Tensor) -> torch.Tensor:
     return gram_solve_reference(factor.A, factor.L, R, factor.append_ones)
 
 
+@float32_under_autocast
 def gram_cholesky_solve(A: torch.Tensor, R: torch.Tensor, damping=0.0, append_ones: bool = False,
                         return_info: bool = False, check_finite: bool = True):
     """Minimum-norm solve ``A^T (A A^T + lambda I)^{-1} R`` for a batch of small Grams.
@@ -327,6 +332,9 @@ def _register() -> None:
         return dA, dR, dlam, None
 
     torch.library.register_autograd("revgn::gram_cholesky_solve", backward, setup_context=setup_context)
+    # Under autocast the Gram and its Cholesky factor are formed in float32 (float64 stays).
+    _register_autocast(*(f"revgn::{op}" for op in ("gram_factor", "gram_factor_from_gram", "gram_solve",
+                                                    "gram_cholesky_solve") if hasattr(torch.ops.revgn, op)))
 
 
 _register()

@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from .._checks import check_tensor
-from .._optim import GaussNewtonOptimizer, refuse
+from .._optim import GaussNewtonOptimizer, refuse, resolve_loss, unwrap_compiled
 from ..distributed import GRAM_ROUTES, resolve
 from . import right_inverse as ri
 from . import targets as tg
@@ -44,16 +44,23 @@ class RevGN(GaussNewtonOptimizer):
     """Exact Gauss-Newton step for a :class:`~revgn_ext.RevMLP`: ``theta <- theta - lr * Delta`` with
     ``J Delta = E Q^T`` (see the module docstring for the math and the paper's learning rates).
 
+    ``RevGN(params, model=model, ...)`` as for any ``torch.optim`` optimizer, or ``RevGN(model, ...)``.
+
     Args:
-        model: the RevMLP whose W and b are trained (all of them; V and Q are fixed buffers).
+        params: the RevMLP's parameters, all of them, as tensors or groups; groups may have their
+            own ``lr`` (0 holds a group still), every other option is shared.
+        model: the RevMLP whose W and b are trained (all of them; V and Q are fixed buffers); may be
+            ``torch.compile``-d or DDP-wrapped.
         lr: step size (ours = L * the official code's, see above).
         damping: lambda of ``A^+ R = A^T (A A^T + lambda I)^{-1} R``; relative to mean(diag(A A^T)) of
             each Gram by default. 0 gives the exact right inverse when every A has full row rank n
             (n <= M and non-linear blocks; a linear block has rank <= d/2 + 1).
         target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i) or "damped"
             (E_i = (H_i + target_damping I)^{-1} g_i).
-        loss: "cross_entropy" (y: int labels) or "mse" (0.5 ||z - y||^2 per sample; y: (n, K) floats
-            or int labels, one-hot encoded).
+        loss: "cross_entropy" / ``nn.CrossEntropyLoss`` (y: int labels) or "mse" / ``nn.MSELoss``
+            (0.5 ||z - y||^2 per sample; y: (n, K) floats, or int labels one-hot encoded for "mse").
+            The reduction scales only ``stats["loss"]``: the step is a per-sample function-space move.
+            None: the closure's loss, or inferred from y where unambiguous.
         shares: s_l, the fraction of the target block l produces; non-negative, sum 1; default 1/L.
         damping_mode: "relative" or "absolute".
         solver: "cholesky" (one batched Gram factorisation) or "svd" (the official truncated pinv:
@@ -75,8 +82,9 @@ class RevGN(GaussNewtonOptimizer):
     wrapper's process group. DDP's own gradient all_reduce (an average of per-shard gradients) is not
     used, because the exact step couples all samples through the Gram; a bare module works as well.
 
-    ``step(x, y)`` returns a stats dict: "loss" (pre-step batch loss), "refused" (True when the update
-    was not finite and the parameters were left untouched), per-Gram lists in the order
+    ``step(closure)`` works as for ``torch.optim.LBFGS`` and returns the closure's loss; ``step(x, y)``
+    returns a stats dict (kept in ``last_stats`` either way): "loss" (pre-step batch loss), "refused"
+    (True when the update was not finite and the parameters were left untouched), per-Gram lists in the order
     F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda), "info" and "jitter" (Cholesky retries and the
     jitter they added; info -1 = all retries failed) or "rank" (SVD), and "exact" (damping 0, n <= M and
     every Gram factored cleanly at full rank).
@@ -85,17 +93,28 @@ class RevGN(GaussNewtonOptimizer):
     HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0), "rtol": dict(low=0.0),
                        "atol": dict(low=0.0), "target_damping": dict(low=0.0, low_open=True)}
 
-    def __init__(self, model: RevMLP, lr: float = 0.1, damping: float = 1e-4, target: str = "identity",
-                 loss: str = "cross_entropy", *, shares=None, damping_mode: str = "relative",
+    PER_GROUP = ("lr",)
+    LOSSES = ("mse", "cross_entropy")
+    ADD_GROUP_MESSAGE = ("RevGN trains every W and b of its RevMLP from construction on, so there is "
+                         "nothing to add; give per-group learning rates at construction")
+
+    def __init__(self, params=None, lr: float = 0.1, damping: float = 1e-4, target: str = "identity",
+                 loss=None, *, shares=None, damping_mode: str = "relative",
                  solver: str = "cholesky", rtol: float = 1e-2, atol: float = 1e-5,
                  target_damping: float = 1e-3, distributed: bool = False, process_group=None,
-                 gram_route: str = "auto") -> None:
-        model, shards = resolve(model, distributed, process_group)
+                 gram_route: str = "auto",
+                 model: RevMLP | None = None) -> None:
+        params, model = self.split_model(params, model)
+        called = model
+        model, shards = resolve(unwrap_compiled(model), distributed, process_group)
+        model = unwrap_compiled(model)
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
         self.check_hyperparameters(dict(lr=lr, damping=damping, rtol=rtol, atol=atol,
                                         target_damping=target_damping))
-        for name, value, allowed in (("target", target, tg.TARGETS), ("loss", loss, tg.LOSSES),
+        spec = resolve_loss(loss, "RevGN", self.LOSSES)
+        self.check_loss(spec, shards)
+        for name, value, allowed in (("target", target, tg.TARGETS),
                                      ("damping_mode", damping_mode, DAMPING_MODES),
                                      ("solver", solver, ri.SOLVERS), ("gram_route", gram_route, GRAM_ROUTES)):
             if value not in allowed:
@@ -105,18 +124,35 @@ class RevGN(GaussNewtonOptimizer):
         if len(shares) != L or not all(math.isfinite(s) and s >= 0 for s in shares) \
                 or abs(sum(shares) - 1.0) > 1e-6:
             raise ValueError(f"shares must be {L} non-negative numbers summing to 1, got {shares}")
-        params = list(model.parameters())
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         if frozen:
             raise ValueError(f"model has frozen parameters {frozen}; RevGN updates every W and b")
-        defaults = dict(lr=lr, damping=damping, target=target, loss=loss, shares=shares,
+        params = self.model_params(params, model, list(model.parameters()))
+        defaults = dict(lr=lr, damping=damping, target=target, **self.loss_options(spec), shares=shares,
                         damping_mode=damping_mode, solver=solver, rtol=rtol, atol=atol,
                         target_damping=target_damping, gram_route=gram_route)
         super().__init__(params, defaults)
+        covered = {id(p) for g in self.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+        if missing:
+            raise ValueError(f"params leaves out {missing}; RevGN's step moves every W and b of the "
+                             f"RevMLP together (give lr=0 to a group to hold its parameters still)")
+        self.check_model_dtype(list(model.parameters()))
         self.model = model
         self.shards = shards
         if shards is not None:
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
+        self.finish_construction(called)
+
+    @staticmethod
+    def check_loss(spec, shards=None) -> None:
+        if spec is None:
+            return
+        if spec.label_smoothing:
+            raise ValueError("RevGN's function-space targets need hard labels: label_smoothing is not "
+                             "supported (EGN supports it)")
+        if spec.reduction == "sum" and shards is not None:
+            raise ValueError("RevGN: reduction='sum' is not supported with distributed=True; use 'mean'")
 
     # ------------------------------------------------------------------------------------------
     def _check_batch(self, x, y) -> None:
@@ -173,16 +209,41 @@ class RevGN(GaussNewtonOptimizer):
                                           group["rtol"], group["atol"], shards, group["gram_route"])
         return loss, n, deltas, report
 
-    @torch.no_grad()
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> list:
+    def _batch_and_loss(self, closure, y):
+        batch = self.batch(closure, y)
+        spec = self.adopt_loss(batch)
+        self.check_loss(spec, self.shards)
+        return batch, spec
+
+    def direction(self, closure=None, y=None) -> list:
         """Delta with J Delta = E Q^T, one tensor per parameter in ``model.parameters()`` order
-        (the step would be ``theta - lr * Delta``). Not finite when the forward pass overflows at x."""
-        _, _, deltas, _ = self._direction(x, y)
+        (the step would be ``theta - lr * Delta``), on the batch of ``direction(closure)`` or
+        ``direction(x, y)`` (see :meth:`step`). Not finite when the forward pass overflows at x."""
+        batch, _ = self._batch_and_loss(closure, y)
+        with torch.no_grad(), self.no_autocast():
+            _, _, deltas, _ = self._direction(batch.x, batch.y)
         return [t for d in deltas for t in d]
 
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """One RevGN step on the batch (x, y); returns the stats dict described in the class doc."""
+    def step(self, closure=None, y=None):
+        """One RevGN step, as torch.optim steps, or on a batch given directly.
+
+        * ``step(closure)``: ``closure()`` runs the RevMLP on a batch and computes the loss (an
+          ``nn.CrossEntropyLoss``/``nn.MSELoss`` or its functional form), as for ``torch.optim.LBFGS``,
+          or returns ``(output, target)``; RevGN reads x and the targets off those calls, runs its own
+          forward, and returns what the closure returned (for a pair, the pre-step loss).
+        * ``step(x, y)``: the batch itself; returns the stats dict described in the class doc.
+
+        The stats are also kept in ``last_stats``; ``stats["loss"]`` is in the user's reduction. The
+        step runs with autocast off, in the parameters' dtype.
+        """
+        batch, spec = self._batch_and_loss(closure, y)
+        with torch.no_grad(), self.no_autocast():
+            stats = self._step(batch.x, batch.y)
+        stats["loss"] *= spec.scale(stats["batch_size"], self.model.num_classes)
+        self.last_stats = stats
+        return self.step_result(batch, stats)
+
+    def _step(self, x, y) -> dict:
         loss, n, deltas, report = self._direction(x, y)  # checks the hyper-parameters with the batch
         groups = self.checked_groups()
         flat = [t for d in deltas for t in d]
