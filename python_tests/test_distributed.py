@@ -151,11 +151,13 @@ def _case_rank_raises(rank):
 
 
 def _outcome(fn):
-    """(exception type name, message) of fn(), or (None, result)."""
+    """(exception type name, message) of fn(), or (None, result) with a result that is not a number,
+    string or None replaced by its type name (the queue carries it back)."""
     try:
-        return None, fn()
+        result = fn()
     except Exception as err:
         return type(err).__name__, str(err)
+    return None, result if isinstance(result, (bool, int, float, str, type(None))) else type(result).__name__
 
 
 def _case_mismatch(rank):
