@@ -80,7 +80,7 @@ def test_bad_options_exit_with_usage_error(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["reproduce", "--lr", "0.1"], "OPT=LR"),
     (["train", "--batch-size", "0"], "batch_size must be a positive int"),
-    (["train", "--lr", "-1"], "lr must be a finite number"),
+    (["train", "--lr", "-1"], "learning rate must be a positive finite number"),
     (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "none of train-images"),
 ])
 def test_invalid_values_are_reported(argv, message, capsys, tmp_path):
