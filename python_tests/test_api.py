@@ -165,7 +165,7 @@ def test_nn_loss_direction_matches_dense_solve_of_that_loss(loss_fn, kind):
     x, y = batch(out=out, kind=kind)
     damping = 0.3
     opt = EGN(model.parameters(), model=model, loss=loss_fn, damping=damping)
-    target = y if kind != "binary" else y
+    target = y
     fn = (lambda o, t: loss_fn(o.reshape(-1), t)) if kind == "binary" else loss_fn
     dense = dense_lm_direction(model, fn, x, target, damping)
     # The closure form: the loss sees output.squeeze(1) for BCE, a view of the model output.

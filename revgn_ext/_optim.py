@@ -453,9 +453,11 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
                 continue
             on_output.append((func, args, x))
         if not on_output:
-            raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
-                             f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
-                             f"needs loss(model(x), target)")
+            seen = sorted({f"F.{func.__name__}" for func, _ in recorder.calls})
+            raise ValueError(f"{who}.step(closure): the loss ({', '.join(seen)}) was not computed on the "
+                             f"model's output (or a reshape of it, such as output.squeeze(1)); the "
+                             f"Gauss-Newton step needs loss(model(x), target) with one of "
+                             f"{[NN_LOSSES_NAMES[n] for n in self.LOSSES]} on the logits")
         if len(on_output) != 1:
             raise ValueError(f"{who}.step(closure): the closure computed {len(on_output)} losses on the "
                              f"model's output; with more than one, return (output, target) to say which")
