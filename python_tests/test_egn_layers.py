@@ -465,3 +465,32 @@ def test_curvature_modes_step_and_predict_decrease(curvature):
     assert torch.allclose(-sol["Ku"], (A @ d), atol=1e-10)
     stats = opt.step(x, y)
     assert stats["accepted"] and stats["rho"] is not None
+
+
+def test_hidden_use_appearing_later_is_caught_by_the_per_step_check():
+    """The random-weight verification runs once per call pattern; a hidden use that appears later
+    under the same pattern is caught by the free check of J^T S u, and the step is redone."""
+    class Sometimes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(3, 3)
+            self.out = nn.Linear(3, 2)
+            self.hidden = False
+
+        def forward(self, x):
+            h = torch.tanh(self.enc(x))
+            if self.hidden:
+                h = h + F.linear(h, self.enc.weight.t())
+            return self.out(h)
+
+    torch.manual_seed(13)
+    model = Sometimes().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    opt = EGN(model, damping=0.4)
+    opt.direction(x, y)
+    assert opt._assembler.fallback_names == []
+    model.hidden = True
+    with pytest.warns(RuntimeWarning, match=r"'enc.weight'.*torch.func"):
+        d = flat(opt.direction(x, y))
+    assert opt._assembler.fallback_names == ["enc.weight"]
+    assert (d - dense_direction(model, x, y, "mse", 0.4)).abs().max() < TOL

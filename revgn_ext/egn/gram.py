@@ -27,25 +27,33 @@ Two assemblers share one interface, ``f = forward(x)`` then ``K = gram(f, column
 
   **Verification.** A use that no module hook sees (``F.linear(h, enc.weight.t())``, a weight read by
   another module's forward, a layer that treats dim 0 as something other than the sample) would make
-  V_p silently wrong. Every Gram therefore runs one more backward pass with random per-sample weights
-  w (b, m), grad_outputs = sum_a w_a columns[a], and compares autograd's gradient of every parameter
-  with sum_{i,a} w_ia V_p[(i, a)] from the rules' factors. A parameter that disagrees (relative error
-  above sqrt(eps) of the dtype) falls back to torch.func from then on, with a RuntimeWarning naming it
-  (``method="layerwise"``: UnsupportedModelError). Because w differs per sample, a wrong grouping of
-  rows into samples is caught as well as a missing use. Cost: one backward pass and one contraction
-  per factor.
+  V_p silently wrong. Two checks compare autograd's gradient of every parameter for some grad_outputs
+  sum_a w_a columns[a] with sum_{i,a} w_ia V_p[(i, a)] from the rules' factors:
+
+  * the first Gram of every new call pattern (recorded modules and shapes) runs one more backward
+    pass with random per-sample weights w (b, m);
+  * every step compares the back-projection J^T S u, which the step computes anyway, with w = u
+    (:meth:`LayerwiseGram.check_direction`: free; a failure redoes the step's solve).
+
+  A parameter that disagrees (relative error above sqrt(eps) of the dtype) falls back to torch.func
+  from then on, with a RuntimeWarning naming it (``method="layerwise"``: UnsupportedModelError).
+  Because the weights differ per sample, a wrong grouping of rows into samples is caught as well as
+  a missing use.
 
   **Row blocks.** K is formed in blocks of ``block_rows`` rows (lower block triangle, then mirrored),
   so the temporaries of a block are bounded (default: 1/16 of ``memory_limit``, at most 256 MiB),
   and the stored factors (inputs X, output gradients G, dense V) never include a whole J.
 
-  Why not BackPACK or curvlinops: both were measured (``benchmarks/bench_egn_step.py``). BackPACK's
-  ``SqrtGGNExact`` gives the same V_p, but materialised for every parameter (b m x d_p floats for a
-  Linear, where the Kronecker form needs b m x out), needs its own ``extend`` of every module,
-  supports neither tied weights nor integer inputs to anything but Embedding and raises on uses it
-  does not see rather than handling them. curvlinops' GGN is a d x d linear operator (matrix-vector
-  products), the wrong side of the push-through identity for d >> b m. The rules here are a few lines
-  each and the verification makes them safe.
+  Why our own rules rather than a library: BackPACK's ``SqrtGGNExact`` gives the same V_p and was
+  measured against these rules on the CNN (``benchmarks/bench_egn_step.py``, ``--suite cnn``,
+  results in ``benchmarks/RESULTS.md``). It materialises S^T J for *every* parameter (b m x d_p floats,
+  also for Linear layers, where the Kronecker form needs only the b x in inputs and b m x out output
+  gradients), so its memory grows like the whole J; it needs ``extend()`` on every module and has no
+  answer for uses its module extensions do not see. curvlinops' GGN is a d x d linear operator
+  (matrix-vector products in parameter space), the wrong side of the push-through identity when
+  d >> b m; it was not adopted (nor installed). Opacus' grad samplers give per-sample gradients of a
+  summed loss (one output column), not per output column. The rules here are a few lines each, and
+  the verification makes a missed use a fallback instead of a wrong answer.
 * :class:`FunctionalGram`, the generic whole-model route: per-sample Jacobians with ``torch.func``
   (vmap over samples of jacrev), guarded by a memory estimate.
 
@@ -317,6 +325,8 @@ class LayerwiseGram:
         self.covered = covered
         self._warned = set()
         self._generator = None
+        self._verified: set = set()   # call patterns whose random-weight verification passed
+        self._checked: list = []      # the rules' factors of the last Gram, for check_direction
         self.records: list[_Use] = []
         self.x = None
 
@@ -470,50 +480,59 @@ class LayerwiseGram:
             for attr, factor in use.dense:
                 factor.V[:, a] += grads[attr].reshape(g.shape[0], -1)
 
+    @staticmethod
+    def _weighted(factors, w):
+        """{id(param): (param, sum_{i,a} w_ia V_p[(i, a)])} over the rules' factors."""
+        ours: dict[int, tuple] = {}
+        for factor in factors:
+            for p, grad in factor.weighted_gradients(w).items():
+                ours[id(p)] = (p, grad if id(p) not in ours else ours[id(p)][1] + grad)
+        return ours
+
     def _verify(self, f, columns, factors) -> list[int]:
         """ids of covered parameters whose factors disagree with autograd's gradient (random sample weights)."""
         m, b, _ = columns.shape
         if self._generator is None:
             self._generator = torch.Generator(device="cpu").manual_seed(0x5EED)
         w = torch.rand(b, m, generator=self._generator, dtype=f.dtype).to(f.device) + 0.5
-        ours: dict[int, torch.Tensor] = {}
-        owners = {}
-        for factor in factors:
-            for p, grad in factor.weighted_gradients(w).items():
-                ours[id(p)] = grad if id(p) not in ours else ours[id(p)] + grad
-                owners[id(p)] = p
-        checked = [owners[pid] for pid in ours]
-        if not checked:
+        ours = self._weighted(factors, w)
+        if not ours:
             return []
+        checked = [p for p, _ in ours.values()]
         grad_outputs = torch.einsum("ia,aic->ic", w, columns)
         truth = torch.autograd.grad(f, checked, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
-        eps = torch.finfo(f.dtype).eps
-        truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
-        errors = torch.stack([torch.linalg.vector_norm(ours[id(p)] - g) for p, g in zip(checked, truth)])
-        scales = torch.stack([torch.linalg.vector_norm(ours[id(p)]) + torch.linalg.vector_norm(g)
-                              for p, g in zip(checked, truth)])
-        # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
-        # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
-        limit = math.sqrt(eps) * scales + 100 * eps * scales.norm() + torch.finfo(f.dtype).tiny
-        flags = (~(errors <= limit)).tolist()
-        return [id(p) for p, flag in zip(checked, flags) if flag]
+        return _disagreeing(ours, truth, f.dtype)
+
+    def check_direction(self, u: torch.Tensor, products) -> bool:
+        """The free check of every step: ``products`` = autograd's J^T S u (one tensor per parameter in
+        ``params`` order, summed over ranks) against sum_{i,a} u_ia V_p[(i, a)] from the last Gram's
+        factors. False (after moving the disagreeing parameters to torch.func, or raising without
+        fallback) means the Gram was wrong and the solve must be redone."""
+        factors, self._checked = self._checked, []
+        ours = self._weighted(factors, u)
+        if not ours:
+            return True
+        index = {id(p): k for k, p in enumerate(self.params)}
+        truth = [products[index[pid]] for pid in ours]
+        bad = _disagreeing(ours, truth, u.dtype)
+        if bad:
+            self._demote(bad, _MISMATCH)
+            self._verified.clear()
+        return not bad
 
     def gram(self, f: torch.Tensor, columns: torch.Tensor, shards=None) -> torch.Tensor:
-        """K (b m, b m) from the last :meth:`forward`; keeps the autograd graph of f for a later VJP."""
+        """K (b m, b m) from the last :meth:`forward`; keeps the autograd graph of f for a later VJP.
+
+        The random-weight verification runs when the pattern of recorded layer calls (modules and
+        shapes) is new; every step is checked for free afterwards by :meth:`check_direction`.
+        """
         m, b = columns.shape[:2]
         total = b if shards is None else shards.total
         factors = self._plan(b, m, f)
         self._check_memory(factors, total, m, f, shards)
-        uses = [u for u in self.records if u.slots or u.dense]
-        outs = [u.out for u in uses]
-        for a in range(m):
-            if not outs:
-                break
-            grads = torch.autograd.grad(f, outs, grad_outputs=columns[a], retain_graph=True, allow_unused=True)
-            for use, g in zip(uses, grads):
-                if g is not None:
-                    self._fill(use, g, a)
-        bad = self._verify(f, columns, factors)
+        self._fill_all(f, columns, factors)
+        signature = tuple((id(u.module), tuple(u.inp.shape), tuple(u.out.shape)) for u in self.records)
+        bad = [] if signature in self._verified else self._verify(f, columns, factors)
         if shards is not None:   # one verdict on every rank
             flags = torch.zeros(len(self.params), dtype=f.dtype, device=f.device)
             index = {id(p): k for k, p in enumerate(self.params)}
@@ -522,22 +541,15 @@ class LayerwiseGram:
             (flags,) = shards.sum_tensors([flags])
             bad = [id(self.params[k]) for k in range(len(self.params)) if flags[k] > 0]
         if bad:
-            self._demote(bad, "its hooked per-layer gradient differs from autograd's (a use no layer rule "
-                              "sees, such as F.linear(h, layer.weight.t()), or a layer whose dim 0 is not the "
-                              "sample)")
+            self._demote(bad, _MISMATCH)
             # Rebuild every factor without the demoted parameters (a merged factor may hold both kinds).
             for u in self.records:
                 u.slots, u.dense = [], []
             factors = self._plan(b, m, f)
-            uses = [u for u in self.records if u.slots or u.dense]
-            outs = [u.out for u in uses]
-            for a in range(m):
-                if not outs:
-                    break
-                grads = torch.autograd.grad(f, outs, grad_outputs=columns[a], retain_graph=True, allow_unused=True)
-                for use, g in zip(uses, grads):
-                    if g is not None:
-                        self._fill(use, g, a)
+            self._fill_all(f, columns, factors)
+        else:
+            self._verified.add(signature)
+        covered = list(factors)
         fallback = [p for p in self.params if id(p) in self.fallback]
         if fallback:
             names = [self.names[id(p)] for p in fallback]
@@ -546,7 +558,37 @@ class LayerwiseGram:
         if shards is not None:
             for fa in factors:
                 fa.gather(shards)
+        self._checked = covered
         return _assemble(factors, total, m, f, self.block_rows, self.memory_limit)
+
+    def _fill_all(self, f, columns, factors):
+        """The m backward passes: output gradients of every recorded use into the factors."""
+        uses = [u for u in self.records if u.slots or u.dense]
+        outs = [u.out for u in uses]
+        for a in range(columns.shape[0] if outs else 0):
+            grads = torch.autograd.grad(f, outs, grad_outputs=columns[a], retain_graph=True, allow_unused=True)
+            for use, g in zip(uses, grads):
+                if g is not None:
+                    self._fill(use, g, a)
+
+
+_MISMATCH = ("its hooked per-layer gradient differs from autograd's (a use no layer rule sees, such as "
+             "F.linear(h, layer.weight.t()), or a layer whose dim 0 is not the sample)")
+
+
+def _disagreeing(ours: dict, truth, dtype) -> list[int]:
+    """ids of the parameters whose factor sums differ from autograd's ``truth`` (aligned with ``ours``)."""
+    checked = [p for p, _ in ours.values()]
+    mine = [g for _, g in ours.values()]
+    eps = torch.finfo(dtype).eps
+    truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
+    errors = torch.stack([torch.linalg.vector_norm(a - g) for a, g in zip(mine, truth)])
+    scales = torch.stack([torch.linalg.vector_norm(a) + torch.linalg.vector_norm(g) for a, g in zip(mine, truth)])
+    # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
+    # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
+    limit = math.sqrt(eps) * scales + 100 * eps * scales.norm() + torch.finfo(dtype).tiny
+    flags = (~(errors <= limit)).tolist()
+    return [id(p) for p, flag in zip(checked, flags) if flag]
 
 
 def _assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_limit: int) -> torch.Tensor:
@@ -585,6 +627,10 @@ class FunctionalGram:
         self.names = [n for n, p in model.named_parameters() if id(p) in ids]
         self.params = [p for n, p in model.named_parameters() if id(p) in ids]
         self.x = None
+
+    def check_direction(self, u, products) -> bool:
+        """Nothing to check: torch.func differentiates every use."""
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.x = x

@@ -262,7 +262,10 @@ class EGN(GaussNewtonOptimizer):
             u = torch.cholesky_solve(rhs.reshape(n, 1), chol.L[0]).reshape(b, m)
             v = factor.residual / b - apply_factor(factor, u)
             grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-            out["direction"] = [-gr / lam if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, params)]
+            grads = [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, params)]
+            if not self._assembler.check_direction(u, [gi - gr for gi, gr in zip(g, grads)]):   # J^T S u
+                return self._solve(x, y, lam)
+            out["direction"] = [-gr / lam for gr in grads]
             # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
             out["Ku"] = mu / lam * u
             out["tKu"] = b / lam * (gg - (rhs * u).sum())
@@ -275,7 +278,10 @@ class EGN(GaussNewtonOptimizer):
             v = apply_factor(factor, u if shards is None else u[shards.rows])
             grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
             direction = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-            out["direction"] = direction if shards is None else shards.sum_tensors(direction)
+            direction = direction if shards is None else shards.sum_tensors(direction)
+            if not self._assembler.check_direction(u, [-d for d in direction]):   # J^T S u
+                return self._solve(x, y, lam)   # the Gram missed a use: redone with the fallback
+            out["direction"] = direction
             out["Ku"] = Ku
             out["tKu"] = (t.reshape(b, m) * Ku).sum()
         clock.lap("backproject")
