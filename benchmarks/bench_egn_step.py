@@ -17,9 +17,10 @@ Suites (``--suite``, default ``mlp``; ``models`` runs the rest, single thread, o
 * ``cnn``: CNN 32c3-pool-32c3-pool-64-10 on 1x28x28, CE, b = 128: EGN (layer rules) vs the naive step
   and BackPACK's exact GGN route (``SqrtGGNExact``: per-parameter S^T J materialised, then the same
   Gram, Cholesky and back-projection), when BackPACK is installed. Peak memory of each from a fresh
-  subprocess (``ru_maxrss``, and the growth over the set-up).
-* ``transformer``: Embedding(64, 32) on T = 16 token ids, LayerNorm, MLP 32-64-32 on (b, T, d) with a
-  residual, LayerNorm, mean over positions, Linear(32, 4); MSE, b = 64: EGN vs naive.
+  subprocess (VmHWM from /proc, and its growth over the RSS after the set-up).
+* ``transformer``: Embedding(V, 32) on T = 16 token ids, LayerNorm, MLP 32-64-32 on (b, T, d) with a
+  residual, LayerNorm, mean over positions, Linear(32, 4); MSE, b = 64, vocabulary V = 64 and 1000:
+  EGN vs naive.
 * ``classes``: MLP 64-256-c, CE, b = 256, c in {10, 100, 1000}: EGN with curvature exact / sampled /
   true-class, step time and held-out accuracy after ``--steps`` steps on a synthetic many-class task
   (Gaussian class means in R^64). The exact curvature's (b c)^2 system is skipped where it exceeds the
@@ -36,7 +37,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,16 +121,24 @@ def backpack_egn_step(model, lossfn, x, y, lr, damping):
             p.grad = None
 
 
-def time_it(fn, repeat, warmup=2, sync=lambda: None):
+def _no_sync():
+    return None
+
+
+def time_it(fn, repeat, warmup=2, sync=_no_sync):
+    """Median milliseconds per call. With one torch thread on the CPU this is the process's CPU time
+    (time.process_time), so that waiting for a core on a shared, loaded machine does not count;
+    otherwise wall time."""
+    clock = time.process_time if torch.get_num_threads() == 1 and sync is _no_sync else time.perf_counter
     for _ in range(warmup):
         fn()
     sync()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times) * 1e3
 
 
@@ -151,7 +159,7 @@ def workloads(device):
 
 
 def run(repeat: int, device: str):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else _no_sync
     rows = []
     for name, sizes, x, y, loss in workloads(device):
         def fresh():
@@ -228,9 +236,11 @@ def case(name, b=None, curvature="exact"):
     if name == "cnn":
         b = b or 128
         return cnn(), torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g), "cross_entropy"
-    if name == "transformer":
+    if name.startswith("transformer"):
         b = b or 64
-        return Block(), torch.randint(0, 64, (b, 16), generator=g), torch.randn(b, 4, generator=g), "mse"
+        vocab = 1000 if name.endswith("v1000") else 64
+        return (Block(vocab=vocab), torch.randint(0, vocab, (b, 16), generator=g), torch.randn(b, 4, generator=g),
+                "mse")
     raise ValueError(name)
 
 
@@ -244,15 +254,27 @@ def peak_memory(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
+def _status_mib(field: str) -> float:
+    """VmHWM (peak) or VmRSS of this process from /proc (per address space, so fresh after exec,
+    unlike ru_maxrss, which Linux carries over from the parent)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _measure_memory(spec: list) -> None:
     method, name, b, curvature = spec
     torch.set_num_threads(1)
     model, x, y, loss = case(name, b)
     step = _step_fn(method, model, x, y, loss, curvature)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _status_mib("VmRSS")
+    t = time.process_time()
     stats = step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mib": peak, "growth_mib": peak - base,
+    seconds = time.process_time() - t
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"peak_mib": peak, "growth_mib": peak - base, "cpu_s": seconds,
                       "time": stats.get("time") if isinstance(stats, dict) else None}))
 
 
@@ -276,7 +298,7 @@ def run_models(suite: str, repeat: int, steps: int, max_exact_batch: int) -> lis
         lines += ["", "### Layer-wise Gram on convolutions and sequences", "",
                   "| case | method | step ms (median) | vs EGN | peak RSS MiB | growth in the step MiB |",
                   "|---|---|---:|---:|---:|---:|"]
-        names = [n for n in ("cnn", "transformer") if suite in ("models", n)]
+        names = [n for n in ("cnn", "transformer", "transformer-v1000") if suite in ("models", n.split("-")[0])]
         for name in names:
             methods = ["EGN", "naive"] + (["backpack"] if name == "cnn" and _backpack is not None else [])
             times = {}

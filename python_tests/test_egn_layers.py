@@ -494,3 +494,13 @@ def test_hidden_use_appearing_later_is_caught_by_the_per_step_check():
         d = flat(opt.direction(x, y))
     assert opt._assembler.fallback_names == ["enc.weight"]
     assert (d - dense_direction(model, x, y, "mse", 0.4)).abs().max() < TOL
+
+
+def test_row_blocks_through_the_optimizer():
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)).double()
+    x, y = torch.randn(7, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    ref = flat(EGN(model, damping=0.2, loss="cross_entropy").direction(x, y))
+    for rows in (1, 5, 9, 100):
+        d = flat(EGN(model, damping=0.2, loss="cross_entropy", gram_block_rows=rows).direction(x, y))
+        assert (d - ref).abs().max() < TOL

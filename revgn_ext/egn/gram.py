@@ -454,6 +454,8 @@ class LayerwiseGram:
     def _check_memory(self, factors, total, m, f, shards):
         """Before the backward passes: K, the factors and the torch.func rows within memory_limit."""
         extra = sum(fa.nbytes() for fa in factors)
+        extra += sum(k.X.numel() * k.X.element_size() for u in self.records for k in u.kron.values()
+                     if k.X.untyped_storage().data_ptr() != u.inp.untyped_storage().data_ptr())   # conv patches
         c = f.shape[1]
         extra += sum(2 * f.shape[0] * c * p.numel() * f.element_size() for p in self.params if id(p) in self.fallback)
         if shards is not None:

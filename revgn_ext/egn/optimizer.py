@@ -95,7 +95,8 @@ class EGN(GaussNewtonOptimizer):
     ``step(x, y)`` returns a dict of statistics (``loss`` is the pre-step loss); a step whose update is not
     finite is refused, leaving parameters and state as they were. ``stats["time"]`` splits the step's
     solve into seconds of "forward" (the model with the layer hooks), "gram" (the backward passes and
-    K), "factor" (Cholesky) and "backproject" (the solve and the VJP J^T S u).
+    K; for curvature="sampled" also g and S^T J g), "factor" (Cholesky) and "backproject" (the solve,
+    the VJP J^T S u and its check against the layer factors).
 
     ``x`` may hold integer token ids when the model starts with an ``nn.Embedding``. The model must
     be deterministic during the step: train-mode dropout (modules or ``F.dropout``) is refused, like
