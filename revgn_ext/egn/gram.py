@@ -246,7 +246,7 @@ class _KronFactor:
             rows.addcmul_(Kx[:, 0, :, 0][:, None, :, None], Kg)
         else:
             Kg = (self.G[i0:i1].reshape(-1, q) @ self.G[:j1].reshape(-1, q).T).view(i1 - i0, m, T, j1, m, T)
-            rows.add_(torch.einsum("itjs,iatjbs->iajb", Kx, Kg))
+            rows.add_((Kg * Kx[:, None, :, :, None, :]).sum((2, 5)))   # sum_{t,s}; einsum would copy Kg
 
     def weighted_gradients(self, w):
         """{param: sum_{i,a} w_ia grad_ia} from the factor (for the verification)."""
