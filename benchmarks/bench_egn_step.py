@@ -34,7 +34,6 @@ Usage: python benchmarks/bench_egn_step.py [--suite mlp|models|cnn|transformer|c
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

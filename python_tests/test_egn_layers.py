@@ -504,3 +504,19 @@ def test_row_blocks_through_the_optimizer():
     for rows in (1, 5, 9, 100):
         d = flat(EGN(model, damping=0.2, loss="cross_entropy", gram_block_rows=rows).direction(x, y))
         assert (d - ref).abs().max() < TOL
+
+
+def test_layer_called_without_grad_contributes_nothing():
+    class Partly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.no_grad():   # a trainable layer used as a fixed feature map
+                h = torch.tanh(self.feat(x))
+            return self.head(h) + self.feat(x)[:, :2]
+
+    torch.manual_seed(15)
+    check_layerwise(Partly(), torch.randn(5, 3))

@@ -397,6 +397,8 @@ class LayerwiseGram:
         for use in self.records:
             attrs = [a for a in use.rule.attrs(use.module)
                      if id(getattr(use.module, a)) in trainable and id(getattr(use.module, a)) not in self.fallback]
+            if not use.out.requires_grad:   # called under no_grad or on frozen inputs only: no Jacobian
+                continue
             if use.out.dim() == 0 or use.out.shape[0] != b or use.inp.dim() == 0 or use.inp.shape[0] != b:
                 for a in attrs:
                     bad[id(getattr(use.module, a))] = (f"module '{use.name}' got input {tuple(use.inp.shape)} / "

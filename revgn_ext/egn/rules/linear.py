@@ -3,7 +3,6 @@ per-sample gradient is sum_t g_t x_t^T for the weight and sum_t g_t for the bias
 X = the input rows, and X = ones for the bias)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import KronInput, Rule
