@@ -129,7 +129,7 @@ def build_case(seed):
                     bn.weight.uniform_(0.5, 1.5)
                 add(bn.eval())
             act()
-            if rng.random() < 0.3 and probe.shape[-1] >= 2:
+            if rng.random() < 0.3 and min(probe.shape[2:]) >= 2:
                 net.ops.append(("pool",))
                 probe = RandomNet.forward(_single(net, ("pool",)), probe)
         net.ops.append(("flatten",))

@@ -70,7 +70,7 @@ class EGN(GaussNewtonOptimizer):
               the Gram. No bias.
             * "sampled": Monte-Carlo GGN (Gauss-Newton-Bartlett), S_i = [dl(f_i, y^_is)/df_i]_s / sqrt(k)
               with k = ``samples`` labels y^ drawn from the model's predictive distribution (torch's
-              default generator): a (b k) x (b k) system, k backward passes. Unbiased for the
+              default generator, anew at every step or ``direction`` call): a (b k) x (b k) system, k backward passes. Unbiased for the
               curvature, E[J^T S S^T J] = J^T Q J, variance ~ 1/k. Since the gradient e is not in
               the range of S, the step uses Woodbury's identity, dir = -(g - J^T S u) / lambda with
               (S^T J J^T S + b lambda I) u = S^T J g and g = J^T e / b; it needs damping > 0 and
