@@ -11,13 +11,34 @@ and MLP 64-32-64-32-10 with cross-entropy on sklearn's digits (b = 256).
   rows instead of the b c rows of exact GN, so that row is a cheaper, different algorithm.
 * Adam: forward, backward and ``Adam.step``.
 
-Usage: python benchmarks/bench_egn_step.py [--repeat 10] [--out benchmarks/results/egn.md]
+Suites (``--suite``, default ``mlp``; ``models`` runs the rest, single thread, one process, medians):
+
+* ``mlp``: the rows above.
+* ``cnn``: CNN 32c3-pool-32c3-pool-64-10 on 1x28x28, CE, b = 128: EGN (layer rules) vs the naive step
+  and BackPACK's exact GGN route (``SqrtGGNExact``: per-parameter S^T J materialised, then the same
+  Gram, Cholesky and back-projection), when BackPACK is installed. Peak memory of each from a fresh
+  subprocess (VmHWM from /proc, and its growth over the RSS after the set-up).
+* ``transformer``: Embedding(V, 32) on T = 16 token ids, LayerNorm, MLP 32-64-32 on (b, T, d) with a
+  residual, LayerNorm, mean over positions, Linear(32, 4); MSE, b = 64, vocabulary V = 64 and 1000:
+  EGN vs naive.
+* ``classes``: MLP 64-256-c, CE, b = 256, c in {10, 100, 1000}: EGN with curvature exact / sampled /
+  true-class, step time and held-out accuracy after ``--steps`` steps on a synthetic many-class task
+  (Gaussian class means in R^64). The exact curvature's (b c)^2 system is skipped where it exceeds the
+  memory limit or would take minutes per step on this machine (said in the table).
+* ``batch``: the CNN at b in {32, 128, 512, 2048}: the step's time split (``stats["time"]``) and peak
+  memory per b, for curvature exact (up to ``--max-exact-batch``) and sampled.
+
+Usage: python benchmarks/bench_egn_step.py [--suite mlp|models|cnn|transformer|classes|batch]
+       [--repeat 10] [--out benchmarks/results/egn.md] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -33,6 +54,12 @@ try:
     import torch_levenberg_marquardt as tlm
 except ImportError:
     tlm = None
+try:
+    import backpack as _backpack
+    from backpack import backpack as _backpack_ctx, extend as _extend
+    from backpack.extensions import SqrtGGNExact
+except ImportError:
+    _backpack = None
 
 
 def machine() -> str:
@@ -50,7 +77,7 @@ def mlp(sizes):
 
 def naive_egn_step(model, x, y, loss, lr, damping):
     """The textbook EGN step: materialise J per sample, then the dense Gram and Cholesky."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     f = functional_call(model, params, (x,)).reshape(x.shape[0], -1)
     b, c = f.shape
     jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi[None],)).reshape(-1)),
@@ -64,21 +91,53 @@ def naive_egn_step(model, x, y, loss, lr, damping):
     direction = -(A.T @ u).reshape(-1)
     with torch.no_grad():
         offset = 0
-        for p in model.parameters():
+        for p in params.values():
             p.add_(direction[offset:offset + p.numel()].view_as(p), alpha=lr)
             offset += p.numel()
 
 
-def time_it(fn, repeat, warmup=2, sync=lambda: None):
+def backpack_egn_step(model, lossfn, x, y, lr, damping):
+    """EGN on BackPACK's exact GGN square root: SqrtGGNExact gives S_i^T J_i per parameter (m, b, *shape),
+    materialised for every parameter; then the same Gram, Cholesky and back-projection as the naive step.
+    ``model`` and ``lossfn`` (reduction 'sum', so the factor carries no 1/sqrt(b)) must be extended."""
+    out = model(x)
+    b = out.shape[0]
+    with _backpack_ctx(SqrtGGNExact()):
+        lossfn(out, y).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    V = torch.cat([p.sqrt_ggn_exact.reshape(p.sqrt_ggn_exact.shape[0], b, -1) for p in params], -1)   # (m, b, d)
+    V = V.transpose(0, 1).reshape(-1, V.shape[-1])                                                      # (b m, d)
+    factor = LOSS_FACTORS["cross_entropy"](out.detach(), y)
+    K = V @ V.T + b * damping * torch.eye(V.shape[0], dtype=V.dtype)
+    L = torch.linalg.cholesky(K)
+    u = torch.cholesky_solve(factor.target.reshape(-1, 1), L)
+    direction = -(V.T @ u).reshape(-1)
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.add_(direction[offset:offset + p.numel()].view_as(p), alpha=lr)
+            offset += p.numel()
+            p.grad = None
+
+
+def _no_sync():
+    return None
+
+
+def time_it(fn, repeat, warmup=2, sync=_no_sync):
+    """Median milliseconds per call. With one torch thread on the CPU this is the process's CPU time
+    (time.process_time), so that waiting for a core on a shared, loaded machine does not count;
+    otherwise wall time."""
+    clock = time.process_time if torch.get_num_threads() == 1 and sync is _no_sync else time.perf_counter
     for _ in range(warmup):
         fn()
     sync()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times) * 1e3
 
 
@@ -99,7 +158,7 @@ def workloads(device):
 
 
 def run(repeat: int, device: str):
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device == "cuda" else _no_sync
     rows = []
     for name, sizes, x, y, loss in workloads(device):
         def fresh():
@@ -138,6 +197,180 @@ def run(repeat: int, device: str):
         rows.append(row)
         print(format_row(row), flush=True)
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Models people train: CNN, transformer-style block, many classes, large batches
+# --------------------------------------------------------------------------------------------------
+
+def cnn(classes=10):
+    """32c3-pool-32c3-pool-64-C on 1x28x28 (the EGN paper's MNIST / Fashion-MNIST network)."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, classes))
+
+
+class Block(nn.Module):
+    """Transformer-style block without attention: Embedding, LayerNorm, MLP on (b, T, d), pooled head."""
+
+    def __init__(self, vocab=64, d=32, hidden=64, out=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.head = nn.Linear(d, out)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.down(F.gelu(self.up(self.norm1(h))))
+        return self.head(self.norm2(h).mean(1))
+
+
+def case(name, b=None, curvature="exact"):
+    """(model, x, y, loss) of a named case, seeded."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if name == "cnn":
+        b = b or 128
+        return cnn(), torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g), "cross_entropy"
+    if name.startswith("transformer"):
+        b = b or 64
+        vocab = 1000 if name.endswith("v1000") else 64
+        return (Block(vocab=vocab), torch.randint(0, vocab, (b, 16), generator=g), torch.randn(b, 4, generator=g),
+                "mse")
+    raise ValueError(name)
+
+
+def peak_memory(args: list[str]) -> dict:
+    """Run one measured step in a fresh interpreter; its peak RSS and the growth over the set-up."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory", json.dumps(args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def _status_mib(field: str) -> float:
+    """VmHWM (peak) or VmRSS of this process from /proc (per address space, so fresh after exec,
+    unlike ru_maxrss, which Linux carries over from the parent)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _measure_memory(spec: list) -> None:
+    method, name, b, curvature = spec
+    torch.set_num_threads(1)
+    model, x, y, loss = case(name, b)
+    step = _step_fn(method, model, x, y, loss, curvature)
+    base = _status_mib("VmRSS")
+    t = time.process_time()
+    stats = step()
+    seconds = time.process_time() - t
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"peak_mib": peak, "growth_mib": peak - base, "cpu_s": seconds,
+                      "time": stats.get("time") if isinstance(stats, dict) else None}))
+
+
+def _step_fn(method, model, x, y, loss, curvature="exact"):
+    if method == "EGN":
+        opt = rg.EGN(model, lr=0.1, damping=1.0, loss=loss, curvature=curvature)
+        return lambda: opt.step(x, y)
+    if method == "naive":
+        return lambda: naive_egn_step(model, x, y, loss, 0.1, 1.0)
+    if method == "backpack":
+        bp_model = _extend(model)
+        lossfn = _extend(nn.CrossEntropyLoss(reduction="sum"))
+        return lambda: backpack_egn_step(bp_model, lossfn, x, y, 0.1, 1.0)
+    raise ValueError(method)
+
+
+def run_models(suite: str, repeat: int, steps: int, max_exact_batch: int) -> list[str]:
+    """Markdown lines of the ``models`` suites."""
+    lines = []
+    if suite in ("models", "cnn", "transformer"):
+        lines += ["", "### Layer-wise Gram on convolutions and sequences", "",
+                  "| case | method | step ms (median) | vs EGN | peak RSS MiB | growth in the step MiB |",
+                  "|---|---|---:|---:|---:|---:|"]
+        names = [n for n in ("cnn", "transformer", "transformer-v1000") if suite in ("models", n.split("-")[0])]
+        for name in names:
+            methods = ["EGN", "naive"] + (["backpack"] if name == "cnn" and _backpack is not None else [])
+            times = {}
+            for method in methods:
+                model, x, y, loss = case(name)
+                step = _step_fn(method, model, x, y, loss)
+                times[method] = time_it(step, repeat if method == "EGN" else max(3, repeat // 3), warmup=1)
+                print(f"{name} {method}: {times[method]:.1f} ms", flush=True)
+            for method in methods:
+                mem = peak_memory([method, name, None, "exact"])
+                cells = ("-", "-") if "error" in mem else (f"{mem['peak_mib']:.0f}", f"{mem['growth_mib']:.0f}")
+                print(f"{name} {method}: memory {mem}", flush=True)
+                lines.append(f"| {name} | {method} | {times[method]:.1f} | {times[method] / times['EGN']:.1f}x | "
+                             f"{cells[0]} | {cells[1]} |")
+        if suite in ("models", "cnn") and _backpack is None:
+            lines.append("\nBackPACK is not installed: its row is missing (pip install backpack-for-pytorch).")
+    if suite in ("models", "classes"):
+        lines += ["", f"### Many classes: MLP 64-256-c, CE, b = 256 ({steps} steps, held-out accuracy)", "",
+                  "| c | curvature | system | step ms (median) | vs c = 10 | accuracy after steps | note |",
+                  "|---:|---|---:|---:|---:|---:|---|"]
+        base = {}
+        for c in (10, 100, 1000):
+            for curvature in ("exact", "sampled", "true-class"):
+                n = 256 * (c if curvature == "exact" else 1)
+                if curvature == "exact" and c > 10:
+                    lines.append(f"| {c} | {curvature} | {n}^2 | - | - | - | skipped: a {n}^2 Cholesky "
+                                 f"({n ** 3 / 3e12:.1f} TFLOP, {n * n * 4 / 2**30:.1f} GiB) per step |")
+                    continue
+                ms, acc = many_class_run(c, curvature, repeat, steps)
+                base.setdefault(curvature, ms)
+                print(f"classes c={c} {curvature}: {ms:.1f} ms, accuracy {acc:.3f}", flush=True)
+                lines.append(f"| {c} | {curvature} | {n}^2 | {ms:.1f} | {ms / base[curvature]:.2f}x | {acc:.3f} | |")
+    if suite in ("models", "batch"):
+        lines += ["", "### Batch size on the CNN (one step each, fresh process)", "",
+                  "| b | curvature | forward s | gram s | factor s | backproject s | peak RSS MiB | growth MiB |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for b in (32, 128, 512, 2048):
+            for curvature in ("exact", "sampled"):
+                if curvature == "exact" and b > max_exact_batch:
+                    lines.append(f"| {b} | exact | - | - | - | - | - | - |")
+                    continue
+                mem = peak_memory(["EGN", "cnn", b, curvature])
+                print(f"batch b={b} {curvature}: {mem}", flush=True)
+                if "error" in mem:
+                    lines.append(f"| {b} | {curvature} | error: {mem['error']} |||||||")
+                    continue
+                t = mem["time"]
+                lines.append(f"| {b} | {curvature} | {t['forward']:.3f} | {t['gram']:.3f} | {t['factor']:.3f} | "
+                             f"{t['backproject']:.3f} | {mem['peak_mib']:.0f} | {mem['growth_mib']:.0f} |")
+    return lines
+
+
+def many_class_data(c, n, generator):
+    means = torch.randn(c, 64, generator=torch.Generator().manual_seed(1)) * 0.6
+    y = torch.randint(0, c, (n,), generator=generator)
+    return means[y] + torch.randn(n, 64, generator=generator), y
+
+
+def many_class_run(c, curvature, repeat, steps):
+    torch.manual_seed(0)
+    model = mlp([64, 256, c])
+    opt = rg.EGN(model, lr=1.0, damping=1.0, loss="cross_entropy", curvature=curvature, line_search=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [many_class_data(c, 256, g) for _ in range(steps)]
+    x_test, y_test = many_class_data(c, 4096, torch.Generator().manual_seed(123))
+    times = []
+    for x, y in batches:
+        t = time.perf_counter()
+        opt.step(x, y)
+        times.append(time.perf_counter() - t)
+    with torch.no_grad():
+        acc = float((model(x_test).argmax(1) == y_test).double().mean())
+    return statistics.median(times[1:]) * 1e3, acc
 
 
 COLUMNS = ["EGN", "EGN adaptive", "naive", "tlm cholesky", "tlm qr", "Adam"]
@@ -189,9 +422,27 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "egn.md"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--append", action="store_true", help="add a section to --out instead of rewriting it")
+    parser.add_argument("--suite", default="mlp", choices=["mlp", "models", "cnn", "transformer", "classes", "batch"])
+    parser.add_argument("--steps", type=int, default=20, help="steps of the many-class runs")
+    parser.add_argument("--max-exact-batch", type=int, default=2048, help="largest b for the exact CNN batch rows")
+    parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_memory:
+        _measure_memory(json.loads(args.measure_memory))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite != "mlp":
+        print(machine())
+        lines = run_models(args.suite, args.repeat, args.steps, args.max_exact_batch)
+        load = os.getloadavg()
+        head = [f"## {args.suite} suite, cpu: {machine()}", "",
+                f"Load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on a shared machine; "
+                f"BackPACK {getattr(_backpack, '__version__', 'installed') if _backpack else 'not installed'}."]
+        with open(args.out, "a" if args.append else "w") as fh:
+            fh.write("\n".join(head + lines) + "\n")
+        print(f"wrote {args.out}")
+        return
     if tlm is None:
         print("notice: torch-levenberg-marquardt is not installed; skipping it "
               "(pip install torch-levenberg-marquardt)")

@@ -10,28 +10,38 @@ L = (1/b) sum_i l(f_i, y_i). Each factor below returns
 S_i is stored implicitly as ``S_i = diag(s_i) - p_i s_i^T`` (``s`` None means S = I, ``p`` None means
 S_i = diag(s_i)); :func:`apply_factor`, :func:`apply_factor_transpose` and :func:`factor_matrix` use
 that form, so applying S or S^T costs O(b c) instead of O(b c^2).
+
+Approximate curvatures (:func:`curvature_factor`) replace Q_i by a rank-k matrix S_i S_i^T with S_i a
+dense c x k factor (field ``S``): the Monte-Carlo ("sampled") and the observed-label ("true-class")
+Gauss-Newton matrices. Their formulas, bias and cost are in :func:`sampled_factor` and
+:func:`true_class_factor`.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["LossFactor", "mse_factor", "cross_entropy_factor", "binary_cross_entropy_factor",
-           "LOSS_FACTORS", "apply_factor", "apply_factor_transpose", "factor_matrix"]
+           "LOSS_FACTORS", "apply_factor", "apply_factor_transpose", "factor_matrix", "CURVATURES",
+           "sampled_factor", "true_class_factor", "curvature_factor"]
 
 
 class LossFactor(NamedTuple):
     """Loss, residual e, target t and the factor S_i = diag(s_i) - p_i s_i^T of Q_i = S_i S_i^T.
 
-    Shapes: ``loss`` scalar, ``residual``/``target``/``s``/``p`` (b, c); ``s``/``p`` may be None.
+    Shapes: ``loss`` scalar, ``residual``/``s``/``p`` (b, c); ``s``/``p`` may be None. ``S`` (b, c, k),
+    when given, is a dense factor that replaces the (s, p) form; ``target`` (b, k) solves S_i t_i = e_i,
+    or is None where e_i is not in the range of S_i (the sampled curvature).
     """
     loss: torch.Tensor
     residual: torch.Tensor
-    target: torch.Tensor
+    target: torch.Tensor | None
     s: torch.Tensor | None
     p: torch.Tensor | None
+    S: torch.Tensor | None = None
 
 
 def mse_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
@@ -92,7 +102,9 @@ LOSS_FACTORS = {
 
 
 def apply_factor(factor: LossFactor, u: torch.Tensor) -> torch.Tensor:
-    """S u per sample: S_i u_i = s_i * u_i - p_i (s_i . u_i). u: (b, c)."""
+    """S u per sample: S_i u_i = s_i * u_i - p_i (s_i . u_i). u: (b, k) -> (b, c)."""
+    if factor.S is not None:
+        return torch.einsum("ick,ik->ic", factor.S, u)
     if factor.s is None:
         return u
     out = factor.s * u
@@ -102,7 +114,9 @@ def apply_factor(factor: LossFactor, u: torch.Tensor) -> torch.Tensor:
 
 
 def apply_factor_transpose(factor: LossFactor, v: torch.Tensor) -> torch.Tensor:
-    """S^T v per sample: S_i^T v_i = s_i * v_i - s_i (p_i . v_i). v: (b, c)."""
+    """S^T v per sample: S_i^T v_i = s_i * v_i - s_i (p_i . v_i). v: (b, c) -> (b, k)."""
+    if factor.S is not None:
+        return torch.einsum("ick,ic->ik", factor.S, v)
     if factor.s is None:
         return v
     out = factor.s * v
@@ -112,7 +126,9 @@ def apply_factor_transpose(factor: LossFactor, v: torch.Tensor) -> torch.Tensor:
 
 
 def factor_matrix(factor: LossFactor) -> torch.Tensor:
-    """Dense S as (b, c, c), S[i] = S_i = diag(s_i) - p_i s_i^T. Column a of S_i is s_ia (e_a - p_i)."""
+    """Dense S as (b, c, k), S[i] = S_i = diag(s_i) - p_i s_i^T. Column a of S_i is s_ia (e_a - p_i)."""
+    if factor.S is not None:
+        return factor.S
     b, c = factor.residual.shape
     eye = torch.eye(c, dtype=factor.residual.dtype, device=factor.residual.device)
     if factor.s is None:
@@ -121,3 +137,82 @@ def factor_matrix(factor: LossFactor) -> torch.Tensor:
     if factor.p is not None:
         S = S - factor.p[:, :, None] * factor.s[:, None, :]
     return S
+
+
+# --------------------------------------------------------------------------------------------------
+# Approximate curvatures for many outputs
+# --------------------------------------------------------------------------------------------------
+
+CURVATURES = ("exact", "sampled", "true-class")
+
+
+def _loss_gradient(loss: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dl/df (b, c) at labels y (class indices for cross_entropy, values otherwise)."""
+    if loss == "cross_entropy":
+        return torch.softmax(f, 1) - F.one_hot(y, f.shape[1]).to(f.dtype)
+    if loss == "binary_cross_entropy":
+        return torch.sigmoid(f) - y
+    return f - y
+
+
+def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1,
+                   generator: torch.Generator | None = None) -> LossFactor:
+    """Monte-Carlo Gauss-Newton (Gauss-Newton-Bartlett): labels drawn from the model's own predictive
+    distribution, y^_is ~ p(. | f_i), s = 1..k:
+
+        S_i = [g_i1, ..., g_ik] / sqrt(k),   g_is = dl(f_i, y^_is)/df_i,   Q^_i = S_i S_i^T.
+
+    For every loss here l is a negative log-likelihood of an exponential family in its natural
+    parameter f (CE: categorical, y^ ~ softmax(f); binary CE: Bernoulli, y^ ~ sigmoid(f); MSE: Gaussian,
+    y^ ~ N(f, I)), so E[g g^T] = Var(y^) = d^2 l / df^2 = Q_i (Bartlett's identity): **unbiased**,
+    E[Q^_i] = Q_i and E[J^T Q^ J] = J^T Q J, with variance ~ 1/k. The LM direction itself is a non-linear
+    function of Q^ and is not unbiased. Cost: a (b k) x (b k) system instead of (b c) x (b c), k
+    backward passes for the Gram instead of c.
+
+    e_i is generally not in the range of S_i, so ``target`` is None and the solve uses Woodbury's
+    identity with the gradient instead of the push-through target (see ``EGN``). The draws use
+    ``generator`` (None: torch's default generator).
+    """
+    e = _loss_gradient(loss, f, y if loss == "cross_entropy" else y.reshape(f.shape))
+    base = LOSS_FACTORS[loss](f, y)
+    b, c = f.shape
+    if loss == "cross_entropy":
+        p = torch.softmax(f, 1)
+        draws = torch.multinomial(p, samples, replacement=True, generator=generator)          # (b, k)
+        G = p[:, :, None] - F.one_hot(draws, c).to(f.dtype).transpose(1, 2)                  # (b, c, k)
+    elif loss == "binary_cross_entropy":
+        q = torch.sigmoid(f)                                                                  # (b, 1)
+        u = torch.rand(b, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
+        G = (q - (u < q).to(f.dtype))[:, None, :]                                             # (b, 1, k)
+    else:
+        G = -torch.randn(b, c, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
+    return LossFactor(base.loss, e, None, None, None, G / math.sqrt(samples))
+
+
+def true_class_factor(loss: str, f: torch.Tensor, y: torch.Tensor) -> LossFactor:
+    """The curvature of the observed label only (the empirical Fisher): the Monte-Carlo formula of
+    :func:`sampled_factor` with the drawn label replaced by the observed one,
+
+        S_i = e_i = dl(f_i, y_i)/df_i   (c x 1),   Q^_i = e_i e_i^T,   t_i = 1 (S_i t_i = e_i exactly).
+
+    **Biased**: E over the data of e e^T is the Fisher of the data distribution, not of the model, so it
+    equals the GGN only when the labels follow the model's predictive distribution; it scales with the
+    squared residual (vanishing on fitted samples, large on misfit ones) rather than with the loss's
+    curvature (Kunstner et al., 2019). Deterministic. Cost: a b x b system, one backward pass for the
+    Gram; the push-through solve applies as for the exact curvature.
+    """
+    base = LOSS_FACTORS[loss](f, y)
+    e = base.residual
+    return LossFactor(base.loss, e, torch.ones_like(e[:, :1]), None, None, e[:, :, None])
+
+
+def curvature_factor(loss: str, curvature: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1,
+                     generator: torch.Generator | None = None) -> LossFactor:
+    """The loss factor for ``curvature`` in :data:`CURVATURES`."""
+    if curvature == "exact":
+        return LOSS_FACTORS[loss](f, y)
+    if curvature == "sampled":
+        return sampled_factor(loss, f, y, samples, generator)
+    if curvature == "true-class":
+        return true_class_factor(loss, f, y)
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
 
 import torch
@@ -29,9 +30,9 @@ from .._checks import check_tensor
 from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from ..distributed import resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
-from .gram import (DEFAULT_MEMORY_LIMIT, FunctionalGram, UnsupportedModelError, check_samplewise,
-                             gram_assembler)
-from .loss_factors import LOSS_FACTORS, apply_factor, apply_factor_transpose, factor_matrix
+from .gram import DEFAULT_MEMORY_LIMIT, check_samplewise, gram_assembler
+from .loss_factors import (CURVATURES, LOSS_FACTORS, apply_factor, apply_factor_transpose, curvature_factor,
+                           factor_matrix)
 
 __all__ = ["EGN"]
 
@@ -68,8 +69,29 @@ class EGN(GaussNewtonOptimizer):
             from the quadratic model g^T s + 0.5 ||S^T J s||^2 / b: lambda *= damping_increase if
             rho < 0.25, lambda *= damping_decrease if rho > 0.75, clipped to [min_damping, max_damping].
             Defaults 1.01 and 0.99 as in the authors' code.
-        gram: "auto" (layerwise where possible, else torch.func), "layerwise" or "functional".
-        memory_limit: bytes allowed for the Gram and, on the functional path, the Jacobian.
+        gram: "auto" (the layer rules of :mod:`revgn_ext.egn.gram`, with a per-parameter torch.func
+            fallback for what they do not cover), "layerwise" (the rules only: an uncovered parameter
+            raises, naming its module) or "functional" (torch.func for the whole model).
+        memory_limit: bytes allowed for the Gram and its stored factors (or, on the functional path,
+            the per-sample Jacobian).
+        curvature: the per-sample loss Hessian Q_i = S_i S_i^T used (see
+            :mod:`revgn_ext.egn.loss_factors` for the formulas):
+
+            * "exact": S_i the exact c x c square root; a (b c) x (b c) system, c backward passes for
+              the Gram. No bias.
+            * "sampled": Monte-Carlo GGN (Gauss-Newton-Bartlett), S_i = [dl(f_i, y^_is)/df_i]_s / sqrt(k)
+              with k = ``samples`` labels y^ drawn from the model's predictive distribution (torch's
+              default generator, anew at every step or ``direction`` call): a (b k) x (b k) system, k backward passes. Unbiased for the
+              curvature, E[J^T S S^T J] = J^T Q J, variance ~ 1/k. Since the gradient e is not in
+              the range of S, the step uses Woodbury's identity, dir = -(g - J^T S u) / lambda with
+              (S^T J J^T S + b lambda I) u = S^T J g and g = J^T e / b; it needs damping > 0 and
+              costs one Jacobian-vector product (double backward) more.
+            * "true-class": the curvature of the observed label only (empirical Fisher),
+              S_i = e_i = dl(f_i, y_i)/df_i, t_i = 1: a b x b system, one backward pass. Biased towards
+              the squared residuals (zero curvature on fitted samples).
+        samples: k for curvature="sampled". Default 1.
+        gram_block_rows: rows of the Gram formed per block (None: chosen so that a block's
+            temporaries take at most 1/16 of ``memory_limit``, at most 256 MiB).
         distributed: data-parallel over ``process_group`` (default: the initialised default group).
             Every rank calls ``step(x_r, y_r)`` with its shard; the step, the line search and the
             damping updates are those of the concatenated batch (losses are global-batch means).
@@ -84,6 +106,13 @@ class EGN(GaussNewtonOptimizer):
     ``step(closure)`` works as for ``torch.optim.LBFGS`` and returns the closure's loss; ``step(x, y)``
     returns a dict of statistics (``loss`` is the pre-step loss), kept in ``last_stats`` either way. A
     step whose update is not finite is refused, leaving parameters and state as they were.
+    ``stats["time"]`` splits the step's solve into seconds of "forward" (the model with the layer
+    hooks), "gram" (the backward passes and K; for curvature="sampled" also g and S^T J g), "factor"
+    (Cholesky) and "backproject" (the solve, the VJP J^T S u and its check against the layer factors).
+
+    ``x`` may hold integer token ids when the model starts with an ``nn.Embedding``. The model must
+    be deterministic during the step: train-mode dropout (modules or ``F.dropout``) is refused, like
+    train-mode BatchNorm; call ``model.eval()`` around EGN steps.
     """
 
     HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),
@@ -101,8 +130,8 @@ class EGN(GaussNewtonOptimizer):
                  damping_increase: float = 1.01, damping_decrease: float = 0.99, min_damping: float = 1e-8,
                  max_damping: float = 1e8, armijo: float = 0.1, backtrack: float = 0.8, max_tries: int = 15,
                  gram: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT, distributed: bool = False,
-                 process_group=None,
-                 model: nn.Module | None = None):
+                 process_group=None, curvature: str = "exact", samples: int = 1,
+                 gram_block_rows: int | None = None, model: nn.Module | None = None):
         params, model = self.split_model(params, model)
         called = model                      # what the user calls (maybe compiled): closures are read off it
         model, shards = resolve(unwrap_compiled(model), distributed, process_group)
@@ -122,6 +151,9 @@ class EGN(GaussNewtonOptimizer):
             raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
         if not isinstance(memory_limit, int) or memory_limit <= 0:
             raise ValueError(f"memory_limit must be a positive int (bytes), got {memory_limit!r}")
+        _check_curvature_options(curvature, samples, gram_block_rows, damping)
+        if curvature != "exact" and (distributed or process_group is not None):
+            raise ValueError(f"curvature={curvature!r} is not implemented for distributed EGN; use 'exact'")
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model has no trainable parameters (requires_grad=True)")
@@ -130,7 +162,8 @@ class EGN(GaussNewtonOptimizer):
                         momentum=momentum, adaptive_damping=adaptive_damping, damping_increase=damping_increase,
                         damping_decrease=damping_decrease, min_damping=min_damping, max_damping=max_damping,
                         armijo=armijo, backtrack=backtrack, max_tries=max_tries, gram=gram,
-                        memory_limit=memory_limit)
+                        memory_limit=memory_limit, curvature=curvature, samples=samples,
+                        gram_block_rows=gram_block_rows)
         super().__init__(params, defaults)
         if len(self.param_groups) != 1:
             raise ValueError("EGN keeps one parameter group: its step solves one Gauss-Newton system for "
@@ -139,10 +172,10 @@ class EGN(GaussNewtonOptimizer):
         params = self.param_groups[0]["params"]
         self.check_model_dtype(params)
         self.model = model
-        self._assembler = gram_assembler(model, params, gram, memory_limit)
+        self._assembler = gram_assembler(model, params, gram, memory_limit, gram_block_rows)
         self.shards = shards
         if shards is not None:
-            shards.synchronise(model)
+            shards.synchronise(model, self)  # same structure and hyper-parameters on every rank
         self.finish_construction(called)
 
     # ----------------------------------------------------------------------------------------------
@@ -151,10 +184,10 @@ class EGN(GaussNewtonOptimizer):
 
     def _check_inputs(self, x, y) -> None:
         p0 = self.param_groups[0]["params"][0]
-        check_tensor("x", x)
+        _check_x_dtype(x, self.model)
         if x.dim() == 0 or x.shape[0] == 0:
             raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-        if x.dtype != p0.dtype:
+        if x.is_floating_point() and x.dtype != p0.dtype:
             raise ValueError(f"x has dtype {x.dtype} but the model's parameters have {p0.dtype}")
         if x.device != p0.device:
             raise ValueError(f"x is on {x.device} but the model's parameters are on {p0.device}")
@@ -220,15 +253,8 @@ class EGN(GaussNewtonOptimizer):
         return q * (1 - smoothing) + smoothing / c if smoothing else q
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            return self._assembler.forward(x)
-        except UnsupportedModelError:
-            if self.param_groups[0]["gram"] != "auto":
-                raise
-            # The model looked linear but is not usable layerwise at run time (e.g. a layer reused).
-            group = self.param_groups[0]
-            self._assembler = FunctionalGram(self.model, group["params"], group["memory_limit"])
-            return self._assembler.forward(x)
+        # Parameters the layer rules miss at run time fall back per parameter inside the assembler.
+        return self._assembler.forward(x)
 
     def _forward_naming_x(self, x: torch.Tensor) -> torch.Tensor:
         """The forward, with torch's shape errors ("mat1 and mat2 shapes cannot be multiplied") turned
@@ -253,42 +279,91 @@ class EGN(GaussNewtonOptimizer):
         return self.shards.agree(check, lambda: x.shape[0], like=x)
 
     def _solve(self, x, y, lam: float) -> dict:
-        """Everything one step needs: pre-step loss, dir, and the Gram products for predicted decrease."""
+        """Everything one step needs: pre-step loss, dir, and the Gram products for predicted decrease.
+
+        exact / true-class (push-through): dir = -J^T S u, (K + b lambda I) u = t with S t = e.
+        sampled (Woodbury, t does not exist): with g = J^T e / b and A = S^T J,
+        (A^T A / b + lambda I)^{-1} g = (g - A^T (K + b lambda I)^{-1} A g) / lambda, so
+        dir = -J^T (e / b - S u) / lambda with (K + b lambda I) u = S^T J g.
+        In both, S^T J dir = -out["Ku"] and g^T dir = -out["tKu"] / b (the quadratic model's terms).
+        """
         group = self.param_groups[0]
         params = group["params"]
         shards = self.shards
+        clock = _Clock(x)
         f, y = self._checked_forward(x, y)
-        factor = LOSS_FACTORS[group["loss"]](f.detach(), y)
+        clock.lap("forward")
+        curvature = group.get("curvature", "exact")
+        factor = curvature_factor(group["loss"], curvature, f.detach(), y, group.get("samples", 1))
         b, c = f.shape
         out = {"f": f, "y": y, "b": b, "factor": factor, "loss": factor.loss.detach(), "direction": None,
-               "retries": 0, "jitter": 0.0}
-        finite = _all_finite([factor.loss, factor.target])
+               "retries": 0, "jitter": 0.0, "time": clock.times}
+        parts = [factor.loss, factor.residual if factor.target is None else factor.target]
+        finite = _all_finite(parts)
         if shards is not None:  # global loss and a global verdict, in one all_reduce
             loss_sum, nonfinite = shards.sum_tensors([factor.loss.reshape(1) * b, f.new_tensor([float(not finite)])])
             out["b"] = b = shards.total
             out["loss"], finite = loss_sum[0] / b, not bool(nonfinite[0])
         if not finite:
             return out
-        n = b * c
-        columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]
+        columns = factor_matrix(factor).permute(2, 0, 1)  # columns[a, i] = S_i[:, a]: (m, b, c)
+        m = columns.shape[0]
+        n = b * m
+        sampled = factor.target is None
+        if sampled:
+            if not lam > 0:
+                raise ValueError("curvature='sampled' needs damping > 0 (the gradient is not in the range of "
+                                 "the sampled factor, so the step uses Woodbury's identity, which divides by it)")
+            rhs, g, gg = self._sampled_rhs(f, factor, params, b)
         M = self._assembler.gram(f, columns, shards)
+        clock.lap("gram")
         M.diagonal().add_(b * lam)   # in place: the Gram is large and only needed damped, K = M - b lambda I
         chol = gram_factor_from_gram_unchecked(M[None], M.new_zeros(1))
         out["retries"], out["jitter"] = chol.info.item(), chol.jitter.item()
+        clock.lap("factor")
         if out["retries"] < 0:   # only for a non-finite Gram: no step
             return out
-        t = (factor.target if shards is None else shards.gather_rows(factor.target)).reshape(n, 1)
-        u = torch.cholesky_solve(t, chol.L[0])
-        # K u = (M + jitter I - mu I) u with (M + jitter I) u = t, mu = b lambda + jitter: no extra product.
-        Ku = (t - (b * lam + out["jitter"]) * u).reshape(b, c)
-        u = u.reshape(b, c)
-        v = apply_factor(factor, u if shards is None else u[shards.rows])
-        grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-        direction = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-        out["direction"] = direction if shards is None else shards.sum_tensors(direction)
-        out["Ku"] = Ku
-        out["tKu"] = (t.reshape(b, c) * Ku).sum()
+        mu = b * lam + out["jitter"]
+        if sampled:
+            u = torch.cholesky_solve(rhs.reshape(n, 1), chol.L[0]).reshape(b, m)
+            v = factor.residual / b - apply_factor(factor, u)
+            grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads, params)]
+            if not self._assembler.check_direction(u, [gi - gr for gi, gr in zip(g, grads)]):   # J^T S u
+                return self._solve(x, y, lam)
+            out["direction"] = [-gr / lam for gr in grads]
+            # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
+            out["Ku"] = mu / lam * u
+            out["tKu"] = b / lam * (gg - (rhs * u).sum())
+        else:
+            t = (factor.target if shards is None else shards.gather_rows(factor.target)).reshape(n, 1)
+            u = torch.cholesky_solve(t, chol.L[0])
+            # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
+            Ku = (t - mu * u).reshape(b, m)
+            u = u.reshape(b, m)
+            v = apply_factor(factor, u if shards is None else u[shards.rows])
+            grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+            direction = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+            direction = direction if shards is None else shards.sum_tensors(direction)
+            if not self._assembler.check_direction(u, [-d for d in direction]):   # J^T S u
+                return self._solve(x, y, lam)   # the Gram missed a use: redone with the fallback
+            out["direction"] = direction
+            out["Ku"] = Ku
+            out["tKu"] = (t.reshape(b, m) * Ku).sum()
+        clock.lap("backproject")
         return out
+
+    @staticmethod
+    def _sampled_rhs(f, factor, params, b):
+        """S^T J g, g = J^T e / b (one VJP) and g.g; J g by double backward (a JVP through the VJP)."""
+        g = torch.autograd.grad(f, params, grad_outputs=factor.residual / b, retain_graph=True, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        z = torch.zeros_like(f, requires_grad=True)
+        vjp = torch.autograd.grad(f, params, grad_outputs=z, create_graph=True, allow_unused=True)
+        pairs = [(v, gi) for v, gi in zip(vjp, g) if v is not None]
+        Jg = torch.autograd.grad([v for v, _ in pairs], z, grad_outputs=[gi for _, gi in pairs])[0]
+        gg = sum((gi * gi).sum() for gi in g)
+        return apply_factor_transpose(factor, Jg.detach()), g, gg
 
     @torch.no_grad()
     def _loss_at(self, x, y) -> torch.Tensor:
@@ -356,7 +431,8 @@ class EGN(GaussNewtonOptimizer):
         stats = {"loss": float(sol["loss"]) * scale, "refused": False, "reason": None, "lr": float(group["lr"]),
                  "direction_norm": None, "batch_size": sol["b"], "new_loss": None, "damping": lam, "alpha": 0.0,
                  "line_search_tries": 0, "accepted": False, "cholesky_retries": sol["retries"],
-                 "cholesky_jitter": sol["jitter"], "rho": None, "gram": self._assembler.method}
+                 "cholesky_jitter": sol["jitter"], "rho": None, "gram": self._assembler.method,
+                 "time": sol["time"]}
         if sol["retries"] > 0:
             warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol['retries']} jitter retries "
                           f"(jitter {sol['jitter']:.3g})", RuntimeWarning, stacklevel=2)
@@ -461,3 +537,54 @@ def _set_params(params, base, direction, alpha: float) -> None:
     with torch.no_grad():
         for p, w, d in zip(params, base, direction):
             p.copy_(w).add_(d, alpha=alpha)
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_x_dtype(x, model: nn.Module) -> None:
+    """x is float32/float64 and finite, or integer token ids for a model that has an nn.Embedding."""
+    if isinstance(x, torch.Tensor) and x.dtype in _INTEGER_DTYPES:
+        if not any(isinstance(m, nn.Embedding) for m in model.modules()):
+            raise ValueError(f"x holds integers ({x.dtype}) but {type(model).__name__} has no nn.Embedding to "
+                             "take token ids; pass float32 or float64 features")
+        return
+    check_tensor("x", x)
+
+
+def _check_curvature_options(curvature, samples, block_rows, damping) -> None:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if samples != 1 and curvature != "sampled":
+        raise ValueError(f"samples={samples} applies to curvature='sampled' only, got curvature={curvature!r}")
+    if curvature == "sampled" and not damping > 0:
+        raise ValueError("curvature='sampled' needs damping > 0 (its step uses Woodbury's identity)")
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+        raise ValueError(f"gram_block_rows must be a positive int or None, got {block_rows!r}")
+
+
+class _Clock:
+    """Wall seconds per phase of a step; on CUDA through events, read once at the end."""
+
+    def __init__(self, like: torch.Tensor):
+        self.cuda = isinstance(like, torch.Tensor) and like.is_cuda
+        self.times: dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        if self.cuda:
+            now.synchronize()
+            self.times[name] = self._last.elapsed_time(now) / 1e3
+        else:
+            self.times[name] = now - self._last
+        self._last = now

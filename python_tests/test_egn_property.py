@@ -1,0 +1,224 @@
+"""Property test: EGN's direction on random small models equals the dense brute-force LM solve.
+
+Each case draws (from its own seed) an input kind (features, sequence, image, token ids), a random mix
+of layers (Linear on any rank, Conv1d/Conv2d with random stride/padding/dilation/groups, Embedding,
+LayerNorm/GroupNorm/BatchNorm-eval, pooling, custom parameters no rule covers), tied weights (two
+modules sharing a weight, and a weight reused outside any module through F.linear(h, W.t())), frozen
+parameters, activations, a loss, a curvature (exact or true-class) and a dtype (float32 or float64).
+The reference is the parameter-space solve -(J^T S S^T J / b + lambda I)^{-1} g with J from
+torch.func.jacrev in float64. A silent wrong answer on any of these shows up as a mismatch.
+
+``REVGN_PROPERTY_CASES`` sets the number of cases (default 150: about 30 s on one core of the loaded 2-core box, well inside a minute).
+"""
+import copy
+import os
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import revgn_ext  # noqa: F401
+from revgn_ext.egn import EGN
+from revgn_ext.egn import loss_factors as lf
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+CASES = int(os.environ.get("REVGN_PROPERTY_CASES", "150"))
+ACTS = [torch.tanh, torch.relu, F.gelu, torch.sigmoid, F.silu, lambda h: h]
+
+
+class Gain(nn.Module):
+    """A parameter no layer rule covers."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.gain = nn.Parameter(1 + 0.3 * torch.randn(shape))
+
+    def forward(self, h):
+        return h * self.gain
+
+
+class RandomNet(nn.Module):
+    """A forward interpreted from ``ops``: ("mod", i), ("act", i), ("transposed", i), ("mean",), ("flatten",)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mods = nn.ModuleList()
+        self.ops = []
+
+    def forward(self, x):
+        h = x
+        for op in self.ops:
+            if op[0] == "mod":
+                h = self.mods[op[1]](h)
+            elif op[0] == "act":
+                h = ACTS[op[1]](h)
+            elif op[0] == "transposed":
+                h = F.linear(h, self.mods[op[1]].weight.t())
+            elif op[0] == "mean":
+                h = h.mean(1)
+            elif op[0] == "flatten":
+                h = h.flatten(1)
+            elif op[0] == "pool":
+                h = F.avg_pool2d(h, 2) if h.dim() == 4 else F.max_pool1d(h, 2)
+        return h
+
+
+def build_case(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    net = RandomNet()
+    b = rng.choice([3, 4, 5])
+    kind = rng.choice(["features", "sequence", "image", "image1d", "tokens"])
+    if kind == "features":
+        x = torch.randn(b, rng.choice([2, 3, 4]), dtype=torch.float64)
+    elif kind == "sequence":
+        x = torch.randn(b, rng.choice([2, 3]), rng.choice([2, 3]), dtype=torch.float64)
+    elif kind == "image":
+        x = torch.randn(b, rng.choice([1, 2]), rng.choice([4, 5]), rng.choice([4, 5]), dtype=torch.float64)
+    elif kind == "image1d":
+        x = torch.randn(b, rng.choice([1, 2]), rng.choice([5, 7]), dtype=torch.float64)
+    else:
+        x = torch.randint(0, 6, (b, rng.choice([2, 3])))
+    probe = x
+
+    def add(module, op=None):
+        nonlocal probe
+        net.mods.append(module.double())
+        net.ops.append(op or ("mod", len(net.mods) - 1))
+        probe = net.ops[-1] and RandomNet.forward(_single(net, net.ops[-1]), probe)
+
+    def act():
+        net.ops.append(("act", rng.randrange(len(ACTS))))
+        nonlocal probe
+        probe = ACTS[net.ops[-1][1]](probe)
+
+    if kind == "tokens":
+        add(nn.Embedding(6, rng.choice([2, 3]), padding_idx=rng.choice([None, 0])))
+        kind = "sequence"
+    if kind in ("image", "image1d"):
+        conv = nn.Conv2d if kind == "image" else nn.Conv1d
+        for _ in range(rng.choice([1, 2])):
+            cin = probe.shape[1]
+            groups = rng.choice([g for g in (1, 2) if cin % g == 0])
+            cout = groups * rng.choice([1, 2])
+            stride = rng.choice([1, 2])
+            kw = dict(kernel_size=rng.choice([1, 2, 3]), stride=stride, dilation=rng.choice([1, 2]),
+                      padding=rng.choice([0, 1] + (["same"] if stride == 1 else [])), groups=groups,
+                      bias=rng.random() < 0.7)
+            try:
+                module = conv(cin, cout, **kw).double()
+                if module(probe).shape[-1] < 1:
+                    continue
+            except RuntimeError:
+                continue
+            add(module)
+            if rng.random() < 0.4 and cout % 2 == 0 and probe[0, :cout // 2].numel() > 1:
+                add(nn.GroupNorm(2, cout))
+            elif rng.random() < 0.3:
+                bn = (nn.BatchNorm2d if kind == "image" else nn.BatchNorm1d)(cout)
+                with torch.no_grad():
+                    bn.running_mean.uniform_(-1, 1)
+                    bn.running_var.uniform_(0.5, 2)
+                    bn.weight.uniform_(0.5, 1.5)
+                add(bn.eval())
+            act()
+            if rng.random() < 0.3 and min(probe.shape[2:]) >= 2:
+                net.ops.append(("pool",))
+                probe = RandomNet.forward(_single(net, ("pool",)), probe)
+        net.ops.append(("flatten",))
+        probe = probe.flatten(1)
+    if kind == "sequence":
+        for _ in range(rng.choice([1, 2])):
+            add(nn.Linear(probe.shape[-1], rng.choice([2, 3, 4])))
+            if rng.random() < 0.4:
+                add(nn.LayerNorm(probe.shape[-1]))
+            act()
+        net.ops.append(("mean",) if rng.random() < 0.5 else ("flatten",))
+        probe = probe.mean(1) if net.ops[-1][0] == "mean" else probe.flatten(1)
+    # Feature stage, with ties and custom parameters.
+    linears = []
+    for _ in range(rng.choice([2, 3, 4])):
+        width = probe.shape[-1]
+        choice = rng.random()
+        square = [i for i in linears if net.mods[i].weight.shape == (width, width)]
+        transposable = [i for i in linears if net.mods[i].weight.shape[0] == width]
+        if choice < 0.3 and square:
+            tied = nn.Linear(width, width)
+            tied.weight = net.mods[rng.choice(square)].weight   # the same Parameter in two modules
+            add(tied)
+        elif choice < 0.45 and transposable:
+            i = rng.choice(transposable)
+            net.ops.append(("transposed", i))
+            probe = F.linear(probe, net.mods[i].weight.t())
+        elif choice < 0.55:
+            add(Gain(width))
+        else:   # often square, so that later layers can tie to it
+            add(nn.Linear(width, width if rng.random() < 0.5 else rng.choice([2, 3, 4])))
+            linears.append(len(net.mods) - 1)
+        act()
+    loss = rng.choice(["mse", "cross_entropy", "binary_cross_entropy"])
+    c = 1 if loss == "binary_cross_entropy" else rng.choice([2, 3])
+    add(nn.Linear(probe.shape[-1], c))
+    # Frozen parameters: each with probability 0.2, keeping at least one trainable.
+    params = list(net.parameters())
+    for p in params:
+        if rng.random() < 0.2:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in net.parameters()):
+        params[-1].requires_grad_(True)
+    if loss == "mse":
+        y = torch.randn(b, c, dtype=torch.float64)
+    elif loss == "cross_entropy":
+        y = torch.randint(0, c, (b,))
+    else:
+        y = torch.randint(0, 2, (b, 1)).double()
+    curvature = "exact" if rng.random() < 0.7 else "true-class"
+    dtype = rng.choice([torch.float32, torch.float64])
+    damping = rng.choice([0.3, 1.0])
+    return net, x, y, loss, curvature, dtype, damping
+
+
+def _single(net, op):
+    """A RandomNet that runs only ``op`` with net's modules (for shape probes while building)."""
+    one = RandomNet()
+    one.mods = net.mods
+    one.ops = [op]
+    return one
+
+
+def dense_direction(model, x, y, loss, curvature, damping):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    b = x.shape[0]
+    jac = jacrev(lambda p: functional_call(model, p, (x,)).reshape(b, -1))(params)
+    J = torch.cat([jac[n].reshape(b, jac[n].shape[1], -1) for n in names], -1)
+    f = model(x).detach().reshape(b, -1)
+    exact = lf.LOSS_FACTORS[loss](f, y)
+    S = lf.factor_matrix(exact if curvature == "exact" else lf.true_class_factor(loss, f, y))
+    A = torch.einsum("ica,icd->iad", S, J).reshape(-1, J.shape[-1])
+    g = torch.einsum("ic,icd->d", exact.residual, J) / b
+    return -torch.linalg.solve(A.T @ A / b + damping * torch.eye(A.shape[1], dtype=A.dtype), g)
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_random_model_direction_equals_dense_solve(seed):
+    net, x, y, loss, curvature, dtype, damping = build_case(seed)
+    ref = dense_direction(net, x, y, loss, curvature, damping)
+    model = copy.deepcopy(net).to(dtype)
+    xs = x.to(dtype) if x.is_floating_point() else x
+    ys = y.to(dtype) if y.is_floating_point() else y
+    opt = EGN(model, lr=0.1, damping=damping, loss=loss, curvature=curvature)
+    d = torch.cat([t.double().reshape(-1) for t in opt.direction(xs, ys)])
+    err = float(torch.linalg.vector_norm(d - ref))
+    scale = float(torch.linalg.vector_norm(ref)) + 1e-30
+    tol = 1e-9 if dtype == torch.float64 else 2e-3
+    assert err <= tol * max(scale, 1e-3), (
+        f"case {seed}: relative error {err / scale:.3g} ({dtype}, {loss}, {curvature}, gram route "
+        f"{opt._assembler.method}, fallback {opt._assembler.fallback_names}); model {net.ops} {net.mods}")

@@ -1,0 +1,23 @@
+"""``nn.Linear`` on inputs of any rank (b, ..., in): every position t shares the weight, so the
+per-sample gradient is sum_t g_t x_t^T for the weight and sum_t g_t for the bias (Kronecker form with
+X = the input rows, and X = ones for the bias)."""
+from __future__ import annotations
+
+from torch import nn
+
+from . import KronInput, Rule
+
+
+class LinearRule(Rule):
+    types = (nn.Linear,)
+
+    def kron_inputs(self, module, inp):
+        b = inp.shape[0]
+        X = inp.reshape(b, -1, inp.shape[-1])
+        out = {"weight": KronInput(X)}
+        if module.bias is not None:
+            out["bias"] = KronInput(X.new_ones(b, X.shape[1], 1))
+        return out
+
+    def positions(self, module, g):
+        return g.reshape(g.shape[0], -1, g.shape[-1])
