@@ -71,6 +71,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("hidden,acts,in_features,n", [
     (32, ("tanh", "gelu", "relu"), 20, 8),
+    (32, ("identity", "relu"), 20, 8),  # the paper's activations: identity block's K through V_G W_G^T
     (16, ("gelu",), 13, 16),           # n = M, odd in_features (zero-padded)
     (None, ("tanh", "relu"), 24, 10),  # no bottleneck: width d/2 = 12 >= n
 ])
