@@ -42,19 +42,23 @@ def machine(device: torch.device) -> str:
     return desc
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
 def timed(fn, device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds."""
+    """Median time of fn() in seconds, on ``clock`` (wall, or this process's CPU time)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -213,8 +217,13 @@ def main() -> None:
     parser.add_argument("--threads", default=None, help="comma list of torch CPU thread counts (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="also profile both steps (torch.profiler)")
+    parser.add_argument("--clock", choices=tuple(CLOCK), default="wall",
+                        help="cpu: this process's CPU time, which on a loaded machine leaves out the waits for "
+                             "a core (use with 1 thread: with more it sums the threads' time)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "revgn_latest.md"))
     args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.configs.split(",") if args.configs else ["cpu", "mid", "mnist"]
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
@@ -245,8 +254,10 @@ def main() -> None:
         "",
         "One step = forward, backward (Adam) or right-inverse solve (RevGN), and the update, on the same",
         "RevMLP (float32, identity then ReLU, damping 1e-4 relative, Cholesky solver). Median of "
-        f"{args.repeats} runs after a warm-up, best of {args.rounds} interleaved rounds.",
-        "Produced by `python benchmarks/bench_revgn_step.py" + (" --profile" if args.profile else "") + "`.",
+        f"{args.repeats} runs after a warm-up, best of {args.rounds} interleaved rounds, "
+        + ("wall time." if args.clock == "wall" else "CPU time of the process (waits for a core left out)."),
+        "Produced by `python benchmarks/bench_revgn_step.py" + (" --profile" if args.profile else "")
+        + f" --clock {args.clock}`.",
         "",
         "| config | shape | device | threads | Adam step | RevGN step | RevGN / Adam |",
         "|---|---|---|---:|---|---|---|",

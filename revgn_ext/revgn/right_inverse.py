@@ -65,6 +65,53 @@ def _pre(U: torch.Tensor, V) -> torch.Tensor:
     return U if V is None else U @ V
 
 
+def _gram_flops_from_features(n: int, M: int) -> float:
+    """Multiply-adds of the CPU Gram kernel for one (n, M) feature matrix (the lower block triangle
+    from n = 192 on, 5/8 of the full product: csrc/gram_cholesky/gram_cholesky_cpu.cpp)."""
+    return (5 / 8 if n >= 192 else 1.0) * n * n * M
+
+
+def _cached_vvt(block, side: str, V: torch.Tensor) -> torch.Tensor:
+    """V V^T (d/2, d/2) of a fixed projection V, cached on the block while V is the same tensor at the
+    same version (an in-place change or a new buffer recomputes it)."""
+    name = "_revgn_vvt_" + side
+    cached = getattr(block, name, None)
+    if cached is not None and cached[0] is V and cached[1] == V._version:
+        return cached[2]
+    C = V @ V.mT
+    try:
+        object.__setattr__(block, name, (V, V._version, C))
+    except (AttributeError, TypeError):  # an immutable block description: no cache
+        pass
+    return C
+
+
+def _identity_routes(blocks: Sequence, traces: Sequence) -> tuple[list, list]:
+    """For each half-layer (F_1, G_1, F_2, ...): its Gram formed from factors, or None, and the factors
+    (X, V) for Theta, or None.
+
+    An identity half has A = X V (X = x2 or y1, (n, d/2); V (d/2, M) fixed), so
+    A A^T = X (V V^T) X^T costs n d/2 (d/2 + n) multiply-adds with V V^T cached on the block, against
+    the Gram kernel's 5/8 n^2 M (n 1024, M 8000: 0.57 G against 5.2 G), and A^T U = V^T (X^T U)
+    costs k d/2 (n + M) against k n M. Each route is taken where it does fewer multiply-adds.
+    """
+    grams, factors = [], []
+    for b, t in zip(blocks, traces):
+        for side, X, V in (("F", t.x2, b.VF), ("G", t.y1, b.VG)):
+            if b.activation != "identity" or V is None:
+                grams.append(None)
+                factors.append(None)
+                continue
+            n, half, M = X.shape[0], X.shape[1], V.shape[1]
+            if n * half * (half + n) < _gram_flops_from_features(n, M):
+                T = X @ _cached_vvt(b, side, V)
+                grams.append(T @ X.mT)
+            else:
+                grams.append(None)
+            factors.append((X, V) if half * (n + M) < n * M else None)
+    return grams, factors
+
+
 def _inverse_tangent_low_rank(b, t, E: torch.Tensor, P1: torch.Tensor, dy1: torch.Tensor,
                               dy2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The block's inverse tangent (:func:`revgn_ext.ops.coupling_inverse_tangent`) along
@@ -142,12 +189,18 @@ class _CholeskySolver:
     stand-in factor breaks the identity.
     """
 
-    def __init__(self, A, lam: torch.Tensor):
+    def __init__(self, A, lam: torch.Tensor, grams: Sequence | None = None, factors: Sequence | None = None):
+        """``grams[i]``, when given, is A_i A_i^T formed elsewhere (factored without reading A_i);
+        ``factors[i] = (X, V)`` with A_i = X V makes Theta's product (U^T X) V (CPU only)."""
         lam = lam.contiguous()
         self.from_factor = A[0].device.type == "cpu"
         if self.from_factor:
             self.A = list(A)
-            parts = [gram_factor_unchecked(a[None], lam[i:i + 1], True) for i, a in enumerate(self.A)]
+            self.factors = list(factors) if factors is not None else [None] * len(self.A)
+            grams = grams if grams is not None else [None] * len(self.A)
+            parts = [gram_factor_unchecked(a[None], lam[i:i + 1], True) if G is None
+                     else gram_factor_from_gram_unchecked((G + 1.0)[None], lam[i:i + 1])
+                     for i, (a, G) in enumerate(zip(self.A, grams))]
             self.L = [f.L[0] for f in parts]
             info, jitter = torch.cat([f.info for f in parts]), torch.cat([f.jitter for f in parts])
             self.mu, self.failed = _shifts_and_failures(lam, jitter, info)
@@ -170,7 +223,11 @@ class _CholeskySolver:
         U = torch.cholesky_solve(R, L.mT, upper=True)
         M = A.shape[1]
         theta_t = U.new_empty(U.shape[1], M + 1)
-        torch.mm(U.mT, A, out=theta_t[:, :M])
+        if self.factors[i] is None:
+            torch.mm(U.mT, A, out=theta_t[:, :M])
+        else:
+            X, V = self.factors[i]
+            torch.mm(U.mT @ X, V, out=theta_t[:, :M])
         torch.sum(U, 0, out=theta_t[:, M])
         return theta_t.mT, R - self.mu[i] * U
 
@@ -305,8 +362,15 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
     if shards is not None:
         route = "gather_rows" if solver == "svd" else choose_gram_route(gram_route, n, feats[0].shape[1],
                                                                          shards.world, feats[0].element_size())
-    if shards is None and solver == "cholesky":
-        # tr(A A^T) = ||A||_F^2 per feature matrix; the matrices are factored where the forward left them.
+    if shards is None and solver == "cholesky" and feats[0].device.type == "cpu":
+        # The matrices are factored where the forward left them; identity halves through A = X V.
+        grams, factors = _identity_routes(blocks, traces)
+        # tr(A A^T) = ||A||_F^2 per feature matrix (or the trace of the Gram formed from the factors).
+        traces_ = torch.stack([torch.linalg.vector_norm(h).square() if G is None else G.diagonal().sum()
+                               for h, G in zip(feats, grams)])
+        lam = gram_damping(traces_, n, damping, relative_damping)
+        solve = _CholeskySolver(feats, lam, grams, factors)
+    elif shards is None and solver == "cholesky":
         norms = torch.stack([torch.linalg.vector_norm(h) for h in feats]).square()
         lam = gram_damping(norms, n, damping, relative_damping)
         solve = _CholeskySolver(feats, lam)
