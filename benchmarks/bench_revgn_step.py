@@ -128,6 +128,8 @@ def phase_markers():
     wrap(opt_mod.tg, "function_space_target", "[revgn] loss + target")
     wrap(ri, "transport_targets", "[revgn] transport (inverse tangent)")
     wrap(ri, "gram_factor_unchecked", "[revgn] Gram + Cholesky factor")
+    wrap(ri, "gram_factor_from_gram_unchecked", "[revgn] Gram + Cholesky factor")
+    wrap(ri, "_identity_routes", "[revgn] Gram + Cholesky factor")
     wrap(ri, "_cross_term", "[revgn] cross-term K")
     wrap(ri._CholeskySolver, "__call__", "[revgn] solve + Theta = A^T U")
     wrap(opt_mod.RevGN, "checked_groups", "[revgn] hyper-parameter check")
@@ -191,8 +193,8 @@ def profile_lines(name, cfg, prof) -> list[str]:
     lines = [f"### {name}: d={cfg['d']}, L={cfg['L']}, M={cfg['M']}, n={cfg['n']} "
              f"({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})", "",
              f"Wall time under the profiler: Adam {prof['adam']['wall'] * 1e3:.1f} ms, RevGN "
-             f"{prof['revgn']['wall'] * 1e3:.1f} ms per step. Self CPU time per phase (ms per step), "
-             "with the phase's largest ops:", "",
+             f"{prof['revgn']['wall'] * 1e3:.1f} ms per step. Self time per phase as the profiler "
+             "records it (wall clock, so on a loaded machine read the shares), with the phase's largest ops:", "",
              "| step | phase | ms | share | largest ops (ms) |", "|---|---|---:|---:|---|"]
     for opt in ("revgn", "adam"):
         phases = prof[opt]["phases"]

@@ -199,8 +199,10 @@ def coupling_inverse_tangent_unchecked(y1, x2, dy1, dy2, VF, WF, VG, WG, activat
 
     With the features and an activation whose act' is a function of them (FEATURE_GRAD), the
     expression runs two GEMMs with ATen's one-pass activation backward; the kernel runs four (it
-    recomputes the pre-activations y1 V_G and x2 V_F), and at n = 256, M = 2048 on 2 CPU cores that
-    made the transport 14.3 ms against 12.0 ms with the features (benchmarks/results/revgn.md).
+    recomputes the pre-activations y1 V_G and x2 V_F). Measured on the CPU (ReLU, d/2 392, fp32 and
+    fp64, 1 and 2 threads, benchmarks/results/kernels.md "CPU default path"), the kernel took
+    1.42-1.51x the time of this route at n 256-1024, M 2048-8000, so the route stays here: giving
+    the kernel the features would only repeat these two GEMMs and the two elementwise passes in C++.
     """
     if hF is not None and hG is not None and activation in FEATURE_GRAD:
         return coupling_inverse_tangent_reference(y1, x2, dy1, dy2, VF, WF, VG, WG, activation, hF, hG)
