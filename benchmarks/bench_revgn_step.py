@@ -11,7 +11,8 @@ load; the ratio RevGN / Adam is the number to compare between runs on a shared m
 
 Usage: python benchmarks/bench_revgn_step.py [--repeats 5] [--configs cpu,mid,mnist] [--threads 1,2]
        [--device cpu|cuda] [--profile] [--out PATH]
-Writes a markdown table (default benchmarks/results/revgn_latest.md) naming the machine and the load.
+Writes a markdown table (default build/bench/revgn.md; the recorded one, with the analysis, is
+benchmarks/results/revgn.md) naming the machine and the load.
 """
 from __future__ import annotations
 
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                         help="cpu: this process's CPU time, which on a loaded machine leaves out the waits for "
                              "a core (use with 1 thread: with more it sums the threads' time)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "revgn_latest.md"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "build" / "bench" / "revgn.md"))
     args = parser.parse_args()
     global clock
     clock = CLOCK[args.clock]
