@@ -111,8 +111,9 @@ def _check_all_finite(named: dict) -> None:
     d/2 392, M 2048 (fp32, 1 thread); the sums cost 0.16 ms (benchmarks/results/kernels.md).
     """
     tensors = [t for t in named.values() if t.numel()]
-    if not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
-        return
+    with torch.no_grad():  # a check, not part of any graph
+        if not tensors or bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all()):
+            return
     for name, t in named.items():
         check_tensor(name, t, finite=True)
 
