@@ -128,6 +128,84 @@ def bench_coupling(device, sizes, measure, rows):
                 print(*rows[-1], flush=True)
 
 
+# The RevGN shapes of issue "CPU speed" (d = 784, so d/2 = 392): (n, d/2, M).
+CPU_DEFAULT_PATH = [(256, 392, 2048), (512, 392, 4096), (1024, 392, 8000)]
+
+
+def bench_default_path_cpu(sizes, dtypes, threads, repeats):
+    """The CPU default path against the eager expression it replaces, interleaved call by call in
+    this one process (minimum of ``repeats`` rounds), ReLU:
+
+    * forward: ``ops.coupling_forward`` as a user calls it (validation with the finite check
+      included), the kernel alone (``torch.ops.revgn.coupling_forward``), and the eager expression
+      ``x1 + relu(x2 @ VF) @ WF.T + bF`` with the G half;
+    * inverse tangent at the forward's features, as RevGN's transport runs it: the kernel (four GEMMs,
+      it recomputes the pre-activations), the reference with the features (two GEMMs, the routed
+      path) and the reference without them.
+    """
+    act = "relu"
+    rows = []
+    for t in threads:
+        # One thread: this process's CPU time, which leaves out the waits for a core on a loaded
+        # machine; two threads: wall time (CPU time would add the threads up).
+        clock = time.process_time if t == 1 else time.perf_counter
+        torch.set_num_threads(t)
+        for dtype in dtypes:
+            for n, h, M in sizes:
+                x1, x2, VF, WF, bF, VG, WG, bG = coupling_inputs(n, h, M, "cpu", dtype)
+                fwd = (x1, x2, VF, WF, bF, VG, WG, bG)
+                y1, y2, hF, hG = torch.ops.revgn.coupling_forward(*fwd, act, True)
+                dy1, dy2 = torch.randn_like(y1), torch.randn_like(y2)
+                tan = (y1, x2, dy1, dy2, VF, WF, VG, WG)
+
+                def eager():
+                    z1 = x1 + torch.relu(x2 @ VF) @ WF.T + bF
+                    return z1, x2 + torch.relu(z1 @ VG) @ WG.T + bG
+
+                cases = {
+                    "wrapper": lambda: ops.coupling_forward(*fwd, act),
+                    "kernel": lambda: torch.ops.revgn.coupling_forward(*fwd, act, False),
+                    "eager": eager,
+                    "tangent kernel": lambda: torch.ops.revgn.coupling_inverse_tangent(*tan, act),
+                    "tangent ref+features": lambda: reference.coupling_inverse_tangent(*tan, act, hF, hG),
+                    "tangent ref": lambda: reference.coupling_inverse_tangent(*tan, act),
+                }
+                best = {k: float("inf") for k in cases}
+                with torch.no_grad():
+                    for fn in cases.values():
+                        fn()
+                    for r in range(repeats):
+                        for k in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+                            t0 = clock()
+                            cases[k]()
+                            best[k] = min(best[k], (clock() - t0) * 1e3)
+                row = (t, str(dtype).replace("torch.", ""), f"n={n} d/2={h} M={M}", best)
+                rows.append(row)
+                print(t, row[1], row[2], {k: round(v, 2) for k, v in best.items()},
+                      f"wrapper/eager {best['wrapper'] / best['eager']:.3f} kernel/eager "
+                      f"{best['kernel'] / best['eager']:.3f} tangent kernel/ref+features "
+                      f"{best['tangent kernel'] / best['tangent ref+features']:.3f}", flush=True)
+    return rows
+
+
+def default_path_section(rows, repeats) -> str:
+    lines = ["## CPU default path", "", f"Machine: {machine('cpu')}. Load average (1/5/15 min) after the run: "
+             + " / ".join(f"{v:.2f}" for v in os.getloadavg()) + ".", "",
+             "`python benchmarks/bench_kernels.py --device cpu --only default-path`: minimum of "
+             f"{repeats} interleaved calls in one process, ReLU, d/2 = 392; CPU time of the process at 1 "
+             "thread, wall time at 2. Times in ms; ratios < 1 mean the first is faster.", "",
+             "| threads | dtype | size | ops.coupling_forward (checked) | kernel | eager | checked / eager | "
+             "kernel / eager | tangent kernel | tangent ref + features | tangent ref | "
+             "kernel / ref + features |",
+             "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for t, dtype, size, b in rows:
+        lines.append(f"| {t} | {dtype} | {size} | {b['wrapper']:.2f} | {b['kernel']:.2f} | {b['eager']:.2f} | "
+                     f"{b['wrapper'] / b['eager']:.2f} | {b['kernel'] / b['eager']:.2f} | "
+                     f"{b['tangent kernel']:.2f} | {b['tangent ref+features']:.2f} | {b['tangent ref']:.2f} | "
+                     f"{b['tangent kernel'] / b['tangent ref+features']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def gram_inputs(B, n, m, device, dtype=torch.float32):
     g = torch.Generator(device="cpu").manual_seed(1)
     A = (torch.randn(B, n, m, generator=g) / m ** 0.5).to(device=device, dtype=dtype)
@@ -200,7 +278,7 @@ def write(path: Path, device: str, text: str) -> None:
                 sections[current] = ""
             if current is not None:
                 sections[current] += line
-    sections[device.upper()] = text
+    sections[text.splitlines()[0][3:].strip() if text.startswith("## ") else device.upper()] = text
     head = ("# Fused kernels vs reference\n\nWritten by benchmarks/bench_kernels.py; "
             "each device's section is replaced by its latest run.\n\n")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,11 +289,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels.md"))
-    parser.add_argument("--only", choices=("all", "coupling", "gram"), default="all",
-                        help="time only these ops (the section then holds only them)")
+    parser.add_argument("--only", choices=("all", "coupling", "gram", "default-path"), default="all",
+                        help="time only these ops (the section then holds only them); default-path: the CPU "
+                             "coupling default path against eager at the RevGN shapes, fp32/fp64, 1 and 2 threads")
+    parser.add_argument("--repeats", type=int, default=7, help="default-path rounds")
+    parser.add_argument("--sizes", default=None, help="default-path sizes, e.g. 256x2048,512x4096 (n x M)")
     args = parser.parse_args()
     if ops.backend() == "reference":
         raise SystemExit("compiled revgn ops not loaded; build them first (python setup.py build_ext --inplace)")
+    if args.only == "default-path":
+        sizes = CPU_DEFAULT_PATH if args.sizes is None else [
+            (int(a), 392, int(b)) for a, b in (p.split("x") for p in args.sizes.split(","))]
+        rows = bench_default_path_cpu(sizes, (torch.float32, torch.float64), (1, 2), args.repeats)
+        text = default_path_section(rows, args.repeats)
+        write(Path(args.out), "cpu", text)
+        print(text)
+        return
     torch._dynamo.config.cache_size_limit = 64
     device = args.device
     measure = timer(device)

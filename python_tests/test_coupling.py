@@ -202,6 +202,25 @@ def test_bad_inputs_name_the_argument():
         ops.coupling_inverse_tangent(x1, x2, x1[0], x2, VF, WF, VG, WG)
 
 
+def test_finite_check_names_the_argument_and_accepts_huge_finite_values():
+    # The check screens with one sum per tensor; a sum that overflows from finite entries must fall back
+    # to the exact test and pass, and a non-finite entry anywhere must name its tensor.
+    x1, x2, VF, WF, bF, VG, WG, bG = make_block(4, 3, 6, torch.float32, "cpu")
+    huge = torch.full_like(x1, 3e38)
+    assert not torch.isfinite(huge.sum())
+    y1, y2, _, _ = ops.coupling_forward(huge, x2, VF, WF, bF, VG, WG, bG)
+    assert y1.shape == x1.shape
+    for name, position in (("WG", 6), ("bF", 4), ("x1", 0), ("VF", 2)):
+        args = [x1, x2, VF, WF, bF, VG, WG, bG]
+        bad = args[position].clone()
+        bad.view(-1)[-1] = float("-inf")
+        args[position] = bad
+        with pytest.raises(ValueError, match=f"{name} contains NaN or Inf"):
+            ops.coupling_forward(*args)
+    with pytest.raises(ValueError, match="dy2 contains NaN or Inf"):
+        ops.coupling_inverse_tangent(x1, x2, x1, torch.full_like(x2, float("nan")), VF, WF, VG, WG)
+
+
 @requires_kernels
 def test_kernels_reject_bad_inputs_directly():
     x1, x2, VF, WF, bF, VG, WG, bG = make_block(4, 3, 6, torch.float64, "cpu")

@@ -71,6 +71,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("hidden,acts,in_features,n", [
     (32, ("tanh", "gelu", "relu"), 20, 8),
+    (32, ("identity", "relu"), 20, 8),  # the paper's activations: identity block's K through V_G W_G^T
     (16, ("gelu",), 13, 16),           # n = M, odd in_features (zero-padded)
     (None, ("tanh", "relu"), 24, 10),  # no bottleneck: width d/2 = 12 >= n
 ])
@@ -452,3 +453,28 @@ def test_full_batch_digits_gn_beats_adam():
     with torch.no_grad():
         adam_loss = torch.nn.functional.cross_entropy(m(x), y).item()
     assert adam_loss > 1.0, adam_loss
+
+
+def test_identity_routes_match_the_feature_routes(monkeypatch):
+    """An identity half factors X (V V^T) X^T and forms Theta as (U^T X) V where that is cheaper; both
+    routes give the direction of the plain feature Gram, also after V changes in place (the cached
+    V V^T is recomputed)."""
+    from revgn_ext.revgn import right_inverse as ri
+
+    torch.manual_seed(3)
+    # d/2 = 4, n = 16, M = 32: the factored Gram and the factored Theta both do fewer multiply-adds.
+    m = rg.RevMLP(8, 3, 2, 32, ("identity", "relu"), weight_std=0.3, seed=3, dtype=f64)
+    x, y = torch.randn(16, 8, dtype=f64), torch.randint(0, 3, (16,))
+    grams, factors = ri._identity_routes(m.blocks, m.forward_with_trace(x).blocks)
+    assert [g is not None for g in grams] == [True, True, False, False]
+    assert [f is not None for f in factors] == [True, True, False, False]
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                m.blocks[0].VF.mul_(1.5)
+        fast = rg.RevGN(m, damping=1e-3).direction(x, y)
+        with monkeypatch.context() as mp:
+            mp.setattr(ri, "_identity_routes", lambda blocks, traces: ([None] * 4, [None] * 4))
+            plain = rg.RevGN(m, damping=1e-3).direction(x, y)
+        for a, b in zip(fast, plain):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

@@ -203,7 +203,7 @@ class RevGN(GaussNewtonOptimizer):
         if shards is not None:
             loss = shards.mean(loss)
         E = tg.function_space_target(trace.logits, y, group["loss"], group["target"], group["target_damping"])
-        dZ = E @ model.Q.mT
+        dZ = ri.LowRankTarget(E, model.Q)  # E Q^T, kept in factors (rank K, see right_inverse)
         deltas, report = ri.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
                                           group["damping_mode"] == "relative", group["solver"],
                                           group["rtol"], group["atol"], shards, group["gram_route"])
