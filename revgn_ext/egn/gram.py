@@ -563,6 +563,7 @@ class LayerwiseGram:
             for fa in factors:
                 fa.gather(shards)
         self._checked = covered
+        self.records = []   # the layers' inputs, patches and outputs are in the factors now; free the rest
         return _assemble(factors, total, m, f, self.block_rows, self.memory_limit)
 
     def _fill_all(self, f, columns, factors):
