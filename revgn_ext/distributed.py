@@ -290,6 +290,39 @@ class ShardGroup:
                 dist.broadcast(t.data, src=src, group=self.group)
 
 
+class SingleProcess:
+    """The :class:`ShardGroup` interface for one process holding the whole batch: every exchange is
+    the identity. An optimizer written against this interface reads the same with and without
+    data parallelism, and its single-process step makes no collective call."""
+
+    rank, world = 0, 1
+
+    def __init__(self):
+        self.counts = [0]
+
+    @property
+    def total(self) -> int:
+        return self.counts[0]
+
+    @property
+    def rows(self) -> slice:
+        return slice(None)
+
+    def agree(self, check: Callable, batch_size: Callable[[], int], like: torch.Tensor | None = None):
+        result = check()
+        self.counts = [int(batch_size())]
+        return result
+
+    def gather_rows(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return t
+
+    def sum_tensors(self, tensors: list) -> list:
+        return list(tensors)
+
+    def mean(self, local_mean: torch.Tensor) -> torch.Tensor:
+        return local_mean
+
+
 def resolve(model: nn.Module, distributed: bool, process_group) -> tuple[nn.Module, ShardGroup | None]:
     """(bare module, ShardGroup or None) for an optimizer's ``model``/``distributed``/``process_group``.
 

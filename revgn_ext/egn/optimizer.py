@@ -28,7 +28,7 @@ from torch import nn
 
 from .._checks import check_tensor
 from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
-from ..distributed import resolve
+from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .gram import DEFAULT_MEMORY_LIMIT, check_samplewise, gram_assembler
 from .loss_factors import (CURVATURES, LOSS_FACTORS, apply_factor, apply_factor_transpose, curvature_factor,
@@ -174,6 +174,9 @@ class EGN(GaussNewtonOptimizer):
         self.model = model
         self._assembler = gram_assembler(model, params, gram, memory_limit, gram_block_rows)
         self.shards = shards
+        # The one data-parallel seam: every exchange of the step goes through self._ranks, which is
+        # the identity for a single process.
+        self._ranks = SingleProcess() if shards is None else shards
         if shards is not None:
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank
         self.finish_construction(called)
@@ -274,9 +277,7 @@ class EGN(GaussNewtonOptimizer):
             check_samplewise(self.model)
             f = self._forward_naming_x(x)
             return f, self._targets(y, f)
-        if self.shards is None:
-            return check()
-        return self.shards.agree(check, lambda: x.shape[0], like=x)
+        return self._ranks.agree(check, lambda: x.shape[0], like=x)
 
     def _solve(self, x, y, lam: float) -> dict:
         """Everything one step needs: pre-step loss, dir, and the Gram products for predicted decrease.
@@ -289,7 +290,7 @@ class EGN(GaussNewtonOptimizer):
         """
         group = self.param_groups[0]
         params = group["params"]
-        shards = self.shards
+        ranks = self._ranks
         clock = _Clock(x)
         f, y = self._checked_forward(x, y)
         clock.lap("forward")
@@ -300,9 +301,9 @@ class EGN(GaussNewtonOptimizer):
                "retries": 0, "jitter": 0.0, "time": clock.times}
         parts = [factor.loss, factor.residual if factor.target is None else factor.target]
         finite = _all_finite(parts)
-        if shards is not None:  # global loss and a global verdict, in one all_reduce
-            loss_sum, nonfinite = shards.sum_tensors([factor.loss.reshape(1) * b, f.new_tensor([float(not finite)])])
-            out["b"] = b = shards.total
+        if ranks.world > 1:  # global loss and a global verdict, in one all_reduce
+            loss_sum, nonfinite = ranks.sum_tensors([factor.loss.reshape(1) * b, f.new_tensor([float(not finite)])])
+            out["b"] = b = ranks.total
             out["loss"], finite = loss_sum[0] / b, not bool(nonfinite[0])
         if not finite:
             return out
@@ -315,7 +316,7 @@ class EGN(GaussNewtonOptimizer):
                 raise ValueError("curvature='sampled' needs damping > 0 (the gradient is not in the range of "
                                  "the sampled factor, so the step uses Woodbury's identity, which divides by it)")
             rhs, g, gg = self._sampled_rhs(f, factor, params, b)
-        M = self._assembler.gram(f, columns, shards)
+        M = self._assembler.gram(f, columns, self.shards)
         clock.lap("gram")
         M.diagonal().add_(b * lam)   # in place: the Gram is large and only needed damped, K = M - b lambda I
         chol = gram_factor_from_gram_unchecked(M[None], M.new_zeros(1))
@@ -336,15 +337,15 @@ class EGN(GaussNewtonOptimizer):
             out["Ku"] = mu / lam * u
             out["tKu"] = b / lam * (gg - (rhs * u).sum())
         else:
-            t = (factor.target if shards is None else shards.gather_rows(factor.target)).reshape(n, 1)
+            t = ranks.gather_rows(factor.target).reshape(n, 1)
             u = torch.cholesky_solve(t, chol.L[0])
             # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
             Ku = (t - mu * u).reshape(b, m)
             u = u.reshape(b, m)
-            v = apply_factor(factor, u if shards is None else u[shards.rows])
+            v = apply_factor(factor, u[ranks.rows])
             grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
             direction = [-g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-            direction = direction if shards is None else shards.sum_tensors(direction)
+            direction = ranks.sum_tensors(direction)
             if not self._assembler.check_direction(u, [-d for d in direction]):   # J^T S u
                 return self._solve(x, y, lam)   # the Gram missed a use: redone with the fallback
             out["direction"] = direction
@@ -369,7 +370,7 @@ class EGN(GaussNewtonOptimizer):
     def _loss_at(self, x, y) -> torch.Tensor:
         f = self.model(x).reshape(x.shape[0], -1)
         loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
-        return loss if self.shards is None else self.shards.mean(loss)
+        return self._ranks.mean(loss)
 
     def direction(self, closure=None, y=None) -> list[torch.Tensor]:
         """The LM direction dir = -J^T S u, one tensor per trainable parameter, on the batch of
@@ -526,8 +527,8 @@ class EGN(GaussNewtonOptimizer):
             Jd = torch.autograd.grad([v for v, _ in pairs], z, grad_outputs=[d for _, d in pairs])[0]
         g = [torch.zeros_like(d) if gi is None else gi for gi, d in zip(g, d_step)]
         quad = apply_factor_transpose(factor, Jd.detach()).square().sum().reshape(1)
-        if self.shards is not None:  # g = sum_r J_r^T e_r / b and ||S^T J d||^2 = sum_r ||S_r^T J_r d||^2
-            *g, quad = self.shards.sum_tensors(g + [quad])
+        # g = sum_r J_r^T e_r / b and ||S^T J d||^2 = sum_r ||S_r^T J_r d||^2
+        *g, quad = self._ranks.sum_tensors(g + [quad])
         gTd = sum(float((gi * d).sum()) for gi, d in zip(g, d_step))
         return gTd, float(quad[0] / b)
 
