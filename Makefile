@@ -22,7 +22,7 @@ ifeq ($(shell command -v nvidia-smi 2>/dev/null),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) $(shell find revgn_ext -name '*.py')
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*) $(shell find revgn_ext -name '*.py' -o -name '*.json')
 PYTEST_ARGS ?=
 # -P: import the installed package, not the source tree beside it.
 RUN := $(PY) -P

@@ -48,7 +48,9 @@ setup(
     packages=find_packages(include=["revgn_ext", "revgn_ext.*"]) + ["revgn_ext._csrc"],
     # The kernel sources travel with the package so that REVGN_JIT=1 can build them after install.
     package_dir={"revgn_ext._csrc": "csrc"},
-    package_data={"revgn_ext._csrc": ["*.cpp", "*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.h"]},
+    package_data={"revgn_ext._csrc": ["*.cpp", "*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.h"],
+                  # tuned learning rates of the experiments, with the command that produced them
+                  "revgn_ext.experiments": ["tuned/*.json"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "experiments": ["tqdm", "matplotlib", "scikit-learn"],
