@@ -1,6 +1,7 @@
-"""``python -m revgn_ext.experiments {train,reproduce}``: command-line front end.
+"""``python -m revgn_ext.experiments {train,reproduce,egn}``: command-line front end.
 
 * ``train`` runs one optimizer in one setting (``--optimizer``, ``--setting``).
+* ``egn`` reproduces the EGN paper's comparison (:mod:`.egn_repro`).
 * ``reproduce`` runs GN, Adam and SGD in full batch and mini-batch, then writes figures and REPORT.md.
 
 Sizes left unset come from the dataset's preset (:data:`.config.PRESETS`); learning rates left unset
@@ -21,7 +22,7 @@ import time
 from datetime import timedelta
 
 from ..data import DATASETS
-from . import plots, report
+from . import egn_repro, plots, report
 from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
 from .runner import CHECKPOINT, run
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=OPTIMIZERS)
     r.add_argument("--settings", type=_csv(SETTINGS), default=SETTINGS)
     r.add_argument("--full-epochs", type=int, default=None, help="epochs (= steps) of the full-batch runs")
+    e = sub.add_parser("egn", help="EGN vs SGD, Adam, SGN and L-BFGS on the EGN paper's tasks "
+                       "(arXiv 2405.14402), plus REPORT.md", description=egn_repro.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    egn_repro.add_arguments(e)
     return parser
 
 
@@ -176,6 +181,8 @@ def init_distributed(args) -> int:
 
 
 def execute(args, argv) -> int:
+    if args.command == "egn":
+        return egn_repro.execute(args, argv)
     if args.distributed:
         rank = init_distributed(args)
         try:
