@@ -26,14 +26,20 @@ PAPER_LR = {
 DEFAULT_LR = {"egn": 0.1, "lbfgs": 0.1, "shampoo": 1e-3, "soap": 1e-3}
 
 # Sizes per dataset. mnist / fashion-mnist / cifar10 are the paper's configurations; digits is the
-# demo that fits in a few CPU minutes; synthetic is for tests.
+# demo that fits in a few CPU minutes; synthetic is for tests. ``epochs`` is the mini-batch tuning
+# budget (and the length when nothing else decides it); ``max_epochs`` caps the search for the
+# mini-batch length (until Adam's train loss stops improving).
 PRESETS = {
-    "synthetic": dict(blocks=2, hidden=64, batch_size=32, full_batch_size=256, epochs=3, full_epochs=3),
-    "digits": dict(blocks=2, hidden=1024, batch_size=128, full_batch_size=1024, epochs=25, full_epochs=60),
-    "mnist": dict(blocks=2, hidden=8000, batch_size=1024, full_batch_size=1024, epochs=100, full_epochs=100),
+    "synthetic": dict(blocks=2, hidden=64, batch_size=32, full_batch_size=256, epochs=3, full_epochs=3,
+                      max_epochs=12),
+    "digits": dict(blocks=2, hidden=1024, batch_size=128, full_batch_size=1024, epochs=30, full_epochs=60,
+                   max_epochs=200),
+    "mnist": dict(blocks=2, hidden=8000, batch_size=1024, full_batch_size=1024, epochs=100, full_epochs=100,
+                  max_epochs=200),
     "fashion-mnist": dict(blocks=2, hidden=8000, batch_size=1024, full_batch_size=1024, epochs=100,
-                          full_epochs=100),
-    "cifar10": dict(blocks=6, hidden=8000, batch_size=1024, full_batch_size=1024, epochs=100, full_epochs=100),
+                          full_epochs=100, max_epochs=200),
+    "cifar10": dict(blocks=6, hidden=8000, batch_size=1024, full_batch_size=1024, epochs=100, full_epochs=100,
+                    max_epochs=200),
 }
 
 

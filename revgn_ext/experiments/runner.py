@@ -14,6 +14,8 @@ Per epoch it records (one JSON line and one CSV row):
 * ``train_loss``: running mean of the pre-update batch losses (epoch 0: loss of the untrained model
   on the full-batch subset);
 * ``test_loss``, ``test_acc`` (``val_loss``, ``val_acc`` with ``cfg.validation``);
+* ``train_eval_loss``, ``train_eval_acc``: the model at the end of the epoch evaluated on the data it
+  trains on (the full-batch subset or the whole training set), for train/test gaps;
 * ``loss_change_pct``: mean over the epoch's steps of ``100 (L_after - L_before) / L_before`` on the
   same batch;
 * ``ntk_similarity``: mean over probes of ``cos(K_0 v, K_t v)``, ``K = J J^T`` on a fixed subset;
@@ -320,6 +322,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
 
     x_tr, y_tr, x_te, y_te = prepare_data(cfg, dev, data_cache)
     ev = cfg.eval_split
+    train_set = (x_tr[:cfg.full_batch_size], y_tr[:cfg.full_batch_size]) if cfg.setting == "full" else (x_tr, y_tr)
     num_classes = int(torch.cat([y_tr, y_te]).max()) + 1
     model = build_model(cfg, x_tr.shape[1], num_classes, dev)
     opt = build_optimizer(cfg, model, distributed)
@@ -333,11 +336,11 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     else:
         torch.manual_seed(cfg.seed)
         tracker = Tracker(cfg, model, x_tr)
-        full = x_tr[:cfg.full_batch_size], y_tr[:cfg.full_batch_size]
-        train_loss, _ = evaluate(cfg, model, *full)
+        train_loss, train_acc = evaluate(cfg, model, *train_set)
         test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
         history = [{"epoch": 0, "step": 0, "train_loss": train_loss, f"{ev}_loss": test_loss,
-                    f"{ev}_acc": test_acc, "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
+                    f"{ev}_acc": test_acc, "train_eval_loss": train_loss, "train_eval_acc": train_acc,
+                    "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
         start = 1
     history = history[:start]  # rows written after the checkpoint (a crash mid-epoch) are redone
     if writer:
@@ -373,8 +376,10 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
             bar.set_postfix(loss=f"{before:.4f}")
         elapsed += time.perf_counter() - t0
         test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
+        train_eval = evaluate(cfg, model, *train_set)
         row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, f"{ev}_loss": test_loss,
-               f"{ev}_acc": test_acc, "loss_change_pct": sum(changes) / len(changes)}
+               f"{ev}_acc": test_acc, "train_eval_loss": train_eval[0], "train_eval_acc": train_eval[1],
+               "loss_change_pct": sum(changes) / len(changes)}
         diverged = not math.isfinite(row["train_loss"])
         ending = diverged or epoch == cfg.epochs or (stop is not None and stop(history + [row]))
         if epoch % cfg.diag_every == 0 or ending:
