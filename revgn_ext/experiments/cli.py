@@ -124,7 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "(arXiv 2405.14402), plus REPORT.md", description=egn_repro.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     egn_repro.add_arguments(e)
+    add_study_parser(sub)
     return parser
+
+
+def add_study_parser(sub) -> None:
+    from . import studies
+
+    s = sub.add_parser("study", help="the RevGN paper's open questions: " + ", ".join(studies.STUDIES),
+                       description=studies.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("studies", nargs="+", choices=studies.STUDIES + ("all",), metavar="STUDY",
+                   help=f"one or more of {', '.join(studies.STUDIES)}, or all")
+    s.add_argument("--out", default="runs/studies", help="output folder (runs are reused from it)")
+    s.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the final runs (default 0,1,2)")
+    s.add_argument("--tune-seeds", type=_ints, default=(0,), help="seeds of each tuning run (default 0)")
+    s.add_argument("--grid-size", type=_positive, default=5, help="rates per log grid (>= 5, default 5)")
+    s.add_argument("--smoke", action="store_true", help="the smallest configuration (synthetic data), for tests")
 
 
 def _ints(text: str):
@@ -225,6 +240,8 @@ def init_distributed(args) -> int:
 def execute(args, argv) -> int:
     if args.command == "egn":
         return egn_repro.execute(args, argv)
+    if args.command == "study":
+        return _study(args, argv)
     if args.distributed:
         rank = init_distributed(args)
         try:
@@ -271,6 +288,19 @@ def _execute(args, argv, rank: int) -> int:
     print(f"figures: {os.path.join(out, 'figures')}/ ({', '.join(os.path.basename(p) for p in figures.values())})")
     print(f"report:  {path}")
     print(f"wall time: {wall:.1f} s")
+    return 0
+
+
+def _study(args, argv) -> int:
+    from . import studies
+
+    if args.grid_size < 5:
+        raise ValueError(f"--grid-size must be at least 5 for a fair tuning, got {args.grid_size}")
+    names = studies.STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
+    command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
+    t0 = time.perf_counter()
+    path = studies.run_studies(names, args.out, args.seeds, args.tune_seeds, args.grid_size, args.smoke, command_line)
+    print(f"report:  {path}\nwall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 from . import protocol as P
 from .config import RunConfig
-from .runner import run
+from .runner import CHECKPOINT, run
 
 # Fields that must agree for stored rates to apply to a run.
 SETUP_FIELDS = ("dataset", "model", "blocks", "hidden", "activations", "weight_std", "batch_size",
@@ -36,10 +36,23 @@ def setup_of(cfg: RunConfig) -> dict:
 
 
 def run_seeds(cfg: RunConfig, seeds, out_dir: str, label: str = "", cache: dict | None = None,
-              progress: bool = False, device: str = "cpu", stop=None) -> list:
-    """Histories of ``cfg`` run once per seed, in ``out_dir/seed<k>``."""
-    return [run(replace(cfg, seed=s), os.path.join(out_dir, f"seed{s}"), device=device, progress=progress,
-                data_cache=cache, label=f"{label} seed {s}".strip(), stop=stop) for s in seeds]
+              progress: bool = False, device: str = "cpu", stop=None, reuse: bool = False) -> list:
+    """Histories of ``cfg`` run once per seed, in ``out_dir/seed<k>``.
+
+    ``reuse``: a seed directory whose checkpoint holds the same configuration is continued from it
+    (read back as is when it already reached ``cfg.epochs``) instead of being run again."""
+    histories = []
+    for s in seeds:
+        one, where = replace(cfg, seed=s), os.path.join(out_dir, f"seed{s}")
+        kw = dict(device=device, progress=progress, data_cache=cache, label=f"{label} seed {s}".strip(), stop=stop)
+        if reuse and os.path.isfile(os.path.join(where, CHECKPOINT)):
+            try:
+                histories.append(run(one, where, resume=True, **kw))
+                continue
+            except ValueError:
+                pass  # another configuration was run there: run this one afresh
+        histories.append(run(one, where, **kw))
+    return histories
 
 
 def final_score(history: list, key: str) -> float:
@@ -51,7 +64,7 @@ def final_score(history: list, key: str) -> float:
 
 
 def tune(configs: dict, seeds=(0,), grid_size: int = 5, out_dir: str = "runs/tune", cache: dict | None = None,
-         progress: bool = False, device: str = "cpu", max_extend: int = 2, log=print):
+         progress: bool = False, device: str = "cpu", max_extend: int = 2, log=print, reuse: bool = False):
     """Tune the learning rate of each config on the validation split.
 
     ``configs`` maps a key (e.g. ``("gn", "mini")``) to a RunConfig whose ``lr`` is the grid centre.
@@ -70,7 +83,7 @@ def tune(configs: dict, seeds=(0,), grid_size: int = 5, out_dir: str = "runs/tun
         def score(lr):
             tag = "-".join(key) if isinstance(key, tuple) else str(key)
             hs = run_seeds(replace(cfg, lr=lr, validation=True), seeds, os.path.join(out_dir, tag, f"lr{lr:g}"),
-                           cache=cache, progress=progress, device=device)
+                           cache=cache, progress=progress, device=device, reuse=reuse)
             values[lr] = [final_score(h, "val_loss") for h in hs]
             log(f"  tune {tag}: lr {lr:g} -> val loss {P.aggregate(values[lr])}")
 

@@ -270,7 +270,7 @@ def train_step(cfg: RunConfig, model, opt, x: torch.Tensor, y: torch.Tensor):
             loss = batch_loss(cfg, model(x), y)
             loss.backward()
             return loss
-        before, stats = float(opt.step(closure)), {}
+        before, stats = float(opt.step(closure).detach()), {}
     else:
         opt.zero_grad(set_to_none=True)
         loss = batch_loss(cfg, model(x), y)
