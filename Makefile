@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch
-DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn matplotlib tqdm
+DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn matplotlib tqdm pytorch-optimizer
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -67,8 +67,10 @@ cmake-check: venv
 
 test: check-build pytest cmake-check
 
+# RevGN: the rates and mini-batch length stored in revgn_ext/experiments/tuned/revgn_digits.json
+# (re-derive them with `reproduce --dataset digits --tune`), 3 seeds.
 demo: install
-	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo
+	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo/revgn
 
 # Fresh tables go to build/bench/; the recorded ones live in benchmarks/results/ and benchmarks/RESULTS.md.
 bench: install

@@ -53,7 +53,7 @@ setup(
                   "revgn_ext.experiments": ["tuned/*.json"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "experiments": ["tqdm", "matplotlib", "scikit-learn"],
+        "experiments": ["tqdm", "matplotlib", "scikit-learn", "pytorch-optimizer"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib"],
     },
     ext_modules=ext_modules,

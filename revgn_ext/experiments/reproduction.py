@@ -187,9 +187,17 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
             r2, rec2 = tune(again, seeds, grid_size, os.path.join(out_dir, "tune-at-length"), cache, progress,
                             device, log=log)
             details["first_pass"] = {_key_name(k): records[k] for k in mini}
+            adam_before = rates[("adam", "mini")]
             rates |= r2
             records |= rec2
             details["budget_epochs"] |= {_key_name(k): length["epochs"] for k in mini}
+            if rates[("adam", "mini")] != adam_before:  # the length belongs to Adam's final rate
+                length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
+                                                     diag_every=10 ** 6), max_epochs,
+                                             os.path.join(out_dir, "adam-length-retuned"), window, abs_tol, cache,
+                                             progress, device)
+                log(f"at Adam's re-tuned rate its train loss stopped improving after {length['epochs']} epochs")
+                details["length"] = length
         epochs |= {_key_name(k): length["epochs"] for k in mini}
     details["records"] = {_key_name(k): r for k, r in records.items()}
     details["epochs"] = epochs

@@ -40,13 +40,13 @@ STUDIES = ("generalization", "regularization", "width", "second-order")
 
 
 def base_config(smoke: bool = False, **kw) -> RunConfig:
-    """The studies' common set-up: digits, RevMLP L = 2, M = 256, mini-batch 64, 15 epochs.
+    """The studies' common set-up: digits, RevMLP L = 2, M = 256, mini-batch 64, 10 epochs.
     ``smoke``: the smallest configuration (synthetic data, a few samples, 2 epochs) for tests."""
     if smoke:
         base = dict(dataset="synthetic", max_train=96, max_test=64, hidden=32, batch_size=32, full_batch_size=32,
                     epochs=2, diag_samples=32, ntk_samples=8, ntk_probes=2)
     else:
-        base = dict(dataset="digits", hidden=256, batch_size=64, full_batch_size=1024, epochs=15,
+        base = dict(dataset="digits", hidden=256, batch_size=64, full_batch_size=1024, epochs=10,
                     diag_samples=256, ntk_samples=64, ntk_probes=4, diag_every=5)
     return RunConfig(**(dict(setting="mini", optimizer="gn", blocks=2) | base | kw))
 
@@ -332,7 +332,7 @@ def study_width(out: str, seeds, tune_seeds, grid_size, smoke=False, cache=None,
     folder = fashion_dir or DEFAULT_DIRS["fashion-mnist"]
     have_fashion = os.path.isdir(folder) and any(f.startswith("train-images") for f in os.listdir(folder))
     if have_fashion and not smoke:
-        datasets.append(("fashion-mnist", dict(batch_size=128, max_train=2000, max_test=1000, epochs=10,
+        datasets.append(("fashion-mnist", dict(batch_size=128, max_train=2000, max_test=1000, epochs=8,
                                                data_dir=fashion_dir)))
     if smoke:
         widths = (32, 64)
@@ -443,8 +443,9 @@ def run_studies(names, out: str, seeds=(0, 1, 2), tune_seeds=(0,), grid_size: in
         head += [f"Command: `{command}`", ""]
     head += [f"Seeds {', '.join(map(str, seeds))} (every number is mean ± std over them); rates tuned on a "
              f"validation split of the training set (20%, never the test set) with seeds "
-             f"{', '.join(map(str, tune_seeds))}, log grids of at least {grid_size} values. Kernels: "
-             f"{ops.backend()}. Wall time {wall:.0f} s.", ""]
+             f"{', '.join(map(str, tune_seeds))}, log grids of at least {grid_size} values. Kernels of this "
+             f"invocation: {ops.backend()}; runs read back from --out keep the timings of the process that ran "
+             f"them. Wall time {wall:.0f} s.", ""]
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as f:
         f.write("\n".join(head + sections) + "\n")
