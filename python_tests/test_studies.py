@@ -26,7 +26,7 @@ def test_generalization_study_smallest(tmp_path):
     assert run("generalization", out=tmp_path) == 0
     text = (tmp_path / "REPORT.md").read_text()
     assert "## 2a." in text and (tmp_path / "generalization.png").stat().st_size > 1000
-    for arm in ("mlp-egn", "mlp-adam", "revmlp-gn", "revmlp-adam", "revmlp-sgd"):
+    for arm in ("gen-mlp-egn", "gen-mlp-adam", "gen-revmlp-gn", "gen-revmlp-adam", "gen-revmlp-sgd"):
         for seed in (0, 1):
             h = load_history(str(tmp_path / "arms" / arm / f"seed{seed}"))
             assert h[-1]["epoch"] == 2 and math.isfinite(h[-1]["test_loss"]) and "train_eval_loss" in h[-1]
