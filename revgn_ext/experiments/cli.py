@@ -140,6 +140,8 @@ def add_study_parser(sub) -> None:
     s.add_argument("--tune-seeds", type=_ints, default=(0,), help="seeds of each tuning run (default 0)")
     s.add_argument("--grid-size", type=_positive, default=5, help="rates per log grid (>= 5, default 5)")
     s.add_argument("--smoke", action="store_true", help="the smallest configuration (synthetic data), for tests")
+    s.add_argument("--cached-only", action="store_true",
+                   help="train nothing: report the runs already finished in --out (the others as not run)")
 
 
 def _ints(text: str):
@@ -299,6 +301,7 @@ def _study(args, argv) -> int:
     names = studies.STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
     command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
     t0 = time.perf_counter()
+    studies.CACHED_ONLY = args.cached_only
     path = studies.run_studies(names, args.out, args.seeds, args.tune_seeds, args.grid_size, args.smoke, command_line)
     print(f"report:  {path}\nwall time: {time.perf_counter() - t0:.1f} s")
     return 0

@@ -40,11 +40,16 @@ def run_seeds(cfg: RunConfig, seeds, out_dir: str, label: str = "", cache: dict 
     """Histories of ``cfg`` run once per seed, in ``out_dir/seed<k>``.
 
     ``reuse``: a seed directory whose checkpoint holds the same configuration is continued from it
-    (read back as is when it already reached ``cfg.epochs``) instead of being run again."""
+    (read back as is when it already reached ``cfg.epochs``) instead of being run again.
+    ``reuse="only"``: read finished runs back and train nothing; a missing or unfinished run raises
+    :class:`NotCached`."""
     histories = []
     for s in seeds:
         one, where = replace(cfg, seed=s), os.path.join(out_dir, f"seed{s}")
         kw = dict(device=device, progress=progress, data_cache=cache, label=f"{label} seed {s}".strip(), stop=stop)
+        if reuse == "only":
+            histories.append(_finished(one, where))
+            continue
         if reuse and os.path.isfile(os.path.join(where, CHECKPOINT)):
             try:
                 histories.append(run(one, where, resume=True, **kw))
@@ -53,6 +58,26 @@ def run_seeds(cfg: RunConfig, seeds, out_dir: str, label: str = "", cache: dict 
                 pass  # another configuration was run there: run this one afresh
         histories.append(run(one, where, **kw))
     return histories
+
+
+class NotCached(ValueError):
+    """A run asked to be read back has not been run to its end in the output folder."""
+
+
+def _finished(cfg: RunConfig, where: str) -> list:
+    from .runner import CONFIG_JSON, load_history
+
+    try:
+        history = load_history(where)
+        with open(os.path.join(where, CONFIG_JSON)) as f:
+            import json
+            saved = RunConfig.from_dict(json.load(f))
+        cfg.check_resumable(saved)
+    except (OSError, ValueError):
+        raise NotCached(f"no finished run of this configuration in {where}") from None
+    if history[-1]["epoch"] < cfg.epochs and not history[-1].get("diverged"):
+        raise NotCached(f"the run in {where} stopped at epoch {history[-1]['epoch']} of {cfg.epochs}")
+    return history
 
 
 def final_score(history: list, key: str) -> float:

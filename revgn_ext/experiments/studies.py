@@ -79,18 +79,22 @@ class Arm:
     error: str = ""
 
 
+CACHED_ONLY = False  # set by ``study --cached-only``: report the finished runs in --out, train nothing
+
+
 def run_arms(arms: list, seeds, tune_seeds, grid_size: int, out: str, cache: dict, log=print, progress=False):
     """Tune (where asked) and run every arm; an arm that cannot run records the reason in ``error``."""
+    reuse = "only" if CACHED_ONLY else True
     for arm in arms:
         t0 = time.perf_counter()
         try:
             if arm.tune:
                 rates, records = tune({arm.name: replace(arm.cfg, diag_every=10 ** 6)}, tune_seeds, grid_size,
-                                      os.path.join(out, "tune"), cache, progress, log=log, reuse=True)
+                                      os.path.join(out, "tune"), cache, progress, log=log, reuse=reuse)
                 arm.tuning = records[arm.name]
                 arm.cfg = replace(arm.cfg, lr=rates[arm.name])
             arm.runs = run_seeds(arm.cfg, seeds, os.path.join(out, "arms", arm.name), arm.name, cache, progress,
-                                 reuse=True)
+                                 reuse=reuse)
             log(f"{arm.name}: lr {arm.cfg.lr:g}, {time.perf_counter() - t0:.0f} s")
         except (ValueError, RuntimeError) as e:  # reported in the study's table; the other arms go on
             arm.error = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
@@ -268,9 +272,6 @@ def study_regularization(out: str, seeds, tune_seeds, grid_size, smoke=False, ca
 
     ad, df = arm_stats(adam), arm_stats(gn)
     candidates = [(title, a) for title, (_, _, arms) in results.items() for a in arms if a.runs]
-    best_title, best = min(candidates, key=lambda t: arm_stats(t[1])["test loss"].mean)
-    bs = arm_stats(best)
-    gap_to_adam = df["test loss"].mean - ad["test loss"].mean
     lines = ["## 2b. Which regulariser mitigates GN's overfitting?", "",
              f"Set-up: {describe(base)}; RevGN at its rate tuned for the default settings ({gn.cfg.lr:g}; relative "
              f"damping 1e-4, identity target, constant rate, Cholesky solve); each sweep changes one knob. "
@@ -279,6 +280,12 @@ def study_regularization(out: str, seeds, tune_seeds, grid_size, smoke=False, ca
              f"![regularization]({os.path.basename(fig)})", ""]
     for title, (fieldname, values, arms) in results.items():
         lines += [f"**{title}**", "", arms_table(arms, ["test loss", "test acc", "gap", "train loss"])]
+    if not (candidates and gn.runs and adam.runs):
+        return lines + ["Not enough finished runs to name the best setting."], \
+            [gn, adam] + [a for _, _, arms in results.values() for a in arms]
+    best_title, best = min(candidates, key=lambda t: arm_stats(t[1])["test loss"].mean)
+    bs = arm_stats(best)
+    gap_to_adam = df["test loss"].mean - ad["test loss"].mean
     better = P.compare(bs["test loss"], df["test loss"])
     lines += [f"Best setting over all sweeps: **{best_title}, {best.label}**: test loss {bs['test loss']}, "
               f"accuracy {bs['test acc']}, gap {bs['gap']} ({_verdict_word(better, 'lower than', 'higher than')} "
