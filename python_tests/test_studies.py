@@ -70,6 +70,15 @@ def test_study_runs_are_reused(tmp_path):
     assert first and all(load_history(os.path.dirname(p)) == h for p, h in first.items())
 
 
+def test_cached_only_trains_nothing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["study", "width", "--smoke", "--seeds", "0", "--cached-only", "--out", str(tmp_path)]) == 0
+    studies.CACHED_ONLY = False
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "NotCached" in text and not _metrics(tmp_path)
+
+
 def _metrics(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f == "metrics.jsonl"]
 
