@@ -79,6 +79,15 @@ def test_cached_only_trains_nothing(tmp_path):
     assert "NotCached" in text and not _metrics(tmp_path)
 
 
+def test_arms_runs_only_the_named_arms(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["study", "width", "--smoke", "--seeds", "0", "--arms", "width-synthetic-32-adam",
+                         "--out", str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path / "arms")) == ["width-synthetic-32-adam"]
+    assert "skipped (not in --arms)" in (tmp_path / "REPORT.md").read_text()
+
+
 def _metrics(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f == "metrics.jsonl"]
 

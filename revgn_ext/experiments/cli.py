@@ -142,6 +142,8 @@ def add_study_parser(sub) -> None:
     s.add_argument("--smoke", action="store_true", help="the smallest configuration (synthetic data), for tests")
     s.add_argument("--cached-only", action="store_true",
                    help="train nothing: report the runs already finished in --out (the others as not run)")
+    s.add_argument("--arms", type=_csv(None), default=None,
+                   help="run only these arms (names as in the run folders), e.g. to split a study over processes")
 
 
 def _ints(text: str):
@@ -302,6 +304,7 @@ def _study(args, argv) -> int:
     command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
     t0 = time.perf_counter()
     studies.CACHED_ONLY = args.cached_only
+    studies.ONLY_ARMS = None if args.arms is None else set(args.arms)
     path = studies.run_studies(names, args.out, args.seeds, args.tune_seeds, args.grid_size, args.smoke, command_line)
     print(f"report:  {path}\nwall time: {time.perf_counter() - t0:.1f} s")
     return 0

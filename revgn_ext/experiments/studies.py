@@ -80,12 +80,16 @@ class Arm:
 
 
 CACHED_ONLY = False  # set by ``study --cached-only``: report the finished runs in --out, train nothing
+ONLY_ARMS = None     # set by ``study --arms``: run just these arms (e.g. to run a study in parallel processes)
 
 
 def run_arms(arms: list, seeds, tune_seeds, grid_size: int, out: str, cache: dict, log=print, progress=False):
     """Tune (where asked) and run every arm; an arm that cannot run records the reason in ``error``."""
     reuse = "only" if CACHED_ONLY else True
     for arm in arms:
+        if ONLY_ARMS is not None and arm.name not in ONLY_ARMS:
+            arm.error = "skipped (not in --arms)"
+            continue
         t0 = time.perf_counter()
         try:
             if arm.tune:
