@@ -384,10 +384,9 @@ def stored_rates() -> dict:
     return P.load_tuned(P.tuned_path(DEFAULTS_NAME))
 
 
-def grid_for(task: str, optimizer: str, stored: dict | None) -> list:
-    centre = (stored or {}).get("rates", {}).get(task, {}).get(optimizer) or \
-        TASK_GRID_CENTRES.get((task, optimizer), GRID_CENTRES[optimizer])
-    return P.lr_grid(centre, num=5)
+def grid_for(task: str, optimizer: str) -> list:
+    """The tuning grid: fixed centres (not the stored rates), so that ``--tune`` re-derives the stored file."""
+    return P.lr_grid(TASK_GRID_CENTRES.get((task, optimizer), GRID_CENTRES[optimizer]), num=5)
 
 
 def pick_lr(task: str, optimizer: str, scores: dict, val_losses: dict) -> tuple:
@@ -817,8 +816,10 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
     if tuning:
         L.append(f"Learning rates were searched on a validation split ({int(VAL_FRACTION * 100)}% of the training "
                  f"data, fixed seed; the test set is never used), {ctx['tune_seeds']} seed(s) per value, same "
-                 "steps; score = final validation metric (ties: lower validation loss). `*` marks the choice, "
-                 "`(edge)` a choice at the end of its grid.")
+                 "steps; score = final validation metric (ties: lower validation loss). Each grid has 5 rates a factor "
+                 "sqrt(10) apart, centred on a fixed centre per optimizer (diamonds' SGD and Adam centred for its "
+                 "dollar-scale gradients). `*` marks the "
+                 "choice, `(edge)` a choice at the end of its grid.")
         L.append("")
         for t in tasks:
             L.append(f"**{t}** (validation {metric_name(t).replace('test ', '')}):")
@@ -1018,7 +1019,7 @@ def execute(args, argv) -> int:
     if args.tune:
         bar = tqdm(plan, desc="tuning", disable=not progress, dynamic_ncols=True)
         for task, opt in bar:
-            grid = grid_for(task, opt, stored)
+            grid = grid_for(task, opt)
             scores, losses = {}, {}
             for lr in grid:
                 scores[lr], losses[lr] = [], []
