@@ -538,6 +538,7 @@ def figure_metric(results: dict, tasks, optimizers, x_key: str, path: str, title
             ax.set_yscale("log")
         if x_key == "time":
             ax.set_xscale("symlog", linthresh=0.1)
+            ax.set_xlim(left=0)
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("wall time of the steps (s)" if x_key == "time" else "step")
         ax.set_ylabel(metric_name(task))
@@ -591,6 +592,7 @@ def figure_batch(study: dict, task: str, path: str) -> str:
         _band(axes[1], xs, m, s, f"C{k}", f"b = {b}")
     axes[1].set_yscale("log")
     axes[1].set_xscale("symlog", linthresh=0.1)
+    axes[1].set_xlim(left=0)
     axes[1].set_xlabel("wall time of the steps (s)")
     axes[1].set_ylabel(metric_name(task))
     axes[1].set_title(f"{task}: EGN at each batch size", fontsize=10)
@@ -885,7 +887,8 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
     L += ["## Figures", ""]
     for name, path in figures.items():
         L += [f"![{name}]({os.path.relpath(path, out)})", ""]
-    L += ["## Notes", ""] + [f"* {n}" for n in ctx.get("notes", [])]
+    if ctx.get("notes"):
+        L += ["## Notes", ""] + [f"* {n}" for n in ctx["notes"]]
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
