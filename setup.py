@@ -61,7 +61,9 @@ setup(
     package_dir={"revgn_ext._csrc": "csrc"},
     package_data={"revgn_ext": ["py.typed"],
                   "revgn_ext._csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h", "*/cuda/*.cpp", "*/cuda/*.cu",
-                                      "*/cuda/*.h"]},
+                                      "*/cuda/*.h"],
+                  # tuned learning rates of the experiments, with the command that produced them
+                  "revgn_ext.experiments": ["tuned/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -167,50 +167,78 @@ def test_resume_refuses_mismatch_and_missing_checkpoint(tmp_path, capsys):
 def test_reproduce_small(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main("reproduce", *TINY, "--epochs", "1", "--full-epochs", "2", "--settings", "full,mini",
-                "--out", str(out)) == 0
+                "--seeds", "0,1", "--paper-rates", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     for opt in ("gn", "adam", "sgd"):
-        assert len(load_history(str(out / f"{opt}-full"))) == 3
-        assert len(load_history(str(out / f"{opt}-mini"))) == 2
+        for seed in (0, 1):
+            assert len(load_history(str(out / f"{opt}-full" / f"seed{seed}"))) == 3
+            assert len(load_history(str(out / f"{opt}-mini" / f"seed{seed}"))) == 2
+    assert load_history(str(out / "gn-mini" / "seed0")) != load_history(str(out / "gn-mini" / "seed1"))
     assert "GN is fastest in full batch." in printed and "figures:" in printed
     text = (out / "REPORT.md").read_text()
     assert text.count("| full batch |") == 3 and text.count("| mini-batch |") == 3
-    assert "## Paper findings" in text
+    assert "## Paper findings" in text and " ± " in text and "not tuned for this set-up" in text
 
 
 # ---------------------------------------------------------------------------------------------- findings
 
-def history(train, test, change, ntk=None, cka=None):
+def history(train, test, change, ntk=None, cka=None, jitter=0.0):
     rows = []
     for e, (tr, te) in enumerate(zip(train, test)):
-        row = {"epoch": e, "step": e, "train_loss": tr, "test_loss": te, "test_acc": 0.5,
-               "loss_change_pct": None if e == 0 else change}
+        j = 1.0 + jitter * (e > 0)
+        row = {"epoch": e, "step": e, "train_loss": tr * j, "test_loss": te * j, "test_acc": 0.5,
+               "loss_change_pct": None if e == 0 else change * j}
         if ntk is not None:
-            row.update({"ntk_similarity": ntk, "cka_block1": cka[0], "cka_block2": cka[1]})
+            row.update({"ntk_similarity": ntk * j, "cka_block1": cka[0] * j, "cka_block2": cka[1] * j})
         rows.append(row)
     return rows
 
 
-def paper_like_runs(swap=False):
+def seeds(make, n=3, spread=0.01):
+    """n seed histories from make(jitter): a small relative spread between seeds."""
+    return [make(spread * (i - (n - 1) / 2)) for i in range(n)]
+
+
+def paper_like_runs(swap=False, spread=0.01):
     fast, slow = [2.0, 0.3, 0.2, 0.19, 0.18], [2.0, 1.5, 1.0, 0.5, 0.3]
-    runs = {("gn", "full"): history(fast, fast, -40.0), ("adam", "full"): history(slow, slow, -2.0),
-            ("sgd", "full"): history(slow, slow, -5.0),
-            ("gn", "mini"): history([2.0, 0.8, 0.75, 0.74, 0.74], [2.0, 0.9, 0.9, 0.9, 0.9], -30.0, 0.95, (0.99, 0.97)),
-            ("adam", "mini"): history([2.0, 1.2, 0.6, 0.4, 0.3], [2.0, 1.2, 0.8, 0.6, 0.5], -3.0, 0.6, (0.8, 0.5)),
-            ("sgd", "mini"): history(slow, slow, -4.0, 0.7, (0.9, 0.8))}
+    runs = {("gn", "full"): seeds(lambda j: history(fast, fast, -40.0, jitter=j), spread=spread),
+            ("adam", "full"): seeds(lambda j: history(slow, slow, -2.0, jitter=j), spread=spread),
+            ("sgd", "full"): seeds(lambda j: history(slow, slow, -5.0, jitter=j), spread=spread),
+            ("gn", "mini"): seeds(lambda j: history([2.0, 0.8, 0.75, 0.74, 0.74], [2.0, 0.9, 0.9, 0.9, 0.9], -30.0,
+                                                    0.95, (0.99, 0.97), jitter=j), spread=spread),
+            ("adam", "mini"): seeds(lambda j: history([2.0, 1.2, 0.6, 0.4, 0.3], [2.0, 1.2, 0.8, 0.6, 0.5], -3.0,
+                                                      0.6, (0.8, 0.5), jitter=j), spread=spread),
+            ("sgd", "mini"): seeds(lambda j: history(slow, slow, -4.0, 0.7, (0.9, 0.8), jitter=j), spread=spread)}
     if swap:
         runs[("gn", "full")], runs[("adam", "full")] = runs[("adam", "full")], runs[("gn", "full")]
         runs[("gn", "mini")], runs[("adam", "mini")] = runs[("adam", "mini")], runs[("gn", "mini")]
     return runs
 
 
-def test_findings_reproduced_and_not():
+def test_findings_reproduced_not_reproduced_and_mixed():
     verdicts = [f.verdict for f in report.findings(paper_like_runs())]
-    assert verdicts == ["reproduced"] * 4
+    assert verdicts == ["REPRODUCED"] * 4
     verdicts = [f.verdict for f in report.findings(paper_like_runs(swap=True))]
-    assert verdicts == ["not reproduced"] * 4
+    assert verdicts == ["NOT REPRODUCED"] * 4
     partial = {k: v for k, v in paper_like_runs().items() if k[1] == "full"}
-    assert [f.verdict for f in report.findings(partial)] == ["reproduced", "not run", "reproduced", "not run"]
+    assert [f.verdict for f in report.findings(partial)] == ["REPRODUCED", "NOT RUN", "REPRODUCED", "NOT RUN"]
+    # Seeds spread so wide that the differences sit inside one std: no claim is supported or refuted.
+    noisy = [f.verdict for f in report.findings(paper_like_runs(spread=0.6))]
+    assert noisy[1] == noisy[3] == "MIXED"
+
+
+def test_findings_use_every_seed():
+    runs = paper_like_runs()
+    one_bad = dict(runs)
+    # One of three Adam mini-batch seeds ends above GN: the mean still favours Adam, but the spread
+    # now covers GN's value, so "Adam ends lower" is no longer beyond noise.
+    bad = history([2.0, 1.2, 0.9, 0.85, 0.84], [2.0, 1.2, 1.0, 0.99, 0.99], -3.0, 0.6, (0.8, 0.5))
+    one_bad[("adam", "mini")] = runs[("adam", "mini")][:2] + [bad]
+    f2 = report.findings(one_bad)[1]
+    assert f2.verdict == "MIXED" and "within noise" in f2.evidence
+    rows = report.summary_rows(runs, {k: RunConfig(optimizer=k[0], setting=k[1]) for k in runs})
+    assert all(r["seeds"] == 3 and r["train loss"].n == 3 for r in rows)
+    assert rows[0]["train loss"].mean == pytest.approx(sum(h[-1]["train_loss"] for h in runs[("gn", "full")]) / 3)
 
 
 def test_saturation_and_epochs_to_reach():
@@ -218,3 +246,110 @@ def test_saturation_and_epochs_to_reach():
     assert report.saturation(h) == pytest.approx(0.5)                  # epoch 1 of 4: (2 - 1) / (2 - 0)
     assert report.epochs_to_reach(h, "train_loss", 0.45) == 3
     assert report.epochs_to_reach(h, "train_loss", -1.0) is None
+
+
+# ---------------------------------------------------------------------------------------------- fair protocol
+
+def poisoned_test_set(monkeypatch):
+    """Make the loader return a test set of NaNs: any tuning score computed on it would be NaN."""
+    from revgn_ext.experiments import runner
+
+    real = runner.load_dataset
+
+    def load(name, data_dir=None):
+        x_tr, y_tr, x_te, y_te = real(name, data_dir)
+        return x_tr, y_tr, torch.full_like(x_te, math.nan), y_te
+    monkeypatch.setattr(runner, "load_dataset", load)
+
+
+def test_validation_runs_evaluate_on_a_split_of_the_training_set(monkeypatch):
+    from revgn_ext.experiments import runner
+
+    poisoned_test_set(monkeypatch)
+    cfg = tiny_config(validation=True, max_train=80)
+    x_fit, y_fit, x_val, y_val = runner.prepare_data(cfg, torch.device("cpu"))
+    x_tr, y_tr, _, _ = runner.load_dataset("synthetic")
+    assert len(x_fit) == 64 and len(x_val) == 16
+    rows = {tuple(r.tolist()) for r in x_tr[:80]}
+    assert all(tuple(r.tolist()) in rows for r in torch.cat([x_fit, x_val]))       # only training rows
+    assert not {tuple(r.tolist()) for r in x_fit} & {tuple(r.tolist()) for r in x_val}
+    assert torch.isfinite(x_val).all()
+
+
+def test_tuning_never_touches_the_test_set(monkeypatch, tmp_path):
+    from revgn_ext.experiments import reproduction
+
+    poisoned_test_set(monkeypatch)
+    configs = {("gn", "mini"): tiny_config(optimizer="gn", epochs=1, lr=0.2),
+               ("adam", "full"): tiny_config(optimizer="adam", setting="full", epochs=2, lr=1e-2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rates, records = reproduction.tune(configs, seeds=(0, 1), grid_size=5, out_dir=str(tmp_path), log=lambda m: None)
+    for key, rec in records.items():
+        assert len(rec["grid"]) >= 5 and rec["chosen"] in rec["grid"] and rates[key] == rec["chosen"]
+        assert all(s.n == 2 for s in rec["scores"].values() if s.diverged == 0)
+        assert any(math.isfinite(s.mean) for s in rec["scores"].values())       # NaN test data never entered
+    h = load_history(str(tmp_path / "gn-mini" / f"lr{rates[('gn', 'mini')]:g}" / "seed0"))
+    assert "val_loss" in h[-1] and "test_loss" not in h[-1]
+
+
+def test_tuning_extends_a_grid_whose_best_rate_is_at_the_edge(tmp_path):
+    from revgn_ext.experiments import reproduction
+
+    cfg = tiny_config(optimizer="sgd", epochs=1, lr=1e-4)                        # far too small a centre
+    _, records = reproduction.tune({("sgd", "mini"): cfg}, out_dir=str(tmp_path), max_extend=2, log=lambda m: None)
+    rec = records[("sgd", "mini")]
+    assert len(rec["grid"]) == 7 and max(rec["grid"]) == pytest.approx(1e-4 * 10 ** 2.0, rel=0.01)
+
+
+def test_plateau_stops_when_the_train_loss_stops_improving():
+    from revgn_ext.experiments.reproduction import plateau
+
+    stop = plateau(window=2, abs_tol=1e-3)
+    rows = lambda ys: [{"epoch": e, "train_loss": y} for e, y in enumerate([9.0] + ys)]
+    assert not stop(rows([1.0, 0.5, 0.25]))                                      # too few epochs
+    assert not stop(rows([1.0, 0.5, 0.25, 0.12]))
+    assert stop(rows([1.0, 0.5, 0.4999, 0.4998]))
+    assert stop(rows([0.1, 0.05, 0.0503, 0.0501]))                                # noise, no progress
+
+
+def test_stored_tuning_applies_only_to_its_setup(tmp_path, capsys):
+    from revgn_ext.experiments import protocol as P
+    from revgn_ext.experiments import reproduction
+
+    configs = {("gn", "mini"): tiny_config(optimizer="gn"), ("adam", "mini"): tiny_config(optimizer="adam")}
+    path = str(tmp_path / "t.json")
+    details = {"setup": {reproduction._key_name(k): reproduction.setup_of(c) for k, c in configs.items()},
+               "epochs": {"gn-mini": 4, "adam-mini": 4}, "records": {}}
+    P.save_tuned(path, {"gn-mini": 0.5, "adam-mini": 3e-3}, "python -m revgn_ext.experiments reproduce --tune", details)
+    payload, why = reproduction.stored_plan(path, configs)
+    assert payload["rates"]["adam-mini"] == 3e-3 and why == ""
+    other = {k: tiny_config(optimizer=k[0], hidden=48) for k in configs}
+    payload, why = reproduction.stored_plan(path, other)
+    assert payload is None and "hidden=32" in why and "hidden=48" in why
+    # The command line uses the stored rates and lengths (an explicit --lr still wins).
+    out = tmp_path / "rep"
+    assert main("reproduce", *TINY, "--settings", "mini", "--optimizers", "gn,adam", "--seeds", "0",
+                "--tuned-file", path, "--lr", "gn=0.3", "--out", str(out)) == 0
+    assert json.loads((out / "gn-mini" / "seed0" / "config.json").read_text())["lr"] == 0.3
+    adam = json.loads((out / "adam-mini" / "seed0" / "config.json").read_text())
+    assert adam["lr"] == 3e-3 and adam["epochs"] == 4
+    assert "stored tuning" in (out / "REPORT.md").read_text()
+
+
+def test_reproduce_tune_writes_the_stored_file(tmp_path):
+    out, path = tmp_path / "rep", tmp_path / "tuned.json"
+    assert main("reproduce", *TINY, "--settings", "mini", "--optimizers", "gn,adam", "--seeds", "0,1", "--tune",
+                "--epochs", "1", "--max-epochs", "3", "--plateau-window", "1", "--tuned-file", str(path),
+                "--out", str(out)) == 0
+    payload = json.loads(path.read_text())
+    assert payload["command"].startswith("python -m revgn_ext.experiments reproduce") and "--tune" in payload["command"]
+    assert set(payload["rates"]) == {"gn-mini", "adam-mini"}
+    length = payload["details"]["length"]
+    assert 1 <= length["epochs"] <= 3 and payload["details"]["epochs"]["gn-mini"] == length["epochs"]
+    assert all(len(r["grid"]) >= 5 for r in payload["details"]["records"].values())
+    text = (out / "REPORT.md").read_text()
+    assert "## Protocol" in text and "stopped improving its train loss after" in text and "**" in text
+    for seed in (0, 1):
+        h = load_history(str(out / "adam-mini" / f"seed{seed}"))
+        assert h[-1]["epoch"] == length["epochs"] and "test_loss" in h[-1]

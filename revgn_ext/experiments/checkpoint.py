@@ -162,9 +162,10 @@ def validate(path: str, payload) -> dict:
     return payload
 
 
-def load(path: str, map_location=None) -> dict:
+def load(path: str, map_location=None, validator=None) -> dict:
     """The verified, validated payload of the checkpoint at ``path`` (CheckpointError when unusable;
-    FileNotFoundError when there is none)."""
+    FileNotFoundError when there is none). ``validator(path, payload)`` checks the payload's
+    structure (default: :func:`validate`, a ``reproduce``/``train`` run's)."""
     if not os.path.lexists(path):
         raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
     if not os.path.isfile(path):
@@ -181,7 +182,23 @@ def load(path: str, map_location=None) -> dict:
         raise _fail(path, str(e)) from None
     if digest != blob["sha256"]:
         raise _fail(path, "its content does not match its checksum (the file is damaged)")
-    return validate(path, blob["payload"])
+    return (validator or validate)(path, blob["payload"])
+
+
+def validate_keys(path: str, payload, keys: dict, finite: tuple = ()) -> dict:
+    """A payload with these entries of these types, and no NaN or Inf under the ``finite`` entries."""
+    if not isinstance(payload, dict):
+        raise _fail(path, f"the payload is a {type(payload).__name__}, not a dict")
+    for key, kind in keys.items():
+        if key not in payload:
+            raise _fail(path, f"it has no {key!r} entry")
+        if not isinstance(payload[key], kind):
+            raise _fail(path, f"{key!r} is a {type(payload[key]).__name__}, expected {kind.__name__}")
+    for key in finite:
+        bad = _non_finite(payload[key], key)
+        if bad is not None:
+            raise _fail(path, f"{bad} contains NaN or Inf")
+    return payload
 
 
 def restore(path: str, payload: dict, model, optimizer, set_rng) -> None:

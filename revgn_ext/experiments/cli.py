@@ -1,7 +1,12 @@
-"""``python -m revgn_ext.experiments {train,reproduce}``: command-line front end.
+"""``python -m revgn_ext.experiments {train,reproduce,egn}``: command-line front end.
 
 * ``train`` runs one optimizer in one setting (``--optimizer``, ``--setting``).
-* ``reproduce`` runs GN, Adam and SGD in full batch and mini-batch, then writes figures and REPORT.md.
+* ``egn`` reproduces the EGN paper's comparison (:mod:`.egn_repro`).
+* ``reproduce`` runs GN, Adam and SGD in full batch and mini-batch over several seeds (``--seeds``),
+  then writes figures and REPORT.md with mean ± std and the paper's findings. Learning rates and the
+  mini-batch length come from the tuning stored in the package for this set-up
+  (``experiments/tuned/revgn_<dataset>.json``); ``--tune`` re-derives it on a validation split of the
+  training set, ``--paper-rates`` uses the paper's rates instead.
 
 Sizes left unset come from the dataset's preset (:data:`.config.PRESETS`); learning rates left unset
 are the paper's, with GN's converted to this package's convention (official x L).
@@ -21,7 +26,7 @@ import time
 from datetime import timedelta
 
 from .data import DATASETS
-from . import plots, report
+from . import egn_repro, plots, report
 from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
 from .checkpoint import CheckpointError
 from .runner import CHECKPOINT, RunInterrupted, run
@@ -111,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="mini-batch size")
     g.add_argument("--full-batch-size", type=int, default=None,
                    help="full-batch setting trains on the first N samples (paper 1024)")
-    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs (reproduce: of the mini-batch runs; with --tune, the budget of the mini-batch "
+                        "tuning runs, the final length then comes from Adam's plateau)")
     g.add_argument("--lr", type=_lr, action="append", default=[], metavar="[OPT[:SETTING]=]LR",
                    help="learning rate, repeatable: 0.01 (train), adam=1e-3, gn:full=1.0. Default: the "
                         "paper's (MNIST full GN 0.5 / Adam 1e-4 / SGD 0.1, mini GN 0.1 / Adam 1e-4 / SGD 0.1; "
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     g = common.add_argument_group("diagnostics and output")
-    g.add_argument("--diag-every", type=int, default=1, help="NTK/CKA/weight diagnostics every N epochs")
+    g.add_argument("--diag-every", type=int, default=None,
+                   help="NTK/CKA/weight diagnostics every N epochs (default: train 1, reproduce epochs / 25)")
     g.add_argument("--diag-samples", type=int, default=256, help="training samples for CKA")
     g.add_argument("--ntk-samples", type=int, default=64, help="training samples for the NTK")
     g.add_argument("--ntk-probes", type=int, default=4, help="random output-space probes for the NTK")
@@ -148,7 +156,65 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--optimizers", type=_csv(OPTIMIZERS), default=OPTIMIZERS)
     r.add_argument("--settings", type=_csv(SETTINGS), default=SETTINGS)
     r.add_argument("--full-epochs", type=int, default=None, help="epochs (= steps) of the full-batch runs")
+    add_protocol_options(r)
+    e = sub.add_parser("egn", help="EGN vs SGD, Adam, SGN and L-BFGS on the EGN paper's tasks "
+                       "(arXiv 2405.14402), plus REPORT.md", description=egn_repro.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    egn_repro.add_arguments(e)
+    add_study_parser(sub)
     return parser
+
+
+def add_study_parser(sub) -> None:
+    from . import studies
+
+    s = sub.add_parser("study", help="the RevGN paper's open questions: " + ", ".join(studies.STUDIES),
+                       description=studies.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("studies", nargs="+", choices=studies.STUDIES + ("all",), metavar="STUDY",
+                   help=f"one or more of {', '.join(studies.STUDIES)}, or all")
+    s.add_argument("--out", default="runs/studies", help="output folder (runs are reused from it)")
+    s.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the final runs (default 0,1,2)")
+    s.add_argument("--tune-seeds", type=_ints, default=(0,), help="seeds of each tuning run (default 0)")
+    s.add_argument("--grid-size", type=_positive, default=5, help="rates per log grid (>= 5, default 5)")
+    s.add_argument("--smoke", action="store_true", help="the smallest configuration (synthetic data), for tests")
+    s.add_argument("--cached-only", action="store_true",
+                   help="train nothing: report the runs already finished in --out (the others as not run)")
+    s.add_argument("--arms", type=_csv(None), default=None,
+                   help="run only these arms (names as in the run folders), e.g. to split a study over processes")
+
+
+def _ints(text: str):
+    try:
+        items = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        items = ()
+    if not items or len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated ints, got {text!r}")
+    return items
+
+
+def _positive(text: str):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
+def add_protocol_options(r) -> None:
+    g = r.add_argument_group("fair protocol")
+    g.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="seeds of the final runs (default 0,1,2)")
+    g.add_argument("--tune", action="store_true",
+                   help="tune every rate on a validation split of the training set and the mini-batch length "
+                        "on Adam's plateau, store them in --tuned-file, then run")
+    g.add_argument("--tune-seeds", type=_ints, default=(0,), help="seeds of each tuning run (default 0)")
+    g.add_argument("--grid-size", type=_positive, default=5, help="rates per log grid (>= 5, default 5)")
+    g.add_argument("--tuned-file", default=None,
+                   help="tuned-rates JSON (default: the one stored in the package for the dataset)")
+    g.add_argument("--paper-rates", action="store_true", help="ignore stored tuning, use the paper's rates")
+    g.add_argument("--max-epochs", type=_positive, default=None,
+                   help="cap of the mini-batch length search (default: the preset's max_epochs)")
+    g.add_argument("--plateau-window", type=_positive, default=5,
+                   help="epochs without improvement that end Adam's length run (default 5)")
 
 
 def pick_lr(entries, optimizer: str, setting: str, allow_bare: bool):
@@ -184,7 +250,7 @@ def make_config(args, optimizer: str, setting: str) -> RunConfig:
                      lr=pick_lr(args.lr, optimizer, setting, allow_bare=args.command == "train"),
                      target=args.target, damping=args.damping, loss=args.loss, seed=args.seed,
                      dtype=args.dtype, max_train=args.max_train, max_test=args.max_test,
-                     diag_every=args.diag_every, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
+                     diag_every=args.diag_every or 1, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
                      ntk_probes=args.ntk_probes)
 
 
@@ -213,6 +279,10 @@ def init_distributed(args) -> int:
 
 
 def execute(args, argv) -> int:
+    if args.command == "egn":
+        return egn_repro.execute(args, argv)
+    if args.command == "study":
+        return _study(args, argv)
     if args.distributed:
         rank = init_distributed(args)
         try:
@@ -225,6 +295,8 @@ def execute(args, argv) -> int:
 
 def _execute(args, argv, rank: int) -> int:
     command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "reproduce" and not args.distributed:
+        return _reproduce(args, command_line)
     if args.command == "train":
         plan = [(args.optimizer, args.setting)]
         out = args.out or os.path.join("runs", f"{args.dataset}-{args.optimizer}-{args.setting}")
@@ -257,6 +329,44 @@ def _execute(args, argv, rank: int) -> int:
     print(f"figures: {os.path.join(out, 'figures')}/ ({', '.join(os.path.basename(p) for p in figures.values())})")
     print(f"report:  {path}")
     print(f"wall time: {wall:.1f} s")
+    return 0
+
+
+def _study(args, argv) -> int:
+    from . import studies
+
+    if args.grid_size < 5:
+        raise ValueError(f"--grid-size must be at least 5 for a fair tuning, got {args.grid_size}")
+    names = studies.STUDIES if "all" in args.studies else tuple(dict.fromkeys(args.studies))
+    command_line = "python -m revgn_ext.experiments " + " ".join(shlex.quote(a) for a in argv)
+    t0 = time.perf_counter()
+    studies.CACHED_ONLY = args.cached_only
+    studies.ONLY_ARMS = None if args.arms is None else set(args.arms)
+    path = studies.run_studies(names, args.out, args.seeds, args.tune_seeds, args.grid_size, args.smoke, command_line)
+    print(f"report:  {path}\nwall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _reproduce(args, command_line: str) -> int:
+    from . import reproduction
+
+    if args.grid_size < 5:
+        raise ValueError(f"--grid-size must be at least 5 for a fair tuning, got {args.grid_size}")
+    plan = [(o, s) for s in args.settings for o in args.optimizers]
+    configs = {k: make_config(args, *k) for k in plan}  # validates every option before any training
+    explicit = {k for k in plan if pick_lr(args.lr, *k, allow_bare=False) is not None}
+    args.out = args.out or os.path.join("runs", f"reproduce-{args.dataset}")
+    if args.max_epochs is None:
+        args.max_epochs = PRESETS[args.dataset].get("max_epochs", 4 * configs[plan[0]].epochs)
+    result = reproduction.reproduce(args, configs, explicit, command_line)
+    print(report.markdown_table(report.summary_rows(result["runs"], result["configs"])))
+    for f in report.findings(result["runs"]):
+        print(f"[{f.verdict}] {f.claim}\n    {f.evidence}")
+    print(f"\nlearning rates: {result['source']}")
+    print(f"runs:    {args.out}/<optimizer>-<setting>/seed<k>/metrics.jsonl")
+    print(f"figures: {os.path.join(args.out, 'figures')}/")
+    print(f"report:  {result['report']}")
+    print(f"wall time: {result['wall']:.1f} s")
     return 0
 
 

@@ -1,7 +1,8 @@
 """matplotlib figures mirroring the paper's (arXiv 2411.07979, figures 2 to 5), one PNG per quantity.
 
-``runs`` maps ``(optimizer, setting)`` to a run's history rows (see :mod:`.runner`); every figure
-has one row of panels per setting present and one line per optimizer.
+``runs`` maps ``(optimizer, setting)`` to a run's history rows (see :mod:`.runner`) or to a list of
+them, one per seed; every figure has one row of panels per setting present and one line per optimizer
+(the mean over seeds, with a band of one std when there are several).
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import os
 
 from .config import OPTIMIZERS, SETTINGS
 
-LABELS = {"gn": "GN (RevGN)", "adam": "Adam", "sgd": "SGD"}
-COLORS = {"gn": "C0", "adam": "C1", "sgd": "C2"}
+LABELS = {"gn": "GN (RevGN)", "adam": "Adam", "sgd": "SGD", "egn": "EGN", "lbfgs": "L-BFGS",
+          "shampoo": "Shampoo", "soap": "SOAP"}
+COLORS = {"gn": "C0", "adam": "C1", "sgd": "C2", "egn": "C3", "lbfgs": "C4", "shampoo": "C5", "soap": "C6"}
 SETTING_TITLES = {"full": "full batch", "mini": "mini-batch"}
 
 
@@ -26,6 +28,34 @@ def series(history: list, key: str):
     return xs, ys
 
 
+def mean_series(histories, key: str):
+    """(epochs, mean, std) over seeds at the epochs every seed recorded ``key`` (NaN values skipped)."""
+    if histories and isinstance(histories[0], dict):
+        histories = [histories]
+    per = [dict(zip(*series(h, key))) for h in histories]
+    epochs = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    xs, means, stds = [], [], []
+    for e in epochs:
+        vals = [p[e] for p in per if not math.isnan(p[e])]
+        if not vals:
+            continue
+        m = sum(vals) / len(vals)
+        xs.append(e)
+        means.append(m)
+        stds.append(math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+    return xs, means, stds
+
+
+def plot_band(ax, histories, key: str, **kw):
+    """Mean line and one-std band of ``key`` over seeds on ``ax``."""
+    xs, m, s = mean_series(histories, key)
+    line, = ax.plot(xs, m, lw=1.6, **kw)
+    if any(v > 0 for v in s):
+        ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=line.get_color(),
+                        alpha=0.2, lw=0)
+    return line
+
+
 def _grid(runs: dict, columns: list, title: str):
     import matplotlib
 
@@ -38,10 +68,9 @@ def _grid(runs: dict, columns: list, title: str):
     for i, setting in enumerate(settings):
         for j, (key, ylabel, log) in enumerate(columns):
             ax = axes[i][j]
-            for opt in OPTIMIZERS:
+            for opt in dict.fromkeys(list(OPTIMIZERS) + [k[0] for k in runs]):
                 if (opt, setting) in runs:
-                    xs, ys = series(runs[(opt, setting)], key)
-                    ax.plot(xs, ys, color=COLORS[opt], label=LABELS[opt], lw=1.6)
+                    plot_band(ax, runs[(opt, setting)], key, color=COLORS.get(opt), label=LABELS.get(opt, opt))
             if log:
                 ax.set_yscale("log")
             ax.set_title(f"{SETTING_TITLES[setting]}: {ylabel}", fontsize=10)
@@ -59,17 +88,22 @@ def _save(fig, plt, path: str) -> str:
     return path
 
 
+def _seeds(entry) -> list:
+    return [entry] if entry and isinstance(entry[0], dict) else list(entry)
+
+
 def make_figures(runs: dict, out_dir: str, title: str = "") -> dict:
     """Write every figure to ``out_dir``; returns {name: path}."""
     os.makedirs(out_dir, exist_ok=True)
     prefix = f"{title}: " if title else ""
-    blocks = sorted({int(k[len("cka_block"):]) for h in runs.values() for row in h for k in row
-                     if k.startswith("cka_block")})
+    blocks = sorted({int(k[len("cka_block"):]) for h in runs.values() for run in _seeds(h) for row in run
+                     for k in row if k.startswith("cka_block")})
+    ev = "val" if any("val_loss" in row for h in runs.values() for run in _seeds(h) for row in run) else "test"
     picks = sorted({blocks[0], blocks[(len(blocks) - 1) // 2], blocks[-1]}) if blocks else []
     names = {1: "first"} | ({blocks[-1]: "last"} if blocks else {})
     figures = {
-        "losses": [("train_loss", "train loss", True), ("test_loss", "test loss", True),
-                   ("test_acc", "test accuracy", False)],
+        "losses": [("train_loss", "train loss", True), (f"{ev}_loss", f"{ev} loss", True),
+                   (f"{ev}_acc", f"{ev} accuracy", False)],
         "loss_change": [("loss_change_pct", "% loss change on the same batch", False)],
         "ntk_similarity": [("ntk_similarity", "NTK similarity to init", False)],
         "cka": [(f"cka_block{l}", f"CKA to init, {names.get(l, 'middle')} block ({l})", False) for l in picks],

@@ -1,10 +1,21 @@
-"""One training run: an optimizer (GN, Adam or SGD) on RevMLP in full-batch or mini-batch mode.
+"""One training run: an optimizer on RevMLP (or a plain MLP) in full-batch or mini-batch mode.
+
+Optimizers: GN (RevGN), Adam, SGD, EGN (exact GN / Levenberg-Marquardt on any module), L-BFGS
+(torch.optim, strong-Wolfe line search, one iteration per batch) and Shampoo / SOAP (pytorch-optimizer).
+Every one of them gets the same decoupled weight decay ``theta <- (1 - lr_t wd) theta`` and the same
+learning-rate schedule ``lr_t = lr * factor(t / T)`` over the run's T steps (:func:`schedule_factor`).
+
+With ``cfg.validation`` the run trains on the fit part of a seeded split of the training set and
+evaluates on the held-out part (metrics ``val_loss``, ``val_acc``): the test set is not loaded into
+the run at all, so tuning on these runs cannot see it.
 
 Per epoch it records (one JSON line and one CSV row):
 
 * ``train_loss``: running mean of the pre-update batch losses (epoch 0: loss of the untrained model
   on the full-batch subset);
-* ``test_loss``, ``test_acc``;
+* ``test_loss``, ``test_acc`` (``val_loss``, ``val_acc`` with ``cfg.validation``);
+* ``train_eval_loss``, ``train_eval_acc``: the model at the end of the epoch evaluated on the data it
+  trains on (the full-batch subset or the whole training set), for train/test gaps;
 * ``loss_change_pct``: mean over the epoch's steps of ``100 (L_after - L_before) / L_before`` on the
   same batch;
 * ``ntk_similarity``: mean over probes of ``cos(K_0 v, K_t v)``, ``K = J J^T`` on a fixed subset;
@@ -37,6 +48,8 @@ from . import checkpoint
 from . import diagnostics as dg
 from .data import load_dataset
 from .config import RunConfig
+from .mlp import MLP
+from .protocol import split_train
 
 CHECKPOINT = checkpoint.CHECKPOINT
 METRICS_JSONL = "metrics.jsonl"
@@ -54,7 +67,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None):
-    """The dataset (cut to max_train / max_test), on ``device`` in the run's dtype."""
+    """(x_train, y_train, x_eval, y_eval) on ``device`` in the run's dtype.
+
+    The training set is cut to max_train. Without ``cfg.validation`` the evaluation set is the test
+    set (cut to max_test); with it, the training set is split by :func:`.protocol.split_train` (seed
+    ``RunConfig.SPLIT_SEED``) into the part trained on and the validation part evaluated on, and the
+    test tensors are dropped here.
+    """
     key = (cfg.dataset, cfg.data_dir)
     if cache is not None and key in cache:
         tensors = cache[key]
@@ -65,31 +84,70 @@ def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None
     x_tr, y_tr, x_te, y_te = tensors
     if cfg.max_train is not None:
         x_tr, y_tr = x_tr[:cfg.max_train], y_tr[:cfg.max_train]
-    if cfg.max_test is not None:
+    if cfg.validation:
+        x_tr, y_tr, x_te, y_te = split_train(x_tr, y_tr, cfg.val_fraction, RunConfig.SPLIT_SEED)
+    elif cfg.max_test is not None:
         x_te, y_te = x_te[:cfg.max_test], y_te[:cfg.max_test]
     dtype = getattr(torch, cfg.dtype)
     return (x_tr.to(device, dtype), y_tr.to(device), x_te.to(device, dtype), y_te.to(device))
 
 
-def build_model(cfg: RunConfig, in_features: int, num_classes: int, device: torch.device) -> RevMLP:
+def build_model(cfg: RunConfig, in_features: int, num_classes: int, device: torch.device):
+    if cfg.model == "mlp":
+        return MLP(in_features, num_classes, cfg.hidden, cfg.blocks, seed=cfg.seed, dtype=getattr(torch, cfg.dtype),
+                   device=device)
     return RevMLP(in_features, num_classes, num_blocks=cfg.blocks, hidden=cfg.hidden,
                   activations=cfg.activations, weight_std=cfg.weight_std, seed=cfg.seed,
                   dtype=getattr(torch, cfg.dtype), device=device)
 
 
-def build_optimizer(cfg: RunConfig, model: RevMLP, distributed: bool = False):
+EGN_DAMPING = 1e-3  # EGN's lambda when cfg.damping is unset (its own default, 1.0, is meant for MSE)
+
+
+def build_optimizer(cfg: RunConfig, model, distributed: bool = False):
     if distributed and cfg.optimizer != "gn":
         raise ValueError(f"distributed runs support the exact GN step only, got optimizer {cfg.optimizer!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        return torch.optim.Adam(params, lr=cfg.lr)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    from ..revgn.optimizer import RevGN
+        return torch.optim.SGD(params, lr=cfg.lr)
+    if cfg.optimizer == "lbfgs":
+        return torch.optim.LBFGS(params, lr=cfg.lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+    if cfg.optimizer in ("shampoo", "soap"):
+        try:
+            import pytorch_optimizer
+        except ImportError:
+            raise ValueError(f"optimizer {cfg.optimizer!r} needs the pytorch-optimizer package: "
+                             "pip install pytorch-optimizer") from None
+        if cfg.optimizer == "shampoo":
+            return pytorch_optimizer.Shampoo(params, lr=cfg.lr)
+        return pytorch_optimizer.SOAP(params, lr=cfg.lr, weight_decay=0.0)
+    import revgn_ext as rg
 
-    kwargs = dict(lr=cfg.lr, target=cfg.target, loss=cfg.loss, distributed=distributed)
-    if cfg.damping is not None:
-        kwargs["damping"] = cfg.damping
-    return RevGN(model, **kwargs)
+    damping = {} if cfg.damping is None else {"damping": cfg.damping}
+    if cfg.optimizer == "egn":
+        if cfg.loss != "cross_entropy" and cfg.loss != "mse":
+            raise ValueError(f"loss {cfg.loss!r} is not supported by EGN here")
+        return rg.EGN(model, lr=cfg.lr, loss=cfg.loss, **({"damping": EGN_DAMPING} | damping))
+    return rg.RevGN(model, lr=cfg.lr, target=cfg.target, loss=cfg.loss, damping_mode=cfg.damping_mode,
+                    solver=cfg.solver, rtol=cfg.rtol, distributed=distributed, **damping)
+
+
+def schedule_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the base learning rate at ``progress`` = step / total steps in [0, 1]:
+    constant 1; cosine ``0.5 (1 + cos(pi progress))``; step 1, then 0.1 from 50%, 0.01 from 75%."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if schedule == "step":
+        return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
+    raise ValueError(f"schedule must be constant, cosine or step, got {schedule!r}")
+
+
+def steps_per_epoch(cfg: RunConfig, n_train: int) -> int:
+    return 1 if cfg.setting == "full" else math.ceil(n_train / cfg.batch_size)
 
 
 def batch_loss(cfg: RunConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -100,7 +158,7 @@ def batch_loss(cfg: RunConfig, logits: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(cfg: RunConfig, model: RevMLP, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048):
+def evaluate(cfg: RunConfig, model, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048):
     """(mean loss, accuracy) over (x, y) in chunks."""
     total, correct = 0.0, 0
     for i in range(0, len(x), chunk):
@@ -121,9 +179,11 @@ def epoch_batches(cfg: RunConfig, n_train: int, epoch: int):
 
 
 class Tracker:
-    """Reference quantities at init and the per-epoch diagnostics computed against them."""
+    """Reference quantities at init and the per-epoch diagnostics computed against them.
 
-    def __init__(self, cfg: RunConfig, model: RevMLP, x_train: torch.Tensor, state: dict | None = None):
+    CKA compares each block's output ``[Y1, Y2]`` (RevMLP) or each hidden layer's output (MLP)."""
+
+    def __init__(self, cfg: RunConfig, model, x_train: torch.Tensor, state: dict | None = None):
         self.model = model
         self.x = x_train[:cfg.diag_samples]
         x_ntk = self.x[:cfg.ntk_samples]
@@ -143,6 +203,8 @@ class Tracker:
 
     @torch.no_grad()
     def block_features(self) -> list:
+        if isinstance(self.model, MLP):
+            return self.model.features(self.x)
         return [torch.cat([b.y1, b.y2], dim=1) for b in self.model.forward_with_trace(self.x).blocks]
 
     def __call__(self) -> dict:
@@ -193,11 +255,18 @@ def _scalar_stats(stats) -> dict:
     return out
 
 
-def train_step(cfg: RunConfig, model: RevMLP, opt, x: torch.Tensor, y: torch.Tensor):
+def train_step(cfg: RunConfig, model, opt, x: torch.Tensor, y: torch.Tensor):
     """One optimizer step; returns (pre-step loss, post-step loss on the same batch, stats)."""
-    if cfg.optimizer == "gn":
+    if cfg.optimizer in ("gn", "egn"):
         stats = opt.step(x, y)
         before = float(stats["loss"])
+    elif cfg.optimizer == "lbfgs":
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = batch_loss(cfg, model(x), y)
+            loss.backward()
+            return loss
+        before, stats = float(opt.step(closure).detach()), {}
     else:
         opt.zero_grad(set_to_none=True)
         loss = batch_loss(cfg, model(x), y)
@@ -208,6 +277,11 @@ def train_step(cfg: RunConfig, model: RevMLP, opt, x: torch.Tensor, y: torch.Ten
         after = batch_loss(cfg, model(x), y)
         shards = getattr(opt, "shards", None)
         after = float(after if shards is None else shards.mean(after))   # the whole batch's loss
+    if cfg.weight_decay > 0:
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.mul_(1.0 - group["lr"] * cfg.weight_decay)
     return before, after, _scalar_stats(stats)
 
 
@@ -221,11 +295,13 @@ class RunInterrupted(KeyboardInterrupt):
 
 def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool = False,
         progress: bool = True, data_cache: dict | None = None, label: str | None = None,
-        distributed: bool = False) -> list:
+        distributed: bool = False, stop=None) -> list:
     """Train ``cfg`` writing metrics, config and checkpoints to ``out_dir``; returns the history rows.
 
     With ``resume`` the run continues from ``out_dir``'s checkpoint (which must exist and have a
-    matching config) up to ``cfg.epochs``. ``distributed``: see the module docstring.
+    matching config) up to ``cfg.epochs``. ``distributed``: see the module docstring. ``stop``:
+    optional ``stop(history) -> bool`` asked after every epoch; True ends the run there. A run whose
+    train loss turns non-finite ends at that epoch too (``"diverged": True`` in its last row).
     """
     from tqdm.auto import tqdm
 
@@ -249,6 +325,8 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
             json.dump(cfg.to_dict(), f, indent=1)
 
     x_tr, y_tr, x_te, y_te = prepare_data(cfg, dev, data_cache)
+    ev = cfg.eval_split
+    train_set = (x_tr[:cfg.full_batch_size], y_tr[:cfg.full_batch_size]) if cfg.setting == "full" else (x_tr, y_tr)
     num_classes = int(torch.cat([y_tr, y_te]).max()) + 1
     model = build_model(cfg, x_tr.shape[1], num_classes, dev)
     opt = build_optimizer(cfg, model, distributed)
@@ -260,11 +338,11 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     else:
         torch.manual_seed(cfg.seed)
         tracker = Tracker(cfg, model, x_tr)
-        full = x_tr[:cfg.full_batch_size], y_tr[:cfg.full_batch_size]
-        train_loss, _ = evaluate(cfg, model, *full)
+        train_loss, train_acc = evaluate(cfg, model, *train_set)
         test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
-        history = [{"epoch": 0, "step": 0, "train_loss": train_loss, "test_loss": test_loss,
-                    "test_acc": test_acc, "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
+        history = [{"epoch": 0, "step": 0, "train_loss": train_loss, f"{ev}_loss": test_loss,
+                    f"{ev}_acc": test_acc, "train_eval_loss": train_loss, "train_eval_acc": train_acc,
+                    "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
         start = 1
     history = history[:start]  # rows written after the checkpoint (a crash mid-epoch) are redone
     if writer:
@@ -277,6 +355,10 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
                   disable=not interactive, leave=True, dynamic_ncols=True)
     step = history[-1]["step"]
     elapsed = history[-1]["time_s"]
+    total_steps = max(1, cfg.epochs * steps_per_epoch(cfg, len(x_tr)))
+    if history[-1].get("diverged") or (stop is not None and len(history) > 1 and stop(history)):
+        epochs.close()
+        return history
     try:
         for epoch in epochs:
             batches = epoch_batches(cfg, len(x_tr), epoch)
@@ -287,6 +369,8 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
             for idx in bar:
                 idx = idx.to(dev)
                 mine = idx if world == 1 else idx.tensor_split(world)[rank]
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * schedule_factor(cfg.schedule, step / total_steps)
                 before, after, stats = train_step(cfg, model, opt, x_tr[mine], y_tr[mine])
                 step += 1
                 loss_sum += before * len(idx)
@@ -297,20 +381,27 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
                 bar.set_postfix(loss=f"{before:.4f}")
             elapsed += time.perf_counter() - t0
             test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
-            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "test_loss": test_loss,
-                   "test_acc": test_acc, "loss_change_pct": sum(changes) / len(changes)}
-            if epoch % cfg.diag_every == 0 or epoch == cfg.epochs:
+            train_eval = evaluate(cfg, model, *train_set)
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, f"{ev}_loss": test_loss,
+                   f"{ev}_acc": test_acc, "train_eval_loss": train_eval[0], "train_eval_acc": train_eval[1],
+                   "loss_change_pct": sum(changes) / len(changes)}
+            diverged = not math.isfinite(row["train_loss"])
+            ending = diverged or epoch == cfg.epochs or (stop is not None and stop(history + [row]))
+            if epoch % cfg.diag_every == 0 or ending:
                 row.update(tracker())
             row["time_s"] = elapsed
+            if diverged:
+                row["diverged"] = True
             row.update({f"opt_{k}": v / len(batches) for k, v in stat_sums.items() if k != "loss"})
             history.append(row)
-            epochs.set_postfix(train=f"{row['train_loss']:.4f}", test=f"{test_loss:.4f}", acc=f"{test_acc:.3f}")
-            if not writer:
-                continue
-            _write_metrics(out_dir, history)
-            checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "rng": _rng_state(dev),
-                                        "tracker": tracker.state(), "history": history})
+            epochs.set_postfix(train=f"{row['train_loss']:.4f}", **{ev: f"{test_loss:.4f}"}, acc=f"{test_acc:.3f}")
+            if writer:
+                _write_metrics(out_dir, history)
+                checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                                            "optimizer": opt.state_dict(), "rng": _rng_state(dev),
+                                            "tracker": tracker.state(), "history": history})
+            if ending:
+                break
     except KeyboardInterrupt:
         epochs.close()
         raise RunInterrupted(history[-1]["epoch"] if writer else start - 1, label) from None
@@ -318,7 +409,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     if progress and not interactive and len(history) > 1:
         last = history[-1]
         print(f"{label}: {last['epoch']} epochs in {last['time_s']:.1f} s; train loss {last['train_loss']:.4f}, "
-              f"test loss {last['test_loss']:.4f}, test acc {last['test_acc']:.3f}", file=sys.stderr, flush=True)
+              f"{ev} loss {last[ev + '_loss']:.4f}, {ev} acc {last[ev + '_acc']:.3f}", file=sys.stderr, flush=True)
     return history
 
 
