@@ -249,7 +249,7 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
         payload = {"command": command_line, **derived}
         P.save_tuned(path, derived["rates"], command_line, derived["details"])
         P.save_tuned(os.path.join(out, "tuned_rates.json"), derived["rates"], command_line, derived["details"])
-        source = f"tuned by this command (stored in `{path}`)"
+        source = f"tuned by this command (stored in `{os.path.relpath(path)}`)"
         log(f"tuned rates written to {path}")
     elif not args.paper_rates:
         payload, why = stored_plan(path, configs)
