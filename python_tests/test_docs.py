@@ -43,7 +43,10 @@ def isolated(cwd):
         os.chdir(old)
         torch.set_default_dtype(dtype)
         torch.set_rng_state(rng)
-        torch.set_num_threads(threads)
+        # Only when a snippet changed it: with this torch build's MKL, set_num_threads after a batched
+        # LU leaves later batched LUs (torch.linalg.solve) failing with invalid pivots.
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
