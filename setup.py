@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 build = runpy.run_path(str(ROOT / "revgn_ext" / "ops" / "_build.py"))
@@ -54,6 +55,22 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
+PURE_MARKER = "_pure_python"  # read by revgn_ext/ops/_loader.py
+
+
+class BuildPy(build_py):
+    """Marks a pure-Python build, so that importing it uses the references without a warning."""
+
+    def run(self):
+        super().run()
+        marker = Path(self.build_lib) / "revgn_ext" / PURE_MARKER
+        if not ext_modules:
+            marker.write_text("installed without compiled kernels: the ops run their pure-PyTorch references\n")
+        elif marker.exists():  # left in build/ by an earlier pure-Python build of this tree
+            marker.unlink()
+
+
+cmdclass["build_py"] = BuildPy
 
 setup(
     packages=find_packages(include=["revgn_ext", "revgn_ext.*"]) + ["revgn_ext._csrc"],

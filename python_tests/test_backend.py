@@ -52,6 +52,18 @@ def test_forced_reference_is_silent(tmp_path):
     assert "RuntimeWarning" not in res.stderr
 
 
+def test_pure_python_install_is_silent(package_without_library, tmp_path):
+    """A build without kernels (REVGN_NO_EXT=1) carries a marker: the references load without a warning,
+    and build_info says why."""
+    (package_without_library / "revgn_ext" / "_pure_python").write_text("pure\n")
+    code = ("import revgn_ext\nfrom revgn_ext import ops\n"
+            "print(ops.backend()); print(ops.build_info()['error'])")
+    res = run_python(code, {}, tmp_path, package_without_library)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[0] == "reference" and "pure-Python package" in res.stdout
+    assert "RuntimeWarning" not in res.stderr
+
+
 def test_missing_library_falls_back_with_one_warning(package_without_library, tmp_path):
     code = ("import revgn_ext, torch\n"
             "from revgn_ext import ops\n"

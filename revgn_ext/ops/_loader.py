@@ -20,6 +20,8 @@ import torch
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # revgn_ext/, where pip puts _C*.so
 LOAD_PATHS = ("compiled", "jit", "reference")
 
+PURE_MARKER = "_pure_python"  # written by setup.py into a pure-Python build
+
 _state: dict = {"path": None, "library": None, "error": None}
 
 
@@ -73,6 +75,11 @@ def load() -> str:
             errors.append(f"jit: {exc}")
     _state["path"] = "reference"
     _state["error"] = "; ".join(errors)
+    if _compiled_library() is None and (PACKAGE_DIR / PURE_MARKER).exists():
+        # Installed without kernels on purpose (REVGN_NO_EXT=1, or no torch at build time): say so in
+        # build_info() and stay silent.
+        _state["error"] = "installed as the pure-Python package (no compiled kernels were built)"
+        return "reference"
     warnings.warn("revgn_ext: compiled kernels unavailable, using the pure-PyTorch reference ops ("
                   + _state["error"] + ")", RuntimeWarning, stacklevel=3)
     return "reference"
