@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -998,7 +999,10 @@ def execute(args, argv) -> int:
     out = args.out or os.path.join("runs", "egn")
     device = resolve_device(args.device)
     seeds = list(range(args.seeds))
-    progress = not args.no_progress
+    # Bars only on a terminal; in a log (CI, nohup) one line per task and optimizer instead.
+    interactive = not args.no_progress and sys.stderr.isatty()
+    lines = not args.no_progress and not interactive
+    progress = interactive
     cache = {"data_dir": args.data_dir}
     t_start = time.perf_counter()
     ctx = {"command": command, "machine_start": machine(), "tasks": tasks, "optimizers": optimizers,
@@ -1076,6 +1080,9 @@ def execute(args, argv) -> int:
             spec = RunSpec(task, opt, rates[task][opt], seed, args.batch_size, steps_for(task), args.time_budget,
                            args.dtype, "test", eval_every(task), args.max_train, args.max_test, damping_for(task))
             hs.append(run_one(spec, os.path.join(out, task, opt, f"seed{seed}"), device, args.resume, progress, cache))
+        if lines:
+            print(f"{task} {opt}: {len(hs)} seeds, lr {rates[task][opt]:g}, final metric "
+                  f"{P.aggregate([final_value(h) for h in hs])}", file=sys.stderr, flush=True)
         results[(task, opt)] = {"histories": hs, "lr": rates[task][opt],
                                 "final": P.aggregate([final_value(h) for h in hs]),
                                 "train_loss": P.aggregate([final_value(h, "train_loss") for h in hs]),
