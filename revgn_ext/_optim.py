@@ -318,11 +318,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         """``param_groups[index]`` after re-checking its hyper-parameters; raises ValueError naming
         the entry (``param_groups[0]['lr']``) and leaves everything untouched."""
         group = self.param_groups[index]
-        for name, bounds in self.HYPERPARAMETERS.items():
-            bounds = dict(bounds)
-            if isinstance(bounds.get("low"), str):
-                bounds["low"] = group[bounds["low"]]
-            check_number(f"param_groups[{index}]['{name}']", group[name], **bounds)
+        self._check_values(group, lambda name: f"param_groups[{index}]['{name}']")
         return group
 
     def checked_groups(self) -> list[dict]:
@@ -346,13 +342,19 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     @classmethod
     def check_hyperparameters(cls, values: dict) -> None:
         """Construction-time check, naming the constructor argument."""
+        cls._check_values(values, lambda name: name)
+
+    @classmethod
+    def _check_values(cls, values: dict, label: Callable[[str], str]) -> None:
+        """Each of ``HYPERPARAMETERS`` present in ``values`` within its bounds; a string lower bound names
+        another entry of ``values``. The error names the entry as ``label(name)``."""
         for name, bounds in cls.HYPERPARAMETERS.items():
             if name not in values:
                 continue
             bounds = dict(bounds)
             if isinstance(bounds.get("low"), str):
                 bounds["low"] = values[bounds["low"]]
-            check_number(name, values[name], **bounds)
+            check_number(label(name), values[name], **bounds)
 
     # -- losses ---------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ in csrc/gram_cholesky/; where none is registered for the tensors' device, the re
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -170,7 +171,7 @@ def damping_tensor(damping, A: torch.Tensor, check_finite: bool = True) -> torch
         value = float(damping)
     except (TypeError, ValueError):
         raise ValueError(f"damping must be a float or a tensor, got {type(damping).__name__}") from None
-    if not value == value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise ValueError(f"damping must be finite, got {value}")
     if value < 0:
         raise ValueError(f"damping must be >= 0, got {value}")
