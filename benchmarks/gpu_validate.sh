@@ -6,7 +6,7 @@
 # $OUT/summary.md has one line per goal with its verdict, $OUT/stages.txt the time of each stage.
 #
 #   bash benchmarks/gpu_validate.sh                        # the GPU run (budget: BUDGET_S, 480 s)
-#   DEVICE=cpu QUICK=1 SKIP_BUILD=1 TESTS=python_tests/test_gpu.py bash benchmarks/gpu_validate.sh
+#   DEVICE=cpu QUICK=1 SKIP_BUILD=1 TESTS=python_tests/ops/test_gpu.py bash benchmarks/gpu_validate.sh
 #                                                          # CPU check of the script itself
 #   bash benchmarks/gpu_validate.sh DATA_DIR [MINI_EPOCHS] [FULL_EPOCHS]   # then the paper run (long)
 #
@@ -88,14 +88,14 @@ elif [ "${FULL_TESTS:-0}" = 1 ]; then
 else
   # The files with CUDA tests (the others run on the CPU only; test_backend.py's JIT test would repeat
   # the whole CUDA build, so it runs only with FULL_TESTS=1).
-  TESTS=(python_tests/test_gpu.py python_tests/test_gram_cholesky.py python_tests/test_coupling.py)
+  TESTS=(python_tests/ops/test_gpu.py python_tests/ops/test_gram_cholesky.py python_tests/ops/test_coupling.py)
   TEST_LIMIT=240
 fi
 # Direct-call argument errors run in a process of their own (a crash there must not hide the rest).
 stage tests "$TEST_LIMIT" env REVGN_REQUIRE_EXT=1 $PY -m pytest "${TESTS[@]}" -q -ra -p no:cacheprovider \
-  --deselect python_tests/test_coupling.py::test_kernels_reject_bad_inputs_directly
+  --deselect python_tests/ops/test_coupling.py::test_kernels_reject_bad_inputs_directly
 grep -E "^(FAILED|ERROR|XPASS|XFAIL)|passed|failed|skipped in" "$OUT/tests.log" | tail -30
-stage tests_direct 60 $PY -m pytest python_tests/test_coupling.py -q -p no:cacheprovider \
+stage tests_direct 60 $PY -m pytest python_tests/ops/test_coupling.py -q -p no:cacheprovider \
   -k test_kernels_reject_bad_inputs_directly
 tail -1 "$OUT/tests_direct.log"
 

@@ -23,6 +23,8 @@ warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailab
 
 import revgn_ext as rg  # noqa: E402
 
+pytestmark = pytest.mark.slow  # spawns processes
+
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.fail("torch.distributed with gloo is required for these tests", pytrace=False)

@@ -2,7 +2,7 @@
 
 Each entry names the activation and its id in the C++ enum, and gives act(z), act'(z) and, where act'
 can be read off the features h = act(z) exactly, the product act'(z) * t from h (which saves forming the
-pre-activation z = U V, one GEMM). ``python_tests/test_activations.py`` parses csrc/activations.h and
+pre-activation z = U V, one GEMM). ``python_tests/ops/test_activations.py`` parses csrc/activations.h and
 fails if its names or ids differ from :data:`REGISTRY`.
 
 Adding an activation touches three files: an entry here, one ``X(...)`` line plus its act'(z) case in

@@ -8,7 +8,7 @@ import torch
 
 from revgn_ext.ops import activations as act
 
-HEADER = Path(__file__).resolve().parents[1] / "csrc" / "activations.h"
+HEADER = Path(__file__).resolve().parents[2] / "csrc" / "activations.h"
 
 
 def _header_entries():

@@ -10,6 +10,8 @@ import pytest
 import revgn_ext
 from conftest import HAS_KERNELS, requires_kernels
 
+pytestmark = pytest.mark.slow  # spawns processes
+
 PKG = Path(revgn_ext.__file__).resolve().parent
 
 
