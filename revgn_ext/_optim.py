@@ -63,11 +63,14 @@ class LossSpec:
     by ``label_smoothing``, or class probabilities), "binary_cross_entropy" on one logit. The
     optimizers' own batch loss is L = (1/b) sum_i l(f_i, y_i); ``reduction`` says how the user's loss
     relates to it: "batch_mean" (a name such as "mse": the user's loss is L), or a torch.nn
-    ``reduction``, "mean" or "sum" (the user's loss is ``scale(b, c) * L``).
+    ``reduction``, "mean" or "sum" (the user's loss is ``scale(b, c) * L``). ``ignore_index``: for
+    cross-entropy with class labels, the label whose samples contribute nothing (torch's default -100),
+    the mean running over the kept samples, as torch's loss does.
     """
     name: str
     reduction: str = "batch_mean"
     label_smoothing: float = 0.0
+    ignore_index: int = -100
 
     def scale(self, b: int, c: int) -> float:
         """s with (user's loss) = s * L for b samples of c outputs: nn.MSELoss has no 1/2 and its
@@ -84,7 +87,8 @@ class LossSpec:
             return repr(self.name)
         cls = {v: k for k, v in NN_LOSSES.items()}[self.name].__name__
         smoothing = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
-        return f"nn.{cls}(reduction={self.reduction!r}{smoothing})"
+        ignore = f", ignore_index={self.ignore_index}" if self.ignore_index != -100 else ""
+        return f"nn.{cls}(reduction={self.reduction!r}{smoothing}{ignore})"
 
 
 def _check_reduction(reduction: str, where: str, who: str) -> None:
@@ -93,7 +97,8 @@ def _check_reduction(reduction: str, where: str, who: str) -> None:
                          "Gauss-Newton step: use reduction='mean' or 'sum'")
 
 
-def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed) -> LossSpec:
+def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed,
+          ignore_index=-100) -> LossSpec:
     if name not in allowed:
         raise ValueError(f"{where}: {who} supports the losses {list(allowed)}, not {name}")
     _check_reduction(reduction, where, who)
@@ -103,7 +108,9 @@ def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: 
     smoothing = float(smoothing or 0.0)
     if smoothing:
         check_number(f"{where} label_smoothing", smoothing, low=0.0, high=1.0)
-    return LossSpec(name, reduction, smoothing)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{where} has ignore_index={ignore_index!r}; it must be an int (a class label)")
+    return LossSpec(name, reduction, smoothing, ignore_index)
 
 
 def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
@@ -124,7 +131,8 @@ def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
         raise ValueError(f"loss must be one of {list(allowed)} or one of {names}, got "
                          f"{type(loss).__name__}" + (f": {hint}" if hint else ""))
     weights = {"weight": getattr(loss, "weight", None), "pos_weight": getattr(loss, "pos_weight", None)}
-    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed)
+    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed,
+                 getattr(loss, "ignore_index", -100))
 
 
 NN_LOSSES_NAMES = {"mse": "nn.MSELoss()", "cross_entropy": "nn.CrossEntropyLoss()",
@@ -160,7 +168,8 @@ def _spec_from_call(func, args: dict, who: str, allowed) -> LossSpec:
     if args.get("size_average") is not None or args.get("reduce") is not None:
         reduction = torch.nn._reduction.legacy_get_string(args.get("size_average"), args.get("reduce"))
     weights = {k: args.get(k) for k in ("weight", "pos_weight")}
-    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed)
+    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed,
+                 args.get("ignore_index", -100))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +320,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("reduction", "batch_mean")
             group.setdefault("label_smoothing", 0.0)
+            group.setdefault("ignore_index", -100)
 
     # -- hyper-parameters -----------------------------------------------------------------------
 
@@ -362,23 +372,28 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     def loss_options(spec: LossSpec | None) -> dict:
         """The group entries that store a loss (plain values, so ``state_dict`` stays plain)."""
         if spec is None:
-            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0)
-        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing)
+            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0, ignore_index=-100)
+        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing,
+                    ignore_index=spec.ignore_index)
 
     def loss_spec(self) -> LossSpec | None:
         group = self.param_groups[0]
         if group["loss"] is None:
             return None
-        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0))
+        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0),
+                        group.get("ignore_index", -100))
 
     def adopt_loss(self, batch: Batch) -> LossSpec:
         """The loss of this step: the constructor's; else the closure's; else inferred from y (and kept
-        for later steps). A closure whose loss is another kind than the constructor's is refused."""
+        for later steps). A closure whose loss differs from the constructor's in any attribute (kind,
+        label smoothing, ignore_index, a sum where the constructor's loss is a mean or the reverse) is refused."""
         who = type(self).__name__
         current = self.loss_spec()
         seen = batch.spec
         if current is not None:
-            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing):
+            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing
+                                     or seen.ignore_index != current.ignore_index
+                                     or (seen.reduction == "sum") != (current.reduction == "sum")):
                 raise ValueError(f"{who} was built with loss={current.describe()}, but the closure computed "
                                  f"{seen.describe()}; the Gauss-Newton step must use the loss you train with")
             return current
