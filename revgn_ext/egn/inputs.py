@@ -1,15 +1,18 @@
 """EGN's checks of a batch (x, y) and of its construction options, each error naming the argument."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 from torch import nn
 
 from .._checks import check_tensor
+from .gram import UnsupportedModelError, outputs_of
 from .loss_factors import CURVATURES
 
-__all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options"]
+__all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options", "check_step_options",
+           "drop_ignored", "check_per_sample"]
 
 _SHAPE_ERROR = re.compile(r"shape|size|dimension|channel", re.IGNORECASE)
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -119,3 +122,55 @@ def check_curvature_options(curvature, samples, block_rows, damping) -> None:
         raise ValueError("curvature='sampled' needs damping > 0 (its step uses Woodbury's identity)")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"gram_block_rows must be a positive int or None, got {block_rows!r}")
+
+
+def check_step_options(group: dict) -> None:
+    """What the numeric bounds do not say: max_tries a positive int; lr representable in the
+    parameters' dtype (lr * dir must be computable)."""
+    tries = group["max_tries"]
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ValueError(f"param_groups[0]['max_tries'] must be a positive int, got {tries!r}")
+    dtype = group["params"][0].dtype
+    if group["lr"] > torch.finfo(dtype).max:
+        raise ValueError(f"param_groups[0]['lr'] = {group['lr']} exceeds the largest {dtype} "
+                         f"({torch.finfo(dtype).max:.3g}), the parameters' dtype; use a smaller lr")
+
+
+def drop_ignored(group: dict, x, y):
+    """For cross-entropy with class labels, the samples whose label is ``ignore_index`` removed: they
+    contribute no row to the system, and the mean runs over the kept samples, as torch's loss does."""
+    if group["loss"] != "cross_entropy" or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
+            or y.is_floating_point() or y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0]:
+        return x, y
+    keep = y != group.get("ignore_index", -100)
+    if bool(keep.all()):
+        return x, y
+    if not bool(keep.any()):
+        raise ValueError(f"every label of the batch equals ignore_index={group.get('ignore_index', -100)}, so "
+                         "the loss has no sample to average over (torch's loss is NaN); skip this batch")
+    return x[keep], y[keep]
+
+
+def check_per_sample(model: nn.Module, x, f) -> None:
+    """The forward is repeatable (the same outputs again) and sample i's output
+    depends on x_i only (the two halves of the batch alone give the same outputs); else the model is
+    refused naming the cause, since no per-sample Jacobian describes it."""
+    b = x.shape[0]
+    tol = math.sqrt(torch.finfo(f.dtype).eps)
+    scale = float(f.detach().abs().max()) if f.numel() else 0.0
+
+    def differs(a):
+        return not bool(((a - f.detach()).abs() <= tol * (1.0 + scale)).all())
+
+    with torch.no_grad():
+        if differs(outputs_of(model, model(x), b)):
+            raise UnsupportedModelError(
+                f"the forward of {type(model).__name__} gave different outputs for the same x: it draws random "
+                "numbers (from a generator of its own, numpy or Python's random), so no Gauss-Newton direction "
+                "describes it; make the forward deterministic for the EGN steps")
+        if b > 1 and differs(torch.cat([outputs_of(model, model(x[:b // 2]), b // 2),
+                                        outputs_of(model, model(x[b // 2:]), b - b // 2)])):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} mixes the samples of a batch (sample i's output depends on other "
+                "samples, e.g. h - h.mean(0) or attention across the batch dimension), so EGN's per-sample "
+                "Jacobian does not apply; normalise per sample instead")

@@ -14,9 +14,10 @@ __all__ = ["vjp", "jvp"]
 
 
 def vjp(f: torch.Tensor, params, v: torch.Tensor) -> list[torch.Tensor]:
-    """J^T v, one tensor per parameter (zeros for a parameter f does not depend on); keeps f's graph."""
+    """J^T v, one dense tensor per parameter (zeros for a parameter f does not depend on; an
+    ``nn.Embedding(sparse=True)`` gradient densified); keeps f's graph."""
     grads = torch.autograd.grad(f, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return [torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g for g, p in zip(grads, params)]
 
 
 def jvp(f: torch.Tensor, params, tangents) -> torch.Tensor:

@@ -146,15 +146,6 @@ def factor_matrix(factor: LossFactor) -> torch.Tensor:
 CURVATURES = ("exact", "sampled", "true-class")
 
 
-def _loss_gradient(loss: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """dl/df (b, c) at labels y (class indices for cross_entropy, values otherwise)."""
-    if loss == "cross_entropy":
-        return torch.softmax(f, 1) - F.one_hot(y, f.shape[1]).to(f.dtype)
-    if loss == "binary_cross_entropy":
-        return torch.sigmoid(f) - y
-    return f - y
-
-
 def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1,
                    generator: torch.Generator | None = None) -> LossFactor:
     """Monte-Carlo Gauss-Newton (Gauss-Newton-Bartlett): labels drawn from the model's own predictive
@@ -171,10 +162,11 @@ def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1
 
     e_i is generally not in the range of S_i, so ``target`` is None and the solve uses Woodbury's
     identity with the gradient instead of the push-through target (see ``EGN``). The draws use
-    ``generator`` (None: torch's default generator).
+    ``generator`` (None: torch's default generator). Only e depends on the targets, so label smoothing
+    and class-probability targets work as for the exact factor.
     """
-    e = _loss_gradient(loss, f, y if loss == "cross_entropy" else y.reshape(f.shape))
     base = LOSS_FACTORS[loss](f, y)
+    e = base.residual   # at the observed targets (labels, smoothed labels or probabilities); the draws need none
     b, c = f.shape
     if loss == "cross_entropy":
         p = torch.softmax(f, 1)

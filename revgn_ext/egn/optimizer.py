@@ -41,8 +41,9 @@ from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwra
 from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .damping import gain_ratio, next_damping
-from .gram import DEFAULT_MEMORY_LIMIT, check_samplewise, gram_assembler
-from .inputs import check_curvature_options, check_inputs, forward_naming_x, targets
+from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
+from .inputs import check_curvature_options, check_inputs, check_per_sample, check_step_options, drop_ignored, \
+    forward_naming_x, targets
 from .linearisation import jvp, vjp
 from .loss_factors import LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
@@ -144,7 +145,11 @@ class EGN(GaussNewtonOptimizer):
 
     ``x`` may hold integer token ids when the model starts with an ``nn.Embedding``. The model must
     be deterministic during the step: train-mode dropout (modules or ``F.dropout``) is refused, like
-    train-mode BatchNorm; call ``model.eval()`` around EGN steps.
+    train-mode BatchNorm; call ``model.eval()`` around EGN steps. Once per input shape the forward is
+    run again on x and on each half of the batch: a model whose outputs change (noise from its own
+    generator, numpy) or depend on other samples (``h - h.mean(0)``) is refused, naming the cause.
+    Cross-entropy's ``ignore_index`` (default -100) drops the samples with that label: they contribute
+    no row, and the mean runs over the kept ones, as torch's loss does.
     """
 
     HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),
@@ -203,7 +208,15 @@ class EGN(GaussNewtonOptimizer):
                              "parameters as one list (freeze others with requires_grad=False)")
         params = self.param_groups[0]["params"]
         self.check_model_dtype(params)
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if len(dtypes) > 1:
+            raise ValueError(f"EGN: the model's parameters mix {sorted(map(str, dtypes))}; its forward, Gram and "
+                             "solve need one dtype: convert the model with model.double() or model.float()")
+        if lr > torch.finfo(params[0].dtype).max:
+            raise ValueError(f"lr={lr} exceeds the largest {params[0].dtype} ({torch.finfo(params[0].dtype).max:.3g}), "
+                             "the parameters' dtype; use a smaller lr")
         self.model = model
+        self._per_sample_checked: set = set()   # input shapes whose forward passed _check_per_sample
         self._assembler = gram_assembler(model, params, gram, memory_limit, gram_block_rows)
         self.shards = shards
         # The one data-parallel seam: every exchange of the step goes through self._ranks (the
@@ -232,10 +245,9 @@ class EGN(GaussNewtonOptimizer):
         ``last_stats``. The step runs with autocast off, in the parameters' dtype.
         """
         self._ranks.begin_step(self)
-        batch = self.batch(closure, y)
-        spec = self.adopt_loss(batch)
+        batch, x, y, scale = self._prepare(closure, y)
         with self.no_autocast():
-            stats = self._step(batch.x, batch.y, self._loss_scale(spec, batch.x, batch.y))
+            stats = self._step(x, y, scale)
         self.last_stats = stats
         return self.step_result(batch, stats)
 
@@ -363,10 +375,15 @@ class EGN(GaussNewtonOptimizer):
             check_inputs(x, y, self.model, group["params"][0])
             check_samplewise(self.model)
             f = forward_naming_x(forward, x)
+            self._check_per_sample(x, f)
             return f, targets(y, f, group)
 
         f, y = ranks.agree(check, lambda: x.shape[0], like=x)
         clock.lap("forward")
+        if group.get("curvature", "exact") == "sampled":   # before the draws are made: (b k)^2 Gram entries
+            check_memory(ranks.total * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
+                         f" for batch {ranks.total} with samples={group['samples']} drawn labels per sample "
+                         "(curvature='sampled'; use fewer samples)")
         factor = curvature_factor(group["loss"], group.get("curvature", "exact"), f.detach(), y,
                                   group.get("samples", 1))
         sol = Solution(f, y, factor, f.shape[0], factor.loss.detach(), clock.times)
@@ -382,6 +399,13 @@ class EGN(GaussNewtonOptimizer):
             raise ValueError("curvature='sampled' needs damping > 0 (the gradient is not in the range of "
                              "the sampled factor, so the step uses Woodbury's identity, which divides by it)")
         return factor_matrix(factor).permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
+
+    def _check_per_sample(self, x, f) -> None:
+        """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing)."""
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._per_sample_checked:
+            check_per_sample(self.model, x, f)
+            self._per_sample_checked.add(key)
 
     @staticmethod
     def _sampled_rhs(f, factor, params, b):
@@ -427,7 +451,7 @@ class EGN(GaussNewtonOptimizer):
 
     @torch.no_grad()
     def _loss_at(self, x, y) -> torch.Tensor:
-        f = self.model(x).reshape(x.shape[0], -1)
+        f = outputs_of(self.model, self.model(x), x.shape[0])
         loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
         return self._ranks.mean(loss)
 
@@ -459,15 +483,30 @@ class EGN(GaussNewtonOptimizer):
         Nothing is stepped and no state changes. Raises RuntimeError when the loss at the current
         parameters is not finite.
         """
-        batch = self.batch(closure, y)
-        spec = self.adopt_loss(batch)
-        x, y = batch.x, batch.y
+        _, x, y, scale = self._prepare(closure, y)
         with torch.enable_grad(), self.no_autocast():
-            sol = self._solve(x, y, self.checked_group()["damping"] / self._loss_scale(spec, x, y))
+            sol = self._solve(x, y, self.param_groups[0]["damping"] / scale)
         if sol.direction is None:
             raise RuntimeError(f"the loss or its curvature at the current parameters is not finite "
                                f"(loss {float(sol.loss)}); no direction exists")
         return [d.detach() for d in sol.direction]
+
+    # -- before the solve ---------------------------------------------------------------------------
+
+    def _prepare(self, closure, y):
+        """(batch, x, y, s): the batch of ``step``/``direction``, its loss, the hyper-parameters, the
+        samples ``ignore_index`` drops, and the user's loss scale s, on every rank together: a refusal
+        on one rank (a NaN lr, a closure computing another loss, targets no loss can be inferred from)
+        raises the same error on every rank."""
+        def prepare():
+            batch = self.batch(closure, y)
+            spec = self.adopt_loss(batch)
+            check_step_options(self.checked_group())
+            x, kept = drop_ignored(self.param_groups[0], batch.x, batch.y)
+            return batch, x, kept, self._loss_scale(spec, x, kept)
+        if self._ranks.world == 1:
+            return prepare()
+        return self._ranks.agree(prepare, lambda: 0)
 
     @staticmethod
     def _loss_scale(spec: LossSpec, x, y) -> float:

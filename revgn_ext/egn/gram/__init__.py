@@ -22,13 +22,14 @@ from torch import nn
 
 from ...distributed import SingleProcess
 from .assembly import Assembly
-from .checks import DEFAULT_MEMORY_LIMIT, UnsupportedModelError, check_samplewise
+from .checks import DEFAULT_MEMORY_LIMIT, UnsupportedModelError, check_memory, check_recurrent, check_samplewise, \
+    outputs_of
 from .functional import FunctionalGram, per_sample_jacobian_rows
 from .layerwise import LayerwiseGram, layerwise_obstacle
 
 __all__ = ["UnsupportedModelError", "LayerwiseGram", "FunctionalGram", "Assembly", "gram_assembler",
            "gram_matrix", "layerwise_obstacle", "check_samplewise", "DEFAULT_MEMORY_LIMIT",
-           "per_sample_jacobian_rows", "GRAM_METHODS"]
+           "per_sample_jacobian_rows", "GRAM_METHODS", "check_memory", "outputs_of"]
 
 GRAM_METHODS = ("auto", "layerwise", "functional")
 
@@ -39,6 +40,8 @@ def gram_assembler(model: nn.Module, params, method: str = "auto", memory_limit:
     whole-model FunctionalGram ("functional")."""
     if method not in GRAM_METHODS:
         raise ValueError(f"gram must be 'auto', 'layerwise' or 'functional', got {method!r}")
+    params = list(params)
+    check_recurrent(model, params, whole_model=(method == "functional"))
     if method == "functional":
         return FunctionalGram(model, params, memory_limit)
     return LayerwiseGram(model, params, memory_limit, fallback=(method == "auto"), block_rows=block_rows)

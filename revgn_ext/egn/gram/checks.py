@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["UnsupportedModelError", "check_samplewise", "RandomForward", "check_memory", "gram_bytes",
-           "DEFAULT_MEMORY_LIMIT"]
+__all__ = ["UnsupportedModelError", "check_samplewise", "check_recurrent", "outputs_of", "RandomForward",
+           "check_memory", "gram_bytes", "DEFAULT_MEMORY_LIMIT"]
 
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
@@ -31,6 +31,31 @@ def check_samplewise(model: nn.Module) -> None:
                 f"{label} draws a random mask in training mode; EGN evaluates the model several times per "
                 "step (forward, Gram, line search) and the Gauss-Newton direction needs one deterministic "
                 "function, so call model.eval() (or set p=0) for the EGN steps")
+
+
+def check_recurrent(model: nn.Module, params, whole_model: bool) -> None:
+    """Refuse nn.RNN/GRU/LSTM where a per-sample Jacobian through them is needed: their parameters
+    (no layer rule; torch.func's vmap cannot batch the fused recurrence), or any of them on the
+    whole-model torch.func route."""
+    trainable = {id(p) for p in params}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.RNNBase):
+            continue
+        if whole_model or any(id(p) in trainable for p in module.parameters()):
+            raise UnsupportedModelError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}) is recurrent: EGN has no layer "
+                "rule for it and torch.func cannot form its per-sample Jacobians (vmap does not batch the "
+                "fused recurrence); freeze its parameters (with gram='auto') or write the recurrence with "
+                "nn.Linear layers")
+
+
+def outputs_of(model: nn.Module, out, b: int) -> torch.Tensor:
+    """The model's output as (b, c); a non-tensor output (a tuple, a dict) is refused by name."""
+    if not isinstance(out, torch.Tensor):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} returned a {type(out).__name__}, but EGN needs model(x) to return one tensor "
+            "of outputs (batch first): wrap the model so that its forward returns the logits only")
+    return out.reshape(b, -1)
 
 
 class RandomForward:

@@ -7,7 +7,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from .assembly import Assembly
-from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory
+from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory, check_recurrent, \
+    outputs_of
 
 __all__ = ["FunctionalGram", "per_sample_jacobian_rows"]
 
@@ -16,6 +17,7 @@ def per_sample_jacobian_rows(model: nn.Module, x: torch.Tensor, names: list[str]
                              columns: torch.Tensor) -> dict[str, torch.Tensor]:
     """V_p (b, m, d_p) = S_i^T J_i,p for the named parameters only, by vmap of jacrev (torch.func)."""
     m, b, c = columns.shape
+    check_recurrent(model, [], whole_model=True)   # vmap runs the whole forward
     current = dict(model.named_parameters())
     chosen = {n: current[n].detach() for n in names}
 
@@ -57,7 +59,7 @@ class FunctionalGram:
 
         def forward(inputs):
             with RandomForward(self.model, inputs):
-                outputs.append(self.model(inputs).reshape(inputs.shape[0], -1))
+                outputs.append(outputs_of(self.model, self.model(inputs), inputs.shape[0]))
             return outputs[-1]
 
         columns, payload = system(forward)

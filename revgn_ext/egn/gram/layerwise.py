@@ -23,7 +23,7 @@ from torch import nn
 from ..rules import KronInput, kron_per_sample, rule_for
 from . import factors as factor_forms
 from .assembly import Assembly
-from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory
+from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory, outputs_of
 from .factors import DenseFactor, KronFactor
 from .functional import per_sample_jacobian_rows
 from .verification import MISMATCH, random_weight_check
@@ -145,7 +145,7 @@ class LayerwiseGram:
             factors += [DenseFactor(None, V) for V in per_sample_jacobian_rows(self.model, x, fallback, columns).values()]
         for factor in factors:
             factor.gather(ranks)
-        del tape   # the layers' inputs, patches and outputs are in the factors now
+        tape.clear()   # the layers' inputs, patches and outputs are in the factors now; free the rest
         K = factor_forms.assemble(factors, ranks.total, m, f, self.block_rows, self.memory_limit)
         return Assembly(f, payload, K, self.params, checked)
 
@@ -187,7 +187,7 @@ class LayerwiseGram:
         finally:
             for h in handles:
                 h.remove()
-        return f.reshape(x.shape[0], -1)
+        return outputs_of(self.model, f, x.shape[0])
 
     def _demote(self, pids, why: str):
         """Move parameters to the torch.func route (or refuse, without fallback)."""
