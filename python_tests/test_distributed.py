@@ -193,26 +193,56 @@ def _case_mismatch(rank):
 
 
 def _case_out_of_step(rank):
-    """A rank whose step raises before the exchange and whose caller retries with its next batch, and a
-    rank that computes a direction where the others step: the ranks must raise together, not pair
+    """A rank that computes a direction where the others step: the ranks must raise together, not pair
     batch i of one rank with batch i+1 of another."""
     sl, out = SHARDS[rank], {}
     model, x, y = _egn_problem("mse")
     opt = rg.EGN(model, lr=0.3, damping=0.1, loss="mse", distributed=True)
     out["first"] = _outcome(lambda: opt.step(x[sl], y[sl])["accepted"])
-    if rank == 1:
-        opt.param_groups[0]["lr"] = float("nan")     # EGN's step checks this on its own rank first
-        out["local"] = _outcome(lambda: opt.step(x[sl], y[sl]))
-        opt.param_groups[0]["lr"] = 0.3
-    out["retry"] = _outcome(lambda: opt.step(x[sl] * 2, y[sl]))
+    out["retry"] = _outcome(lambda: opt.step(x[sl] * 2, y[sl]) if rank == 0 else opt.direction(x[sl], y[sl]))
     model, x, y = _revgn_problem()
     opt = rg.RevGN(model, lr=0.5, distributed=True)
     out["skip"] = _outcome(lambda: opt.step(x[sl], y[sl]) if rank == 0 else opt.direction(x[sl], y[sl]))
     return out
 
 
+def _case_rank_local_refusal(rank):
+    """EGN refusals that one rank's own state decides (a NaN lr, a loss that cannot be inferred from its
+    targets, a closure computing another loss): every rank raises the same error, in seconds, and the
+    parameters stay as they were."""
+    sl, out = SHARDS[rank], {}
+    model, x, y = _egn_problem("mse")
+    opt = rg.EGN(model, lr=0.3, damping=0.1, loss="mse", distributed=True)
+    before = [p.clone() for p in model.parameters()]
+    if rank == 1:
+        opt.param_groups[0]["lr"] = float("nan")
+    t0 = time.monotonic()
+    out["nan_lr"] = _outcome(lambda: opt.step(x[sl], y[sl]))
+    out["nan_lr_seconds"] = time.monotonic() - t0
+    out["untouched"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.param_groups[0]["lr"] = 0.3
+    out["after"] = _outcome(lambda: opt.step(x[sl], y[sl])["accepted"])
+
+    loss_fn = torch.nn.MSELoss(reduction="sum" if rank == 1 else "mean")
+
+    def closure():
+        return loss_fn(model(x[sl]), y[sl])
+    opt = rg.EGN(model, lr=0.3, damping=0.1, loss=torch.nn.MSELoss(), distributed=True)
+    t0 = time.monotonic()
+    out["closure"] = _outcome(lambda: opt.step(closure))
+    out["closure_seconds"] = time.monotonic() - t0
+
+    model, x, y = _egn_problem("mse")
+    opt = rg.EGN(model, lr=0.3, damping=0.1, distributed=True)   # the loss is inferred from y
+    targets = (y[sl] > 0).to(f64) if rank == 1 else y[sl]        # 0s and 1s: no loss can be inferred
+    t0 = time.monotonic()
+    out["infer"] = _outcome(lambda: opt.step(x[sl], targets))
+    out["infer_seconds"] = time.monotonic() - t0
+    return out
+
+
 CASES = {"exact": _case_exact, "bad_input": _case_bad_input, "rank_raises": _case_rank_raises,
-         "mismatch": _case_mismatch, "out_of_step": _case_out_of_step}
+         "mismatch": _case_mismatch, "out_of_step": _case_out_of_step, "rank_local_refusal": _case_rank_local_refusal}
 
 
 def _worker(rank, port, case, results, pg_timeout):
@@ -319,11 +349,25 @@ def test_ranks_out_of_step_raise_on_every_rank():
     out = _run("out_of_step", deadline=90.0, pg_timeout=20.0)
     assert "error" not in out[0] and "error" not in out[1], out
     assert out[0]["first"] == out[1]["first"] == (None, True)
-    assert out[1]["local"][0] == "ValueError"
     for key in ("retry", "skip"):
         for rank in range(WORLD):
             kind, message = out[rank][key]
             assert kind == "RuntimeError" and "the ranks are out of step" in message, (key, rank, message)
+
+
+def test_distributed_egn_rank_local_refusal_raises_on_every_rank_within_seconds():
+    out = _run("rank_local_refusal", deadline=90.0, pg_timeout=30.0)
+    assert "error" not in out[0] and "error" not in out[1], out
+    for key, pattern in (("nan_lr", "rank 1: param_groups[0]['lr']"),
+                         ("closure", "rank 1: EGN was built with loss=nn.MSELoss(reduction='mean')"),
+                         ("infer", "rank 1: y holds only 0s and 1s")):
+        assert out[0][key] == out[1][key], (key, out[0][key], out[1][key])
+        kind, message = out[0][key]
+        assert kind == "ValueError" and pattern in message, (key, message)
+        for rank in range(WORLD):
+            assert out[rank][f"{key}_seconds"] < 10.0, (key, rank, out[rank][f"{key}_seconds"])
+    assert out[0]["untouched"] and out[1]["untouched"]
+    assert out[0]["after"] == out[1]["after"] == (None, True)   # the group is still usable
 
 
 def test_cli_sets_a_finite_process_group_timeout(monkeypatch):
