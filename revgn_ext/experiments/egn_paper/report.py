@@ -96,7 +96,7 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
               f"Task `{ctx['c4_task']}`, EGN at lr {ctx['c4_lr']:g}, {ctx['c4_steps']} steps, "
               f"{len(ctx['seeds'])} seeds. The time split is measured from outside the optimizer (EGN's stats do "
               "not report it) by running the same phases with the package's public pieces: "
-              "`curvature.gram.gram_matrix` (forward + layerwise Gram), `ops.gram_factor_from_gram` (Cholesky), "
+              "`egn.gram.gram_matrix` (forward + layerwise Gram), `ops.gram_factor_from_gram` (Cholesky), "
               "and `torch.cholesky_solve` + one VJP (back-projection); medians of 3. Peak memory: \"peak resident growth\" is what "
               "one step adds at its peak, on CPU the process's resident high-water mark (reset before the step) "
               "minus its resident size before it (0 when the step fits in memory the process already holds from "
