@@ -17,6 +17,7 @@ import sys
 from . import ops, reference
 from . import distributed
 from .egn import EGN
+from .egn.gram import UnsupportedModelError
 from .revgn import RevGN, RevMLP
 from .revgn import model as _model
 from .experiments import data, diagnostics
@@ -27,4 +28,4 @@ for _name, _module in (("model", _model), ("data", data), ("diagnostics", diagno
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN", "data", "diagnostics", "distributed"]
+__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN", "UnsupportedModelError", "data", "diagnostics", "distributed"]
