@@ -74,6 +74,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from .._warn import user_stacklevel
 from .rules import KronInput, kron_per_sample, rule_for
 
 __all__ = ["UnsupportedModelError", "LayerwiseGram", "FunctionalGram", "gram_assembler", "gram_matrix",
@@ -386,7 +387,8 @@ class LayerwiseGram:
         if new:
             self._warned.update(new)
             warnings.warn(f"EGN: parameter(s) {new} of {type(self.model).__name__}: {why}; their per-sample "
-                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning, stacklevel=4)
+                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         self.fallback.update(pids)
 
     def _plan(self, b: int, m: int, like: torch.Tensor):

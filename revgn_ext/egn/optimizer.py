@@ -28,6 +28,7 @@ from torch import nn
 
 from .._checks import check_tensor
 from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
+from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .gram import DEFAULT_MEMORY_LIMIT, check_samplewise, gram_assembler
@@ -436,7 +437,7 @@ class EGN(GaussNewtonOptimizer):
                  "time": sol["time"]}
         if sol["retries"] > 0:
             warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol['retries']} jitter retries "
-                          f"(jitter {sol['jitter']:.3g})", RuntimeWarning, stacklevel=2)
+                          f"(jitter {sol['jitter']:.3g})", RuntimeWarning, stacklevel=user_stacklevel())
         direction = sol["direction"]
         norm = None if direction is None else float(torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm(direction))))
