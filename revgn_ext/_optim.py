@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._checks import check_number
+from ._warn import user_stacklevel
 
 __all__ = ["GaussNewtonOptimizer", "COMMON_STATS", "refuse", "LossSpec", "resolve_loss", "infer_loss",
            "unwrap_compiled", "Batch"]
@@ -179,11 +180,33 @@ class Batch:
 
 
 class _LossRecorder(TorchFunctionMode):
-    """Records every loss function the closure calls (``nn`` loss modules call them too)."""
+    """Records every loss function the closure calls (``nn`` loss modules call them too).
+
+    It steps aside while the model's forward runs (:meth:`pause` and :meth:`resume`, called by hooks
+    on the model): a mode's ``__torch_function__`` is the innermost Python frame of every op it sees,
+    so torch's warnings from the user's layers would be attributed to this file instead of the user's
+    code. The loss is computed on the model's output, so nothing is missed while it is paused.
+    """
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[Callable, dict]] = []
+        self._paused: list[bool] = []   # per model call in progress: whether it popped this mode
+
+    def pause(self, module, args) -> None:
+        popped = torch.overrides._get_current_function_mode() is self   # another mode on top: stay
+        if popped:
+            torch.overrides._pop_mode()
+        self._paused.append(popped)
+
+    def resume(self) -> None:
+        if self._paused and self._paused.pop():
+            torch.overrides._push_mode(self)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        while self._paused:             # the model's forward raised, so its hook did not resume
+            self.resume()
+        return super().__exit__(exc_type, exc_val, exc_tb)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -413,16 +436,20 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         who = type(self).__name__
         calls: list = []
 
+        recorder = _LossRecorder()
+
         def record(module, args, kwargs, output):
             calls.append((args, kwargs, output))
+            recorder.resume()
 
-        handle = self._hook_module.register_forward_hook(record, with_kwargs=True)
-        recorder = _LossRecorder()
+        handles = (self._hook_module.register_forward_pre_hook(recorder.pause),
+                   self._hook_module.register_forward_hook(record, with_kwargs=True))
         try:
             with torch.enable_grad(), recorder:
                 returned = closure()
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not calls:
             raise ValueError(f"{who}.step(closure): the closure never called the model ({type(self._hook_module).__name__}) "
                              f"given to {who}; call it in the closure, e.g. loss = loss_fn(model(x), y)")
@@ -490,5 +517,6 @@ def refuse(stats: dict, reason: str, who: str) -> dict:
     """Mark a step refused (parameters untouched) and warn once per call."""
     stats["refused"] = True
     stats["reason"] = reason
-    warnings.warn(f"{who}: step refused, {reason}; parameters unchanged", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{who}: step refused, {reason}; parameters unchanged", RuntimeWarning,
+                  stacklevel=user_stacklevel())
     return stats

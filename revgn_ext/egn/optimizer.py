@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
+from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .damping import gain_ratio, next_damping
@@ -249,7 +250,7 @@ class EGN(GaussNewtonOptimizer):
         stats = step_record(sol, group, lam, scale, self._assembler.method)
         if sol.retries > 0:
             warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol.retries} jitter retries "
-                          f"(jitter {sol.jitter:.3g})", RuntimeWarning, stacklevel=2)
+                          f"(jitter {sol.jitter:.3g})", RuntimeWarning, stacklevel=user_stacklevel())
         norm = None if sol.direction is None else float(torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm(sol.direction))))
         stats["direction_norm"] = norm

@@ -27,6 +27,7 @@ import torch
 
 from .._checks import check_tensor
 from .._optim import GaussNewtonOptimizer, refuse, resolve_loss, unwrap_compiled
+from .._warn import user_stacklevel
 from ..distributed import GRAM_ROUTES, resolve
 from . import right_inverse, targets
 from .model import RevMLP
@@ -196,7 +197,7 @@ class RevGN(GaussNewtonOptimizer):
         if n > M:
             warnings.warn(f"RevGN: batch size n={n} exceeds the bottleneck width M={M}; the Grams are "
                           "rank-deficient, so the step is a damped least-squares fit, not exact "
-                          "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=3)
+                          "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=user_stacklevel())
         trace = model.forward_with_trace(x)
         loss = targets.loss_value(trace.logits, y, group["loss"])
         if shards is not None:
