@@ -1,10 +1,11 @@
 """What RevGN and EGN share as ``torch.optim.Optimizer`` subclasses, so that the two agree.
 
-* **Hyper-parameters are checked where they are read.** Each optimizer declares its numeric
-  hyper-parameters and their bounds in ``HYPERPARAMETERS``; they are checked at construction and again
-  at every ``step``/``direction``, because a scheduler, ``load_state_dict`` or user code may have
-  written into ``param_groups`` since. A NaN ``lr`` therefore raises instead of reaching the
-  parameters.
+* **Hyper-parameters and state are checked where they are read.** Each optimizer declares, in
+  ``HYPERPARAMETERS`` (a :class:`revgn_ext._hyper.Spec`), a rule for every key its parameter groups and
+  its per-parameter state may hold; the spec is checked at construction, at ``load_state_dict`` (a bad
+  state dict raises and leaves the optimizer as it was) and again at every ``step``/``direction``,
+  because a scheduler or user code may have written into ``param_groups`` since. A NaN ``lr`` therefore
+  raises instead of reaching the parameters.
 * **Conventions.** ``lr >= 0`` (0 computes the step's statistics and moves nothing, as schedulers
   that decay to zero expect); ``damping >= 0``; a step whose update is not finite is refused: the
   parameters and the optimizer state stay as they were, ``stats["refused"]`` is True and
@@ -30,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._checks import check_number
+from ._hyper import Context, Fixed, Spec
 
 __all__ = ["GaussNewtonOptimizer", "COMMON_STATS", "refuse", "LossSpec", "resolve_loss", "infer_loss",
            "unwrap_compiled", "Batch"]
@@ -213,14 +215,13 @@ def unwrap_compiled(model):
 class GaussNewtonOptimizer(torch.optim.Optimizer):
     """Base class of :class:`~revgn_ext.RevGN` and :class:`~revgn_ext.EGN` (see the module docstring).
 
-    ``HYPERPARAMETERS`` maps a numeric option to the keyword arguments of
-    :func:`revgn_ext._checks.check_number` (bounds); a string value names another option that is the
-    lower bound (e.g. ``max_damping >= min_damping``). ``PER_GROUP`` lists the options that may differ
+    ``HYPERPARAMETERS`` is the :class:`revgn_ext._hyper.Spec` of every group option and state entry
+    (rules and relations, :mod:`revgn_ext._hyper`). ``PER_GROUP`` lists the options that may differ
     between parameter groups; every other option must agree, because one Gauss-Newton system couples
     all the parameters.
     """
 
-    HYPERPARAMETERS: dict[str, dict] = {}
+    HYPERPARAMETERS: Spec = Spec(group={})
     PER_GROUP: tuple[str, ...] = ()
     LOSSES: tuple[str, ...] = LOSS_NAMES
     ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
@@ -298,7 +299,21 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         self._hook_module = hook_module
         self._groups_fixed = True
         self.last_stats: dict | None = None
-        self.check_group_agreement()
+        # The values the spec requires to stay as built (e.g. EGN's Gram assembler options).
+        self._built = {k: self.param_groups[0][k] for k, rule in self.HYPERPARAMETERS.group.items()
+                       if isinstance(rule, Fixed) and k in self.param_groups[0]}
+        self.check_all()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, then every loaded group option and state entry
+        is checked (:mod:`revgn_ext._hyper`); a bad one raises and the optimizer keeps its own."""
+        groups, state = self.param_groups, self.state
+        super().load_state_dict(state_dict)
+        try:
+            self.check_all()
+        except Exception:
+            self.param_groups, self.state = groups, state
+            raise
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_groups_fixed", False):
@@ -314,17 +329,30 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
 
     # -- hyper-parameters -----------------------------------------------------------------------
 
-    def checked_group(self, index: int = 0) -> dict:
-        """``param_groups[index]`` after re-checking its hyper-parameters; raises ValueError naming
-        the entry (``param_groups[0]['lr']``) and leaves everything untouched."""
+    def hyper_context(self, deep: bool = False) -> Context:
+        """What the spec's rules compare against; ``deep`` also reads tensor state (a host sync)."""
+        params = self.param_groups[0]["params"]
+        return Context(built=getattr(self, "_built", {}), num_blocks=getattr(getattr(self, "model", None),
+                       "num_blocks", None), dtype=params[0].dtype if params else None, deep=deep)
+
+    def checked_group(self, index: int = 0, deep: bool = False) -> dict:
+        """``param_groups[index]`` after re-checking its options and its parameters' state; raises
+        ValueError naming the entry (``param_groups[0]['lr']``, ``state[2]['step']``) and leaves
+        everything untouched."""
         group = self.param_groups[index]
-        self._check_values(group, lambda name: f"param_groups[{index}]['{name}']")
+        ctx = self.hyper_context(deep)
+        self.HYPERPARAMETERS.check_group(group, index, ctx)
+        self.HYPERPARAMETERS.check_state(self.state, self.param_groups, ctx, only=index)
         return group
 
-    def checked_groups(self) -> list[dict]:
-        groups = [self.checked_group(i) for i in range(len(self.param_groups))]
+    def checked_groups(self, deep: bool = False) -> list[dict]:
+        groups = [self.checked_group(i, deep) for i in range(len(self.param_groups))]
         self.check_group_agreement()
         return groups
+
+    def check_all(self) -> None:
+        """Every group and every state entry, tensor values included (construction and loading)."""
+        self.checked_groups(deep=True)
 
     def check_group_agreement(self) -> None:
         first = self.param_groups[0]
@@ -340,21 +368,9 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
                         f"for all its parameters, so {allowed} differ between groups")
 
     @classmethod
-    def check_hyperparameters(cls, values: dict) -> None:
-        """Construction-time check, naming the constructor argument."""
-        cls._check_values(values, lambda name: name)
-
-    @classmethod
-    def _check_values(cls, values: dict, label: Callable[[str], str]) -> None:
-        """Each of ``HYPERPARAMETERS`` present in ``values`` within its bounds; a string lower bound names
-        another entry of ``values``. The error names the entry as ``label(name)``."""
-        for name, bounds in cls.HYPERPARAMETERS.items():
-            if name not in values:
-                continue
-            bounds = dict(bounds)
-            if isinstance(bounds.get("low"), str):
-                bounds["low"] = values[bounds["low"]]
-            check_number(label(name), values[name], **bounds)
+    def check_hyperparameters(cls, values: dict, ctx: Context | None = None) -> None:
+        """Construction-time check of the arguments given, naming the constructor argument."""
+        cls.HYPERPARAMETERS.check_values(values, lambda name: name, ctx or Context(), partial=True)
 
     # -- losses ---------------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor
-from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
+from .._hyper import egn_spec
+from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .gram import DEFAULT_MEMORY_LIMIT, check_samplewise, gram_assembler
@@ -115,11 +116,8 @@ class EGN(GaussNewtonOptimizer):
     train-mode BatchNorm; call ``model.eval()`` around EGN steps.
     """
 
-    HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),
-                       "momentum": dict(low=0.0, high=1.0, high_open=True), "damping_increase": dict(low=1.0),
-                       "damping_decrease": dict(low=0.0, high=1.0, low_open=True), "min_damping": dict(low=0.0),
-                       "max_damping": dict(low="min_damping"), "armijo": dict(low=0.0, high=1.0, high_open=True),
-                       "backtrack": dict(low=0.0, high=1.0, low_open=True, high_open=True)}
+    # Every group option and state entry, checked at construction, load_state_dict and each step.
+    HYPERPARAMETERS = egn_spec(LOSS_NAMES, CURVATURES, ("auto", "layerwise", "functional"))
 
     PER_GROUP = ()
     ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
