@@ -56,10 +56,12 @@ class Number(Rule):
     dtype_bound: bool = False
 
     def check(self, label, value, ctx, param=None, values=None, key=None):
-        low = self.low
+        check_number(label, value, low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
         if self.low_key is not None and values is not None and self.low_key in values:
+            other = label.replace(f"'{key}'", f"'{self.low_key}'") if key and f"'{key}'" in label else self.low_key
             low = values[self.low_key]
-        check_number(label, value, low=low, high=self.high, low_open=self.low_open, high_open=self.high_open)
+            if isinstance(low, (int, float)) and not isinstance(low, bool) and value < low:
+                raise ValueError(f"{label} must be >= {other} = {low}, got {value}")
         if self.dtype_bound and ctx.dtype is not None and abs(value) > torch.finfo(ctx.dtype).max:
             raise ValueError(f"{label} = {value:g} overflows the {str(ctx.dtype).replace('torch.', '')} "
                              f"parameters (largest finite value {torch.finfo(ctx.dtype).max:.3g})")

@@ -391,6 +391,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         """The loss of this step: the constructor's; else the closure's; else inferred from y (and kept
         for later steps). A closure whose loss is another kind than the constructor's is refused."""
         who = type(self).__name__
+        self.checked_groups()   # the loss entries are read here first: checked before they are used
         current = self.loss_spec()
         seen = batch.spec
         if current is not None:
