@@ -165,3 +165,41 @@ def test_memory_guard_small_limit_refuses_and_a_larger_one_steps():
     assert rg.RevGN(m, memory_limit=12_800).step(x, y)["refused"] is False
     with pytest.raises(ValueError, match=r"^memory_limit must be an int >= 1"):
         rg.RevGN(m, memory_limit=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The official damped target
+# --------------------------------------------------------------------------------------------------
+
+def _official_damped_batch(logits, y, mu):
+    """The official form written out densely: Hbar^{-1} = mean_j inv(diag p_j - p_j p_j^T + mu I),
+    E_i = Hbar^{-1} (p_i - e_{y_i})."""
+    p = torch.softmax(logits.double(), 1)
+    n, K = p.shape
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    inv = torch.linalg.inv(H + mu * torch.eye(K, dtype=f64)).mean(0)
+    g = p - torch.nn.functional.one_hot(y, K).double()
+    return g @ inv.mT
+
+
+@pytest.mark.parametrize("mu", [1e-3, 0.1, 2.0])
+def test_damped_batch_target_matches_official_formula(mu):
+    from revgn_ext.revgn import targets as tg
+    torch.manual_seed(0)
+    logits, y = 3 * torch.randn(12, 5, dtype=f64), torch.randint(0, 5, (12,))
+    E = tg.function_space_target(logits, y, "cross_entropy", "damped-batch", mu)
+    want = _official_damped_batch(logits, y, mu)
+    assert rel_err(E, want) < 1e-10
+    per_sample = tg.function_space_target(logits, y, "cross_entropy", "damped", mu)
+    assert rel_err(per_sample, want) > 1e-3   # a different target, not a new name for the same one
+    yf = torch.randn(12, 5, dtype=f64)
+    assert torch.allclose(tg.function_space_target(logits, yf, "mse", "damped-batch", mu), (logits - yf) / (1 + mu))
+
+
+def test_damped_batch_target_through_revgn_is_exact():
+    m, x, y = make()
+    opt = rg.RevGN(m, damping=0.0, target="damped-batch", target_damping=0.05)
+    delta = opt.direction(x, y)
+    with torch.no_grad():
+        dZ = _official_damped_batch(m(x), y, 0.05) @ m.Q.T
+    assert rel_err(J_times(m, x, delta), dZ) < 1e-10

@@ -69,8 +69,9 @@ class RevGN(GaussNewtonOptimizer):
         damping: lambda of ``A^+ R = A^T (A A^T + lambda I)^{-1} R``; relative to mean(diag(A A^T)) of
             each Gram by default. 0 gives the exact right inverse when every A has full row rank n
             (n <= M and non-linear blocks; a linear block has rank <= d/2 + 1).
-        target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i) or "damped"
-            (E_i = (H_i + target_damping I)^{-1} g_i).
+        target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i), "damped"
+            (E_i = (H_i + target_damping I)^{-1} g_i) or "damped-batch" (the official code's damped form:
+            E_i = [(1/n) sum_j (H_j + target_damping I)^{-1}] g_i, one inverse averaged over the batch).
         loss: "cross_entropy" / ``nn.CrossEntropyLoss`` (y: int labels) or "mse" / ``nn.MSELoss``
             (0.5 ||z - y||^2 per sample; y: (n, K) floats, or int labels one-hot encoded for "mse").
             The reduction scales only ``stats["loss"]``: the step is a per-sample function-space move.
@@ -79,7 +80,7 @@ class RevGN(GaussNewtonOptimizer):
         damping_mode: "relative" or "absolute".
         solver: "cholesky" (one batched Gram factorisation) or "svd" (the official truncated pinv:
             singular values below max(rtol * s_max, atol) are dropped).
-        target_damping: mu of the "damped" target.
+        target_damping: mu of the "damped" and "damped-batch" targets.
         distributed: data-parallel over ``process_group`` (default: the initialised default group).
             Every rank calls ``step(x_r, y_r)`` with its shard; the rows of the Grams and targets are
             all_gathered, every rank solves the same global system, and one all_reduce sums the update,
