@@ -28,7 +28,7 @@ VALID = {  # other values the constructors accept, so that some draws must step 
     "adaptive_damping": [True], "damping_increase": [1.5], "damping_decrease": [0.5], "min_damping": [1e-3],
     "max_damping": [1e3, 1e-9], "armijo": [0.3], "backtrack": [0.5], "max_tries": [1, 4], "gram": ["functional"],
     "curvature": ["true-class", "sampled"], "samples": [1, 2], "gram_block_rows": [None, 2],
-    "step": [0, 1, 7], "alpha": [0.05, 0.0],
+    "step": [0, 1, 7], "alpha": [0.05, 0.0], "ignore_index": [-100, 2, 1],
 }
 STATE_EXTRA = {"momentum_buffer": "buffer"}
 
@@ -52,10 +52,12 @@ KINDS = {"revgn": (rg.RevGN, _revgn_base), "egn": (rg.EGN, _egn_base)}
 
 def _ctor_kwargs(group: dict) -> dict:
     """Constructor arguments reproducing a group's values (the loss entries back to an nn loss)."""
-    kwargs = {k: v for k, v in group.items() if k not in ("params", "reduction", "label_smoothing", "initial_lr")}
+    kwargs = {k: v for k, v in group.items()
+              if k not in ("params", "reduction", "label_smoothing", "ignore_index", "initial_lr")}
     if group["reduction"] != "batch_mean":
         cls = nn.MSELoss if group["loss"] == "mse" else nn.CrossEntropyLoss
-        extra = {"label_smoothing": group["label_smoothing"]} if cls is nn.CrossEntropyLoss else {}
+        extra = dict(label_smoothing=group["label_smoothing"], ignore_index=group["ignore_index"]) \
+            if cls is nn.CrossEntropyLoss else {}
         kwargs["loss"] = cls(reduction=group["reduction"], **extra)
     return kwargs
 

@@ -196,6 +196,10 @@ def loss_relation(losses: tuple, smoothing: bool) -> Callable:
         if smooth and (loss != "cross_entropy" or reduction == "batch_mean"):
             raise ValueError(f"{label('label_smoothing')} = {smooth} applies to nn.CrossEntropyLoss only, "
                              f"but the loss is {loss!r} with reduction {reduction!r}")
+        ignore = values.get("ignore_index", -100)
+        if ignore != -100 and (loss != "cross_entropy" or reduction == "batch_mean"):
+            raise ValueError(f"{label('ignore_index')} = {ignore} applies to nn.CrossEntropyLoss / "
+                             f"F.cross_entropy only, but the loss is {loss!r} with reduction {reduction!r}")
         if smooth and not smoothing:
             raise ValueError(f"{label('label_smoothing')} = {smooth}: this optimizer's function-space "
                              f"targets need hard labels, so label smoothing is not supported")
@@ -205,7 +209,7 @@ def loss_relation(losses: tuple, smoothing: bool) -> Callable:
 def loss_rules(losses: tuple) -> dict:
     return {"loss": Choice((None,) + tuple(losses)),
             "reduction": Choice(("batch_mean", "mean", "sum")),
-            "label_smoothing": Number(low=0.0, high=1.0)}
+            "label_smoothing": Number(low=0.0, high=1.0), "ignore_index": Integer(low=-2 ** 63)}
 
 
 def revgn_spec(targets: tuple, losses: tuple, solvers: tuple, damping_modes: tuple, gram_routes: tuple) -> Spec:

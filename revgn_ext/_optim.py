@@ -70,6 +70,7 @@ class LossSpec:
     name: str
     reduction: str = "batch_mean"
     label_smoothing: float = 0.0
+    ignore_index: int = -100   # cross-entropy labels equal to it have no loss term (torch's padding)
 
     def scale(self, b: int, c: int) -> float:
         """s with (user's loss) = s * L for b samples of c outputs: nn.MSELoss has no 1/2 and its
@@ -86,6 +87,8 @@ class LossSpec:
             return repr(self.name)
         cls = {v: k for k, v in NN_LOSSES.items()}[self.name].__name__
         smoothing = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        if self.ignore_index != -100:
+            smoothing += f", ignore_index={self.ignore_index}"
         return f"nn.{cls}(reduction={self.reduction!r}{smoothing})"
 
 
@@ -95,7 +98,8 @@ def _check_reduction(reduction: str, where: str, who: str) -> None:
                          "Gauss-Newton step: use reduction='mean' or 'sum'")
 
 
-def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed) -> LossSpec:
+def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed,
+          ignore_index: int = -100) -> LossSpec:
     if name not in allowed:
         raise ValueError(f"{where}: {who} supports the losses {list(allowed)}, not {name}")
     _check_reduction(reduction, where, who)
@@ -105,7 +109,9 @@ def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: 
     smoothing = float(smoothing or 0.0)
     if smoothing:
         check_number(f"{where} label_smoothing", smoothing, low=0.0, high=1.0)
-    return LossSpec(name, reduction, smoothing)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{where} has ignore_index={ignore_index!r}; it must be an int")
+    return LossSpec(name, reduction, smoothing, ignore_index if name == "cross_entropy" else -100)
 
 
 def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
@@ -126,7 +132,8 @@ def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
         raise ValueError(f"loss must be one of {list(allowed)} or one of {names}, got "
                          f"{type(loss).__name__}" + (f": {hint}" if hint else ""))
     weights = {"weight": getattr(loss, "weight", None), "pos_weight": getattr(loss, "pos_weight", None)}
-    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed)
+    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed,
+                 getattr(loss, "ignore_index", -100))
 
 
 NN_LOSSES_NAMES = {"mse": "nn.MSELoss()", "cross_entropy": "nn.CrossEntropyLoss()",
@@ -162,7 +169,8 @@ def _spec_from_call(func, args: dict, who: str, allowed) -> LossSpec:
     if args.get("size_average") is not None or args.get("reduce") is not None:
         reduction = torch.nn._reduction.legacy_get_string(args.get("size_average"), args.get("reduce"))
     weights = {k: args.get(k) for k in ("weight", "pos_weight")}
-    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed)
+    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed,
+                 args.get("ignore_index", -100))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +233,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     PER_GROUP: tuple[str, ...] = ()
     LOSSES: tuple[str, ...] = LOSS_NAMES
     ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
+    IGNORE_INDEX = False   # whether cross-entropy samples labelled ignore_index are dropped from the step
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -326,6 +335,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("reduction", "batch_mean")
             group.setdefault("label_smoothing", 0.0)
+            group.setdefault("ignore_index", -100)
 
     # -- hyper-parameters -----------------------------------------------------------------------
 
@@ -378,14 +388,16 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     def loss_options(spec: LossSpec | None) -> dict:
         """The group entries that store a loss (plain values, so ``state_dict`` stays plain)."""
         if spec is None:
-            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0)
-        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing)
+            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0, ignore_index=-100)
+        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing,
+                    ignore_index=spec.ignore_index)
 
     def loss_spec(self) -> LossSpec | None:
         group = self.param_groups[0]
         if group["loss"] is None:
             return None
-        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0))
+        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0),
+                        group.get("ignore_index", -100))
 
     def adopt_loss(self, batch: Batch) -> LossSpec:
         """The loss of this step: the constructor's; else the closure's; else inferred from y (and kept
@@ -395,16 +407,28 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         current = self.loss_spec()
         seen = batch.spec
         if current is not None:
-            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing):
+            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing
+                                     or seen.ignore_index != current.ignore_index):
                 raise ValueError(f"{who} was built with loss={current.describe()}, but the closure computed "
                                  f"{seen.describe()}; the Gauss-Newton step must use the loss you train with")
-            return current
+            return self._check_ignored(current, batch)
         spec = seen if seen is not None else infer_loss(batch.y, who, self.LOSSES)
         if spec.reduction == "sum" and getattr(self, "shards", None) is not None:
             raise ValueError(f"{who}: reduction='sum' is not supported with distributed=True (the "
                              "global batch size would scale the damping); use reduction='mean'")
         for group in self.param_groups:
             group.update(self.loss_options(spec))
+        return self._check_ignored(spec, batch)
+
+    def _check_ignored(self, spec: LossSpec, batch: Batch) -> LossSpec:
+        """Cross-entropy labels equal to ``ignore_index`` (torch's padding, -100 by default) are
+        dropped by an optimizer with ``IGNORE_INDEX``; any other refuses them, naming the padding."""
+        y = batch.y
+        if (not self.IGNORE_INDEX and spec.name == "cross_entropy" and isinstance(y, torch.Tensor)
+                and not y.is_floating_point() and y.dtype != torch.bool and bool((y == spec.ignore_index).any())):
+            who = type(self).__name__
+            raise ValueError(f"{who}: y holds labels equal to ignore_index={spec.ignore_index} (padding), "
+                             f"which {who} does not support: drop those samples from the batch")
         return spec
 
     # -- step(closure) / step(x, y) -------------------------------------------------------------

@@ -203,3 +203,63 @@ def test_damped_batch_target_through_revgn_is_exact():
     with torch.no_grad():
         dZ = _official_damped_batch(m(x), y, 0.05) @ m.Q.T
     assert rel_err(J_times(m, x, delta), dZ) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------------
+# ignore_index: padding labels have no row
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ignore,reduction", [(-100, "mean"), (2, "mean"), (-100, "sum"), (4, "sum")])
+@pytest.mark.parametrize("through", ["step", "closure"])
+def test_ignore_index_sample_has_no_row_and_loss_is_torchs(ignore, reduction, through):
+    m, x, y = make(n=9, blocks=2, acts=("tanh", "relu"))
+    y[[1, 4, 7]] = ignore
+    kept = y != ignore
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=ignore, reduction=reduction)
+    with torch.no_grad():
+        want_loss = loss_fn(m(x), y).item()
+    # The dense check: J_kept Delta = n_kept dL/dz_kept Q^T from autograd of the user's own loss (with
+    # reduction "sum" dL/dz is per sample already); the ignored samples put no row in the system.
+    z = m(x).detach().requires_grad_(True)
+    torch.nn.functional.cross_entropy(z, y, ignore_index=ignore, reduction="mean").backward()
+    E = z.grad[kept] * int(kept.sum())
+    assert float(z.grad[~kept].abs().max()) == 0.0
+    opt = rg.RevGN(m, lr=0.0, damping=0.0, loss=loss_fn if through == "step" else None)
+    if through == "step":
+        delta = opt.direction(x, y)
+        stats = opt.step(x, y)
+    else:
+        closure = lambda: torch.nn.functional.cross_entropy(m(x), y, ignore_index=ignore, reduction=reduction)  # noqa: E731
+        delta = opt.direction(closure)
+        opt.step(closure)
+        stats = opt.last_stats
+    assert rel_err(J_times(m, x[kept], delta), E @ m.Q.T) < 1e-10
+    assert stats["batch_size"] == int(kept.sum()) >= 3 and stats["exact"] is True
+    assert stats["loss"] == pytest.approx(want_loss, rel=1e-12)
+    # The same direction as on the batch without those samples.
+    ref = rg.RevGN(m, damping=0.0, loss=loss_fn).direction(x[kept], y[kept])
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(delta, ref))
+
+
+def test_ignore_index_refusals_mention_padding():
+    m, x, y = make(n=6, blocks=2, acts=("tanh", "relu"))
+    y[0] = -7
+    with pytest.raises(ValueError, match=r"outside \[0, 5\).*ignore_index=-100 \(padding\)"):
+        rg.RevGN(m, loss="cross_entropy").step(x, y)
+    y[0] = -100
+    with pytest.raises(ValueError, match=r"outside \[0, 5\).*padding"):
+        rg.RevGN(m, loss="mse").step(x, y)
+    with pytest.raises(ValueError, match="every label of y is ignore_index=-100"):
+        rg.RevGN(m, loss="cross_entropy").step(x, torch.full_like(y, -100))
+    # A closure whose ignore_index differs from the constructor's loss is refused.
+    opt = rg.RevGN(m, loss=torch.nn.CrossEntropyLoss(ignore_index=3))
+    with pytest.raises(ValueError, match="ignore_index"):
+        opt.step(lambda: torch.nn.functional.cross_entropy(m(x), y))
+    # EGN does not drop padded samples: it refuses them, naming the padding.
+    net = torch.nn.Linear(4, 3).double()
+    egn = rg.EGN(net, loss=torch.nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match=r"ignore_index=-100 \(padding\)"):
+        egn.step(torch.randn(5, 4, dtype=f64), torch.tensor([0, 1, -100, 2, 0]))
+    egn = rg.EGN(net, loss=torch.nn.CrossEntropyLoss(ignore_index=1))
+    with pytest.raises(ValueError, match=r"ignore_index=1 \(padding\)"):
+        egn.step(torch.randn(5, 4, dtype=f64), torch.tensor([0, 1, 2, 2, 0]))

@@ -109,6 +109,7 @@ class RevGN(GaussNewtonOptimizer):
     HYPERPARAMETERS = revgn_spec(tg.TARGETS, ("mse", "cross_entropy"), ri.SOLVERS, DAMPING_MODES, GRAM_ROUTES)
 
     PER_GROUP = ("lr",)
+    IGNORE_INDEX = True
     LOSSES = ("mse", "cross_entropy")
     ADD_GROUP_MESSAGE = ("RevGN trains every W and b of its RevMLP from construction on, so there is "
                          "nothing to add; give per-group learning rates at construction")
@@ -191,18 +192,31 @@ class RevGN(GaussNewtonOptimizer):
         if y.dtype not in _LABEL_DTYPES or y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x) with dtype int64, "
                              f"int32, int16, int8 or uint8, got {y.dtype} {tuple(y.shape)}")
-        if bool(((y < 0) | (y >= K)).any()):
-            raise ValueError(f"y has labels outside [0, {K}) (num_classes={K}): "
-                             f"min {int(y.min())}, max {int(y.max())}")
+        ignore = self.param_groups[0].get("ignore_index", -100) if loss == "cross_entropy" else None
+        bad = ((y < 0) | (y >= K)) if ignore is None else ((y < 0) | (y >= K)) & (y != ignore)
+        if bool(bad.any()):
+            where = y[bad]
+            pad = (f"; labels equal to ignore_index={ignore} (padding) are dropped from the step" if ignore is not None
+                   else "; padding labels need loss=nn.CrossEntropyLoss(ignore_index=...) or 'cross_entropy' "
+                        "(ignore_index -100)")
+            raise ValueError(f"y has labels outside [0, {K}) (num_classes={K}): min {int(where.min())}, max "
+                             f"{int(where.max())}{pad}")
 
     def _direction(self, x, y):
         """(loss, [BlockDelta per block], report); the direction is not yet scaled by -lr."""
         shards = self.shards
-        if shards is None:
+        kept = []
+
+        def check():
             self._check_batch(x, y)
+            kept.append(self._drop_ignored(x, y))
+            return kept[0]
+
+        if shards is None:
+            x, y = check()
             n = x.shape[0]
         else:
-            shards.agree(lambda: self._check_batch(x, y), lambda: x.shape[0], like=x)
+            x, y = shards.agree(check, lambda: kept[0][0].shape[0], like=x)
             n = shards.total
         if not y.is_floating_point():
             y = y.long()  # class labels of any accepted integer dtype; cross_entropy and one_hot need int64
@@ -225,6 +239,21 @@ class RevGN(GaussNewtonOptimizer):
                                           group["rtol"], group["atol"], shards, group["gram_route"],
                                           residual=group["damping"] == 0)
         return loss, n, deltas, report
+
+    def _drop_ignored(self, x, y):
+        """(x, y) without the samples whose cross-entropy label is ``ignore_index``: such a sample has no
+        loss term, so it has no row in the system, and the mean runs over the kept samples, as in
+        torch's loss. A batch (or a rank's shard) with no sample left is refused."""
+        group = self.param_groups[0]
+        if group["loss"] != "cross_entropy" or y.is_floating_point():
+            return x, y
+        keep = y != group["ignore_index"]
+        if bool(keep.all()):
+            return x, y
+        if not bool(keep.any()):
+            raise ValueError(f"every label of y is ignore_index={group['ignore_index']} (padding): no sample "
+                             "has a loss term, so there is no step")
+        return x[keep], y[keep]
 
     def _check_memory(self, x, n: int, group: dict) -> None:
         """Refuse, before the forward, a step whose features and Grams exceed ``memory_limit``: per
@@ -307,8 +336,8 @@ class RevGN(GaussNewtonOptimizer):
         be finite. When max|theta| + lr ||Delta|| is far below the dtype's largest value no entry can
         overflow, and the update runs in place; otherwise the new values are formed and checked first."""
         by_param = dict(zip(self.model.parameters(), flat))
-        pairs = [(p, by_param[p], group["lr"]) for group in groups for p in group["params"]]
-        top = max(group["lr"] for group in groups)
+        pairs = [(p, by_param[p], float(group["lr"])) for group in groups for p in group["params"]]
+        top = max(lr for _, _, lr in pairs)
         if not (math.isfinite(biggest) and biggest + top * norm < 0.5 * torch.finfo(flat[0].dtype).max):
             new = [torch.add(p, d, alpha=-lr) for p, d, lr in pairs]
             if not bool(torch.stack([torch.isfinite(t).all() for t in new]).all()):
