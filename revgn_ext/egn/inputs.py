@@ -11,7 +11,7 @@ from .._checks import check_tensor
 from .gram import UnsupportedModelError, outputs_of
 from .loss_factors import CURVATURES
 
-__all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options", "check_step_options",
+__all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options",
            "drop_ignored", "check_per_sample"]
 
 _SHAPE_ERROR = re.compile(r"shape|size|dimension|channel", re.IGNORECASE)
@@ -122,18 +122,6 @@ def check_curvature_options(curvature, samples, block_rows, damping) -> None:
         raise ValueError("curvature='sampled' needs damping > 0 (its step uses Woodbury's identity)")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"gram_block_rows must be a positive int or None, got {block_rows!r}")
-
-
-def check_step_options(group: dict) -> None:
-    """What the numeric bounds do not say: max_tries a positive int; lr representable in the
-    parameters' dtype (lr * dir must be computable)."""
-    tries = group["max_tries"]
-    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
-        raise ValueError(f"param_groups[0]['max_tries'] must be a positive int, got {tries!r}")
-    dtype = group["params"][0].dtype
-    if group["lr"] > torch.finfo(dtype).max:
-        raise ValueError(f"param_groups[0]['lr'] = {group['lr']} exceeds the largest {dtype} "
-                         f"({torch.finfo(dtype).max:.3g}), the parameters' dtype; use a smaller lr")
 
 
 def drop_ignored(group: dict, x, y):
