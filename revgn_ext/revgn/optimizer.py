@@ -311,8 +311,9 @@ class RevGN(GaussNewtonOptimizer):
         flat = [t for d in deltas for t in d]
         params = list(self.model.parameters())
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
-        biggest = torch.stack(torch._foreach_norm(params, math.inf)).max()
+        # The parameters' norm bounds their largest entry, which decides how the update is written.
+        norms = torch.stack(torch._foreach_norm(flat + params))
+        norm, biggest = (torch.linalg.vector_norm(v) for v in (norms[:len(flat)], norms[len(flat):]))
         # A single host sync for the decision and every statistic.
         values = torch.cat([torch.stack([loss, norm, biggest]).double()]
                            + [v.double() for v in report.values()]).tolist()
@@ -333,8 +334,9 @@ class RevGN(GaussNewtonOptimizer):
 
     def _update(self, groups: list, flat: list, norm: float, biggest: float) -> bool:
         """theta <- theta - lr Delta for every parameter, or for none (False) when a new value would not
-        be finite. When max|theta| + lr ||Delta|| is far below the dtype's largest value no entry can
-        overflow, and the update runs in place; otherwise the new values are formed and checked first."""
+        be finite. When ||theta|| + lr ||Delta|| (a bound on every new entry) is far below the dtype's
+        largest value no entry can overflow, and the update runs in place; otherwise the new values are
+        formed and checked first."""
         by_param = dict(zip(self.model.parameters(), flat))
         pairs = [(p, by_param[p], float(group["lr"])) for group in groups for p in group["params"]]
         top = max(lr for _, _, lr in pairs)
