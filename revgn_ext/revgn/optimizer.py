@@ -154,11 +154,23 @@ class RevGN(GaussNewtonOptimizer):
             raise ValueError(f"params leaves out {missing}; RevGN's step moves every W and b of the "
                              f"RevMLP together (give lr=0 to a group to hold its parameters still)")
         self.check_model_dtype(list(model.parameters()))
+        self.check_one_dtype(model)
         self.model = model
         self.shards = shards
         if shards is not None:
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
         self.finish_construction(called)
+
+    @staticmethod
+    def check_one_dtype(model: RevMLP) -> None:
+        """Every parameter and buffer in the readout Q's dtype and device (a block converted on its own
+        would fail inside the step's products)."""
+        ref = model.Q
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.dtype != ref.dtype or t.device != ref.device:
+                raise ValueError(f"model's {name} is {t.dtype} on {t.device} but its readout Q is {ref.dtype} on "
+                                 f"{ref.device}; RevGN needs one dtype and device for the whole RevMLP: convert "
+                                 f"the whole model, model.to({ref.dtype})")
 
     @staticmethod
     def check_loss(spec, shards=None) -> None:
@@ -176,6 +188,7 @@ class RevGN(GaussNewtonOptimizer):
         # NaN lr on one rank raises on every rank together.
         self.checked_groups()
         model, loss = self.model, self.param_groups[0]["loss"]
+        self.check_one_dtype(model)
         model.check_input(x, "x", finite=True)
         n, K = x.shape[0], model.num_classes
         check_tensor("y", y, float_only=False, finite=False)
