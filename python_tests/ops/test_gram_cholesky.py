@@ -405,3 +405,22 @@ def test_kernel_edge_reference_never_reports_a_clean_non_finite_factor(value):
     G[1, 1, 1] = value
     L, info, jitter = gram_factor_from_gram_reference(G, torch.zeros(2, dtype=torch.float64))
     assert info.tolist() == [0, -1] and bool(torch.isfinite(L).all()) and bool(torch.isfinite(jitter).all())
+
+
+def test_one_line_errors_flags_damping_overflow_and_symmetry():
+    A, R = torch.randn(2, 3, 4), torch.randn(2, 3, 1)
+    with pytest.raises(ValueError, match=r"^append_ones must be True or False, got 'yes'$"):
+        ops.gram_cholesky_solve(A, R, append_ones="yes")
+    with pytest.raises(ValueError, match=r"^append_ones must be True or False"):
+        ops.gram_factor(A, append_ones=1)
+    with pytest.raises(ValueError, match=r"^return_info must be True or False"):
+        ops.gram_cholesky_solve(A, R, return_info=None)
+    with pytest.raises(ValueError, match=r"^damping = 1e\+39 overflows float32"):
+        ops.gram_factor(A, 1e39)
+    with pytest.raises(ValueError, match=r"^damping must be a real tensor, got torch\.bool$"):
+        ops.gram_factor(A, torch.ones(2, dtype=torch.bool))
+    G = torch.randn(1, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^G must be symmetric"):
+        ops.gram_factor_from_gram(G)
+    S = G @ G.mT + torch.eye(3, dtype=torch.float64)
+    assert ops.gram_factor_from_gram(S).info.tolist() == [0]

@@ -262,3 +262,37 @@ def test_ignore_index_refusals_mention_padding():
     got = rg.EGN(net, loss=torch.nn.CrossEntropyLoss()).direction(xe, ye)
     ref = rg.EGN(net, loss=torch.nn.CrossEntropyLoss()).direction(xe[kept], ye[kept])
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(got, ref))
+
+
+# --------------------------------------------------------------------------------------------------
+# One-line errors for bad input
+# --------------------------------------------------------------------------------------------------
+
+def test_one_line_errors_mixed_dtype_model_named_at_construction_and_step():
+    m = rg.RevMLP(10, 3, 2, 16, dtype=f64)
+    m.blocks[0].float()
+    with pytest.raises(ValueError, match=r"^model's blocks\.0\.WF is torch\.float32 .* readout Q is torch\.float64"):
+        rg.RevGN(m)
+    m = rg.RevMLP(10, 3, 2, 16, dtype=f64)
+    opt = rg.RevGN(m)
+    m.blocks[1].float()    # converted after construction: refused at the step, nothing written
+    with pytest.raises(ValueError, match=r"^model's blocks\.1\.WF is torch\.float32"):
+        opt.step(torch.randn(4, 10, dtype=f64), torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("Opt", ["RevGN", "EGN"])
+def test_one_line_errors_lr_overflowing_float32(Opt):
+    if Opt == "RevGN":
+        model, x, y = rg.RevMLP(10, 3, 2, 16), torch.randn(4, 10), torch.tensor([0, 1, 2, 0])
+        make_opt = lambda **kw: rg.RevGN(model, **kw)  # noqa: E731
+    else:
+        model, x, y = torch.nn.Linear(10, 3), torch.randn(4, 10), torch.tensor([0, 1, 2, 0])
+        make_opt = lambda **kw: rg.EGN(model, loss="cross_entropy", **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"lr\W* = 1e\+300 overflows the float32 parameters"):
+        make_opt(lr=1e300)
+    opt = make_opt(lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = 1e300
+    with pytest.raises(ValueError, match=r"^param_groups\[0\]\['lr'\] = 1e\+300 overflows the float32"):
+        opt.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

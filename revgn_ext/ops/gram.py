@@ -162,6 +162,8 @@ def damping_tensor(damping, A: torch.Tensor, check_finite: bool = True) -> torch
                              f"{tuple(damping.shape)}")
         if damping.device != A.device:
             raise ValueError(f"damping is on {damping.device} but A is on {A.device}")
+        if damping.dtype == torch.bool or damping.is_complex():
+            raise ValueError(f"damping must be a real tensor, got {damping.dtype}")
         damping = damping.to(A.dtype)
         if check_finite:
             check_tensor("damping", damping)
@@ -179,7 +181,15 @@ def damping_tensor(damping, A: torch.Tensor, check_finite: bool = True) -> torch
         raise ValueError(f"damping must be finite, got {value}")
     if value < 0:
         raise ValueError(f"damping must be >= 0, got {value}")
+    if A.is_floating_point() and value > torch.finfo(A.dtype).max:
+        raise ValueError(f"damping = {value:g} overflows {str(A.dtype).replace('torch.', '')} (largest finite "
+                         f"value {torch.finfo(A.dtype).max:.3g})")
     return torch.full((B,), value, dtype=A.dtype, device=A.device)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_A(A, check_finite: bool) -> torch.Tensor:
@@ -208,6 +218,7 @@ def gram_factor(A: torch.Tensor, damping=0.0, append_ones: bool = False,
     Set ``check_finite=False`` to skip the (synchronising) finiteness check on trusted GPU input.
     """
     _check_A(A, check_finite)
+    _check_flag("append_ones", append_ones)
     return gram_factor_unchecked(A, damping_tensor(damping, A, check_finite), append_ones)
 
 
@@ -226,6 +237,12 @@ def gram_factor_from_gram(G: torch.Tensor, damping=0.0, check_finite: bool = Tru
     check_tensor("G", G, ndim=3, finite=check_finite)
     if G.shape[1] != G.shape[2] or G.shape[0] == 0 or G.shape[1] == 0:
         raise ValueError(f"G must be a non-empty batch of square matrices (B, n, n), got shape {tuple(G.shape)}")
+    if check_finite:
+        # The backends read different triangles: a non-symmetric G would give backend-dependent factors.
+        tol = math.sqrt(torch.finfo(G.dtype).eps) * float(G.abs().amax())
+        if float((G - G.mT).abs().amax()) > tol:
+            raise ValueError("G must be symmetric (a Gram matrix); it differs from its transpose by more than "
+                             "sqrt(eps) of its largest entry")
     return gram_factor_from_gram_unchecked(G, damping_tensor(damping, G, check_finite))
 
 
@@ -275,6 +292,8 @@ def gram_cholesky_solve(A: torch.Tensor, R: torch.Tensor, damping=0.0, append_on
     """
     _check_A(A, check_finite)
     _check_R(R, A, check_finite)
+    _check_flag("append_ones", append_ones)
+    _check_flag("return_info", return_info)
     lam = damping_tensor(damping, A, check_finite)
     if _use_kernel("gram_cholesky_solve", A):
         out, info, _ = torch.ops.revgn.gram_cholesky_solve(A, R, lam, append_ones)

@@ -142,11 +142,23 @@ class RevGN(GaussNewtonOptimizer):
             raise ValueError(f"params leaves out {missing}; RevGN's step moves every W and b of the "
                              f"RevMLP together (give lr=0 to a group to hold its parameters still)")
         self.check_model_dtype(list(model.parameters()))
+        self.check_one_dtype(model)
         self.model = model
         self.shards = shards
         if shards is not None:
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
         self.finish_construction(called)
+
+    @staticmethod
+    def check_one_dtype(model: RevMLP) -> None:
+        """Every parameter and buffer in the readout Q's dtype and device (a block converted on its own
+        would fail inside the step's products)."""
+        ref = model.Q
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.dtype != ref.dtype or t.device != ref.device:
+                raise ValueError(f"model's {name} is {t.dtype} on {t.device} but its readout Q is {ref.dtype} on "
+                                 f"{ref.device}; RevGN needs one dtype and device for the whole RevMLP: convert "
+                                 f"the whole model, model.to({ref.dtype})")
 
     @staticmethod
     def check_loss(spec, shards=None) -> None:
@@ -164,6 +176,7 @@ class RevGN(GaussNewtonOptimizer):
         # NaN lr on one rank raises on every rank together.
         self.checked_groups()
         model, loss = self.model, self.param_groups[0]["loss"]
+        self.check_one_dtype(model)
         model.check_input(x, "x", finite=True)
         n, c = x.shape[0], model.num_classes
         check_tensor("y", y, float_only=False, finite=False)
@@ -301,8 +314,9 @@ class RevGN(GaussNewtonOptimizer):
         flat = [t for d in deltas for t in d]
         params = list(self.model.parameters())
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
-        biggest = torch.stack(torch._foreach_norm(params, math.inf)).max()
+        # The parameters' norm bounds their largest entry, which decides how the update is written.
+        norms = torch.stack(torch._foreach_norm(flat + params))
+        norm, biggest = (torch.linalg.vector_norm(v) for v in (norms[:len(flat)], norms[len(flat):]))
         # A single host sync for the decision and every statistic.
         values = torch.cat([torch.stack([loss, norm, biggest]).double()]
                            + [v.double() for v in report.values()]).tolist()
@@ -323,8 +337,9 @@ class RevGN(GaussNewtonOptimizer):
 
     def _update(self, groups: list, flat: list, norm: float, biggest: float) -> bool:
         """theta <- theta - lr Delta for every parameter, or for none (False) when a new value would not
-        be finite. When max|theta| + lr ||Delta|| is far below the dtype's largest value no entry can
-        overflow, and the update runs in place; otherwise the new values are formed and checked first."""
+        be finite. When ||theta|| + lr ||Delta|| (a bound on every new entry) is far below the dtype's
+        largest value no entry can overflow, and the update runs in place; otherwise the new values are
+        formed and checked first."""
         by_param = dict(zip(self.model.parameters(), flat))
         pairs = [(p, by_param[p], float(group["lr"])) for group in groups for p in group["params"]]
         top = max(lr for _, _, lr in pairs)
