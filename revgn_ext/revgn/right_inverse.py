@@ -6,8 +6,8 @@ Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of th
   (:func:`revgn_ext.ops.coupling_inverse_tangent`, hand-written, no forward-mode autograd);
 * per block, with A_F = [act(X2 V_F), 1] and A_G = [act(Y1 V_G), 1] (n x (M+1)):
       Theta_F = A_F^+ (s_l D_l^(1))
-      K       = (act'(Y1 V_G) * ((A_F Theta_F) V_G)) W_G^T      (how F's update moves Y2 through G)
-      Theta_G = A_G^+ (s_l D_l^(2) - K)
+      cross   = (act'(Y1 V_G) * ((A_F Theta_F) V_G)) W_G^T      (how F's update moves Y2 through G)
+      Theta_G = A_G^+ (s_l D_l^(2) - cross)
   where Theta stacks [dW^T; db^T], so block l moves its own output by exactly s_l D_l when each A has
   full row rank n, and by the least-squares fit otherwise;
 * A^+ R = A^T (A A^T + lambda I)^{-1} R through the n x n Gram (ones column implicit:
@@ -16,10 +16,10 @@ Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of th
   feature matrix, which avoids stacking copies of them). The solves run one half-layer at a time:
   torch's batched cholesky_solve on CUDA was 4-5x slower per matrix than single-matrix calls at
   n = 1024 (measured on an H100), and on the CPU batching gained nothing.
-* RevGN's target dZ = E Q^T has rank K (classes) << d/2 (:class:`LowRankTarget`). The solves are linear
-  in their right-hand side, so the last block's F half solves for s E (K columns) and multiplies by
+* RevGN's target dZ = E Q^T has rank c (classes) << d/2 (:class:`LowRankTarget`). The solves are linear
+  in their right-hand side, so the last block's F half solves for s E (c columns) and multiplies by
   Q^T afterwards, and its two products with V_G (transport and cross-term) run as E (Q^T V_G): at
-  d/2 = 392, K = 10 this removes three n x d/2 x M GEMMs and a quarter of the solves per step.
+  d/2 = 392, c = 10 this removes three n x d/2 x M GEMMs and a quarter of the solves per step.
 
 ``solver="svd"`` instead uses the official truncated pseudo-inverse: singular values of A below
 max(rtol * s_max, atol) are dropped (and the kept ones filtered as s / (s^2 + lambda)).
@@ -55,8 +55,8 @@ class BlockDelta(NamedTuple):
 
 
 class LowRankTarget(NamedTuple):
-    """A target dZ = left @ right^T (n, d) kept in factors. RevGN's dZ = E Q^T has rank K (the number
-    of classes), far below d/2, so the last block's products with it run through the K columns."""
+    """A target dZ = left @ right^T (n, d) kept in factors. RevGN's dZ = E Q^T has rank c (the number
+    of classes), far below d/2, so the last block's products with it run through the c columns."""
     left: torch.Tensor   # (n, k)
     right: torch.Tensor  # (d, k)
 
@@ -126,10 +126,10 @@ def _inverse_tangent_low_rank(b, t, E: torch.Tensor, P1: torch.Tensor, dy1: torc
 
 
 def _cross_term(b, t, fit: torch.Tensor, P1: torch.Tensor | None = None) -> torch.Tensor:
-    """K = (act'(Y1 V_G) * (dY1 V_G)) W_G^T, how F's update dY1 moves Y2 through G; dY1 = fit, or
+    """cross = (act'(Y1 V_G) * (dY1 V_G)) W_G^T, how F's update dY1 moves Y2 through G; dY1 = fit, or
     fit P1^T when P1 is given (then dY1 V_G = fit (P1^T V_G))."""
     if P1 is None and b.activation == "identity" and b.VG is not None:
-        # K = dY1 (V_G W_G^T): d/2 x M x d/2 + n x d/2 x d/2 multiply-adds instead of 2 n x d/2 x M,
+        # cross = dY1 (V_G W_G^T): d/2 x M x d/2 + n x d/2 x d/2 multiply-adds instead of 2 n x d/2 x M,
         # fewer whenever d/2 (M + n) < 2 n M (n 256, d/2 392, M 2048: 0.86x; n 1024, M 8000: 0.22x).
         half, M, n = b.VG.shape[0], b.VG.shape[1], fit.shape[0]
         if half * (M + n) < 2 * n * M:
@@ -325,7 +325,7 @@ class _ShardedSVDSolver(_SVDSolver):
 def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float],
                   damping: float = 0.0, relative_damping: bool = True, solver: str = "cholesky",
                   rtol: float = 1e-2, atol: float = 1e-5, shards=None,
-                  gram_route: str = "auto") -> tuple[list, dict]:
+                  gram_route: str = "auto", residual: bool = False) -> tuple[list, dict]:
     """Delta with J Delta = dZ for a stack of coupling blocks (formulas in the module docstring).
 
     Args:
@@ -340,6 +340,8 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
         gram_route: with ``shards`` and the Cholesky solver, how the global Grams are assembled:
             "gather_rows" (all_gather of the feature rows), "reduce_gram" (column all_to_all and an
             all_reduce of partial Grams) or "auto" (fewer bytes, :func:`revgn_ext.distributed.gram_route_bytes`).
+        residual: also report "residual", per half-layer the relative miss ||A Theta - R|| / ||R|| of its
+            solve, measured through a Gaussian sketch (:func:`_sketch_residuals`).
     Returns:
         ([BlockDelta per block], report) where report holds per-Gram tensors in the order
         F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda) and "info", "jitter" (Cholesky retries,
@@ -391,7 +393,7 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
         else:
             solve = _ShardedSVDSolver(A, lam, rtol, atol, shards)
 
-    deltas = []
+    deltas, sketched = [], []
     last = len(blocks) - 1
     for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
         width = t.hF.shape[1]
@@ -401,13 +403,43 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
             E, P1 = low
             theta_k, fit_k = solve(2 * l, s * E)
             theta_F = (P1 @ theta_k.mT).mT  # (M + 1, d/2), stored transposed as above
-            K = _cross_term(b, t, fit_k, P1)
+            cross = _cross_term(b, t, fit_k, P1)
         else:
             theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
-            K = _cross_term(b, t, dY1)
-        theta_G, _ = solve(2 * l + 1, s * D2 - K)
+            cross = _cross_term(b, t, dY1)
+        theta_G, _ = solve(2 * l + 1, s * D2 - cross)
+        if residual:
+            sketched += _sketch(t.hF, s * D1, shards) + _sketch(t.hG, s * D2 - cross, shards)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
     if shards is not None:  # the one all_reduce: sum_r of every rank's shares [A_r, 1]^T U_r
-        summed = iter(shards.sum_tensors([t for d in deltas for t in d]))
+        summed = iter(shards.sum_tensors([t for d in deltas for t in d] + sketched))
         deltas = [BlockDelta(*(next(summed) for _ in d)) for d in deltas]
-    return deltas, {"damping": lam, **solve.report()}
+        sketched = list(summed)
+    report = {"damping": lam, **solve.report()}
+    if residual:
+        report["residual"] = _sketch_residuals(deltas, sketched)
+    return deltas, report
+
+
+SKETCH_PROBES = 4
+
+
+def _sketch(A: torch.Tensor, R: torch.Tensor, shards) -> list:
+    """[S^T [A, 1], S^T R] for a Gaussian S (n x SKETCH_PROBES), drawn from a fixed seed (per rank, so
+    that the ranks' rows are independent): p n M + p n k multiply-adds, against the solve's k n M."""
+    g = torch.Generator(device=A.device).manual_seed(0 if shards is None else 1 + shards.rank)
+    S = torch.randn(A.shape[0], SKETCH_PROBES, generator=g, dtype=A.dtype, device=A.device)
+    return [torch.cat([S.mT @ A, S.sum(0)[:, None]], 1), S.mT @ R]
+
+
+def _sketch_residuals(deltas: list, sketched: list) -> torch.Tensor:
+    """Per half-layer ||S^T (A Theta - R)|| / ||S^T R|| (the absolute miss where R = 0). For a Gaussian S
+    the squared sketch norm of a matrix X has mean p ||X||^2 and is a chi-square of >= p degrees of
+    freedom times ||X||_2^2, so a miss of a few percent cannot show as a residual near rounding."""
+    out = []
+    for d, (PF, QF, PG, QG) in zip(deltas, zip(*[iter(sketched)] * 4)):
+        for W, b, P, Q in ((d.WF, d.bF, PF, QF), (d.WG, d.bG, PG, QG)):
+            miss = torch.linalg.matrix_norm(P[:, :-1] @ W.mT + P[:, -1:] * b - Q)
+            scale = torch.linalg.matrix_norm(Q)
+            out.append(torch.where(scale > 0, miss / scale, miss))
+    return torch.stack(out)

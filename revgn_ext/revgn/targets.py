@@ -1,4 +1,4 @@
-"""Function-space targets E (n x K) for a Gauss-Newton step in logit space (SPEC section 3, step 1).
+"""Function-space targets E (n x c) for a Gauss-Newton step in logit space (SPEC section 3, step 1).
 
 The losses are per-sample and averaged over the batch:
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 LOSSES = ("cross_entropy", "mse")
-TARGETS = ("identity", "newton", "damped")
+TARGETS = ("identity", "newton", "damped", "damped-batch")
 
 __all__ = ["LOSSES", "TARGETS", "loss_value", "one_hot", "identity_target", "newton_target",
-           "damped_target", "function_space_target"]
+           "damped_target", "damped_batch_target", "function_space_target"]
 
 
 def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -23,7 +23,7 @@ def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tens
 
 
 def _dense_labels(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """MSE regression targets (n, K): float targets as given, integer labels one-hot encoded."""
+    """MSE regression targets (n, c): float targets as given, integer labels one-hot encoded."""
     if y.is_floating_point():
         return y.to(logits.dtype)
     return one_hot(y, logits.shape[1], logits.dtype)
@@ -46,17 +46,17 @@ def identity_target(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.T
 def newton_target(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """E_i = H_i^+ g_i, the per-sample Newton step in logit space.
 
-    Cross-entropy with label y_i: E_i = (1 / p_{i,y_i}) (1/K 1 - e_{y_i}), which equals
+    Cross-entropy with label y_i: E_i = (1 / p_{i,y_i}) (1/c 1 - e_{y_i}), which equals
     pinv(diag p_i - p_i p_i^T)(p_i - e_{y_i}) because H_i 1 = 0, 1^T g_i = 0 and
-    H_i (1/K 1 - e_y) = p_y (p_i - e_y). p_{i,y_i} is clamped at the dtype's smallest normal number, so
+    H_i (1/c 1 - e_y) = p_y (p_i - e_y). p_{i,y_i} is clamped at the dtype's smallest normal number, so
     E stays finite (if huge) when a label's probability underflows. MSE: H_i = I, so E_i = z_i - y_i.
     """
     if loss == "mse":
         return identity_target(logits, y, loss)
-    K = logits.shape[1]
+    c = logits.shape[1]
     log_py = torch.log_softmax(logits, dim=1).gather(1, y[:, None])
     inv_py = torch.exp(-log_py).clamp_max(1.0 / torch.finfo(logits.dtype).tiny)
-    return inv_py * (1.0 / K - one_hot(y, K, logits.dtype))
+    return inv_py * (1.0 / c - one_hot(y, c, logits.dtype))
 
 
 def damped_target(logits: torch.Tensor, y: torch.Tensor, loss: str, mu: float) -> torch.Tensor:
@@ -76,13 +76,34 @@ def damped_target(logits: torch.Tensor, y: torch.Tensor, loss: str, mu: float) -
     return Dg - Dp * Dg.sum(1, keepdim=True) / Dp.sum(1, keepdim=True)
 
 
+def damped_batch_target(logits: torch.Tensor, y: torch.Tensor, loss: str, mu: float) -> torch.Tensor:
+    """E_i = Hbar^{-1} g_i with the batch average Hbar^{-1} = (1/n) sum_j (H_j + mu I)^{-1}: the official
+    code's damped target, one averaged inverse for every sample (``damped_target`` is per sample).
+
+    Cross-entropy: with r_j = 1 / (p_j + mu), v_j = p_j r_j and 1^T g_i = 0, the Sherman-Morrison form
+    of :func:`damped_target` gives (H_j + mu I)^{-1} g_i = r_j * g_i - v_j (r_j . g_i) / (1^T v_j), so
+    E = G * mean_j(r_j) - (G R^T) (V / (1^T v)) / n, n^2 c multiply-adds and no 1/mu. MSE: H_j = I, so
+    the average is (1 + mu)^{-1} I, the same as the per-sample target.
+    """
+    g = identity_target(logits, y, loss)
+    if loss == "mse":
+        return g / (1.0 + mu)
+    p = torch.softmax(logits, dim=1)
+    r = 1.0 / (p + mu)
+    v = p * r
+    n = logits.shape[0]
+    return g * r.mean(0) - (g @ r.mT) @ (v / v.sum(1, keepdim=True)) / n
+
+
 def function_space_target(logits: torch.Tensor, y: torch.Tensor, loss: str, target: str,
                           mu: float = 1e-3) -> torch.Tensor:
-    """Dispatch on ``target`` in ("identity", "newton", "damped"); ``mu`` is the damped target's mu."""
+    """Dispatch on ``target`` in :data:`TARGETS`; ``mu`` is the damped targets' mu."""
     if target == "identity":
         return identity_target(logits, y, loss)
     if target == "newton":
         return newton_target(logits, y, loss)
     if target == "damped":
         return damped_target(logits, y, loss, mu)
+    if target == "damped-batch":
+        return damped_batch_target(logits, y, loss, mu)
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from .._checks import check_tensor
-from .._warn import load_jvp_decompositions
+from ..._checks import check_tensor
+from ..._warn import load_jvp_decompositions
 
 __all__ = ["trainable_params", "ntk_matvec", "ntk_similarity", "NTKSimilarity", "linear_cka", "weight_change"]
 

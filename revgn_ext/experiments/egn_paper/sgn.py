@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.optim import Optimizer
 
-from .._checks import check_number, check_tensor
-from .._warn import load_jvp_decompositions
+from ..._checks import check_number, check_tensor
+from ..._warn import load_jvp_decompositions
 
 __all__ = ["SGN", "loss_terms"]
 
