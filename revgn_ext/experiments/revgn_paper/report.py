@@ -249,7 +249,12 @@ def tuning_markdown(records: dict, score: str = "final validation loss") -> list
         name = " ".join(key) if isinstance(key, (tuple, list)) else str(key)
         scores = ", ".join(f"{lr}: {P.Stat(**{k: v for k, v in s.items() if k != 'values'}) if isinstance(s, dict) else s}"
                            for lr, s in rec["scores"].items())
-        edge = " (grid edge)" if rec.get("at_edge") else ""
+        stop = rec.get("stop")
+        if rec.get("at_edge"):
+            edge = (f" (grid edge; the next rate {rec['beyond']:g} diverged)" if stop == P.STOP_DIVERGED
+                    else " (grid edge)")
+        else:
+            edge = ""
         lines.append(f"| {name} | {', '.join(f'{g:g}' for g in rec['grid'])} | {scores} | "
                      f"**{rec['chosen']:g}**{edge} |")
     return lines

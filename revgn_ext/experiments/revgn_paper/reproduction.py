@@ -5,7 +5,8 @@ long as Adam keeps improving.
    centred on the paper's is run on a validation split carved from the training set
    (``RunConfig.validation``); the rate with the lowest mean final validation loss over the tuning
    seeds wins (diverged runs never do). A choice at the edge of the grid extends the grid one value
-   further that way, at most ``max_extend`` times.
+   further that way until the choice is interior or the next rate diverges
+   (:func:`..common.protocol.extend_grid`, at most ``max_extend`` extensions).
 2. **Length** (:func:`adam_plateau_epochs`): Adam at its tuned rate trains in mini-batch until its
    train loss stops improving (:func:`plateau`); every mini-batch run then gets that many epochs.
 3. **Seeds** (:func:`run_seeds`): the final runs train on the whole training set at the tuned rates
@@ -88,44 +89,31 @@ def final_score(history: list, key: str) -> float:
 
 
 def tune(configs: dict, seeds=(0,), grid_size: int = 5, out_dir: str = "runs/tune", cache: dict | None = None,
-         progress: bool = False, device: str = "cpu", max_extend: int = 2, log=print, reuse: bool = False):
+         progress: bool = False, device: str = "cpu", max_extend: int = 8, log=print, reuse: bool = False):
     """Tune the learning rate of each config on the validation split.
 
     ``configs`` maps a key (e.g. ``("gn", "mini")``) to a RunConfig whose ``lr`` is the grid centre.
     Returns ``(rates, records)``: ``{key: chosen lr}`` and ``{key: {"grid", "scores", "chosen",
     "at_edge"}}`` with ``scores`` mapping each lr to the :class:`.protocol.Stat` of the final
-    validation loss over ``seeds``.
+    validation loss over ``seeds``, plus ``"stop"`` (why the extension ended) and ``"beyond"`` (the
+    diverged rate that stopped it, if any).
     """
     rates, records = {}, {}
-    factor = math.sqrt(10)
     for key, cfg in configs.items():
-        half = (grid_size - 1) / 2
-        at = {float(f"{cfg.lr * factor ** k:.3g}"): k for k in (i - half for i in range(grid_size))}
-        grid = sorted(at)
-        values = {}
+        tag = "-".join(key) if isinstance(key, tuple) else str(key)
 
-        def score(lr):
-            tag = "-".join(key) if isinstance(key, tuple) else str(key)
+        def score(lr, cfg=cfg, tag=tag):
             hs = run_seeds(replace(cfg, lr=lr, validation=True), seeds, os.path.join(out_dir, tag, f"lr{lr:g}"),
                            cache=cache, progress=progress, device=device, reuse=reuse)
-            values[lr] = [final_score(h, "val_loss") for h in hs]
-            log(f"  tune {tag}: lr {lr:g} -> val loss {P.aggregate(values[lr])}")
+            values = [final_score(h, "val_loss") for h in hs]
+            log(f"  tune {tag}: lr {lr:g} -> val loss {P.aggregate(values)}")
+            return values
 
-        for lr in grid:
-            score(lr)
-        for _ in range(max_extend):
-            best, _ = P.select_best(values)
-            if not P.at_grid_edge(grid, best):
-                break
-            k = at[best] + (1 if best == max(grid) else -1)
-            new = float(f"{cfg.lr * factor ** k:.3g}")
-            at[new] = k
-            grid = sorted(grid + [new])
-            score(new)
-        best, stats = P.select_best(values)
-        rates[key] = best
-        records[key] = {"grid": grid, "scores": {f"{lr:g}": stats[lr] for lr in grid}, "chosen": best,
-                        "at_edge": P.at_grid_edge(grid, best)}
+        search = P.extend_grid(score, cfg.lr, num=grid_size, max_extend=max_extend)
+        rates[key] = search.chosen
+        records[key] = search.record()
+        if search.at_edge:
+            log(f"  tune {tag}: lr {search.chosen:g} {search.stop_text()}")
     return rates, records
 
 
@@ -305,7 +293,8 @@ def protocol_markdown(configs: dict, payload: dict | None, source: str) -> list:
     lines += ["", f"Each rate was chosen on a validation split of the training set (20%, seed "
               f"{RunConfig.SPLIT_SEED}; the test set is not loaded by tuning runs) by the {d.get('score')}, "
               f"tuning seeds {d.get('tuning_seeds')}, from a log grid of factor sqrt(10) centred on the paper's "
-              "rate, extended where the best rate was at its edge. Final runs train on the whole training set "
+              "rate, extended one rate at a time while the best rate was at an edge, until it was interior or the "
+              "next rate diverged (the table flags a choice left at an edge). Final runs train on the whole training set "
               "and are evaluated on the test set.", ""]
     length = d.get("length")
     if length:
