@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..._warn import user_stacklevel
 from ..rules import KronInput, kron_per_sample, rule_for
 from . import factors as factor_forms
 from .assembly import Assembly
@@ -200,7 +201,8 @@ class LayerwiseGram:
         if new:
             self._warned.update(new)
             warnings.warn(f"EGN: parameter(s) {new} of {type(self.model).__name__}: {why}; their per-sample "
-                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning, stacklevel=5)
+                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         self.fallback.update(pids)
 
     def _plan(self, tape, b: int, m: int, like: torch.Tensor):
