@@ -262,8 +262,8 @@ def poisoned_test_set(monkeypatch):
 
     real = runner.load_dataset
 
-    def load(name, data_dir=None):
-        x_tr, y_tr, x_te, y_te = real(name, data_dir)
+    def load(name, data_dir=None, standardize="global"):
+        x_tr, y_tr, x_te, y_te = real(name, data_dir, standardize)
         return x_tr, y_tr, torch.full_like(x_te, math.nan), y_te
     monkeypatch.setattr(runner, "load_dataset", load)
 
