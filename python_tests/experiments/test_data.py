@@ -427,6 +427,8 @@ def test_per_pixel_standardisation_is_per_feature_and_global_is_the_default():
     assert abs(float(g[0].mean())) < 1e-4 and abs(float(g[0].std(unbiased=False)) - 1) < 1e-3
     with pytest.raises(ValueError, match="standardize"):
         load_dataset("digits", standardize="per-image")
+    with pytest.raises(ValueError, match="synthetic"):                                    # never a silent no-op
+        load_dataset("synthetic", standardize="per-pixel")
 
 
 def test_the_standardize_option_reaches_the_run_config():

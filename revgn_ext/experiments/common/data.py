@@ -61,6 +61,9 @@ def load_dataset(name: str = "digits", data_dir: str | None = None, standardize:
     if name == "digits":
         x_tr, y_tr, x_te, y_te = _digits()
     elif name == "synthetic":
+        if standardize != "global":
+            raise ValueError("standardize='per-pixel' applies to image datasets; 'synthetic' is drawn already "
+                             "standardised, use standardize='global'")
         return synthetic()
     elif name in ("fashion-mnist", "mnist"):
         x_tr, y_tr, x_te, y_te = _idx_dataset(name, data_dir or DEFAULT_DIRS[name])
