@@ -41,7 +41,8 @@ PYTEST_ARGS ?=
 # -P: import the installed package, not the source tree beside it.
 RUN := $(PY) -P
 
-.PHONY: venv install check-build check-core test test-reference pytest cmake-check demo bench clean
+.PHONY: venv install check-build check-core test test-reference pytest cmake-check demo bench clean \
+	dataset-fashion-mnist study-revgn-fashion study-egn
 
 # Each install step says first what it fetches and roughly how large it is (pip -q prints nothing).
 $(VENV)/.deps:
@@ -141,6 +142,51 @@ bench: install
 	$(RUN) benchmarks/bench_revgn_step.py --device cpu --configs cpu --out build/bench/revgn.md
 	$(RUN) benchmarks/bench_egn_step.py --device cpu --out build/bench/egn.md
 	$(RUN) benchmarks/bench_distributed.py --out build/bench/distributed.md
+
+# ---------------------------------------------------------------------------------------- long studies
+# CPU-hours each, separate from `make demo`; every run checkpoints, so re-running a target continues
+# where it stopped (the study may span several sessions). Commands and costs: docs/results/revgn_fashion/README.md
+# and docs/results/egn_study/README.md.
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+FASHION_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+REVGN_FASHION_OUT ?= runs/revgn_fashion
+REVGN_FASHION_FULL_EPOCHS ?= 100
+REVGN_FASHION_TUNE_EPOCHS ?= 10
+REVGN_FASHION_MAX_EPOCHS ?= 20
+EGN_STUDY_OUT ?= runs/egn_study
+
+# The Debian package's four IDX files; installed with apt-get when this runs as root, refused otherwise.
+dataset-fashion-mnist:
+	@missing=""; for f in $(FASHION_FILES); do [ -f "$(FASHION_DIR)/$$f" ] || missing="$$missing $$f"; done; \
+	if [ -z "$$missing" ]; then echo "Fashion-MNIST: $(FASHION_DIR) holds the four IDX files"; exit 0; fi; \
+	if [ "$(FASHION_DIR)" = /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the Debian package dataset-fashion-mnist (about 30 MB)"; \
+	  apt-get install -y dataset-fashion-mnist || { echo "make: apt-get could not install dataset-fashion-mnist"; exit 1; }; \
+	else echo "make: Fashion-MNIST is missing from $(FASHION_DIR) ($$missing); install it with" \
+	  "'sudo apt-get install dataset-fashion-mnist' or pass FASHION_DIR=<folder holding the four IDX files>"; exit 1; fi
+
+# RevGN on the whole Fashion-MNIST (60,000 / 10,000 images, d = 784, L = 2, the paper's global mean/std):
+# full batch (1,024 images, one step per epoch) at M = 8000; mini-batch 1,024 at M = 2048 until Adam's
+# train loss plateaus (tuning budget REVGN_FASHION_TUNE_EPOCHS, cap REVGN_FASHION_MAX_EPOCHS); F2's
+# robustness row under per-pixel standardisation; then one report over the three folders.
+REVGN_FASHION := $(RUN) -m revgn_ext.experiments reproduce --dataset fashion-mnist --data-dir $(FASHION_DIR) \
+	--seeds 0,1,2 --tune --resume --no-progress
+study-revgn-fashion: install dataset-fashion-mnist
+	$(REVGN_FASHION) --settings full --hidden 8000 --full-batch-size 1024 --full-epochs $(REVGN_FASHION_FULL_EPOCHS) \
+	  --tuned-file $(REVGN_FASHION_OUT)/full/tuned.json --out $(REVGN_FASHION_OUT)/full
+	$(REVGN_FASHION) --settings mini --hidden 2048 --batch-size 1024 --epochs $(REVGN_FASHION_TUNE_EPOCHS) \
+	  --max-epochs $(REVGN_FASHION_MAX_EPOCHS) --tuned-file $(REVGN_FASHION_OUT)/mini/tuned.json --out $(REVGN_FASHION_OUT)/mini
+	$(REVGN_FASHION) --settings mini --optimizers gn,adam --standardize per-pixel --hidden 2048 --batch-size 1024 \
+	  --epochs $(REVGN_FASHION_TUNE_EPOCHS) --max-epochs $(REVGN_FASHION_MAX_EPOCHS) \
+	  --tuned-file $(REVGN_FASHION_OUT)/mini-per-pixel/tuned.json --out $(REVGN_FASHION_OUT)/mini-per-pixel
+	$(RUN) -m revgn_ext.experiments.revgn_paper.report $(REVGN_FASHION_OUT)/full $(REVGN_FASHION_OUT)/mini \
+	  --robustness $(REVGN_FASHION_OUT)/mini-per-pixel --out $(REVGN_FASHION_OUT)/report \
+	  --title "RevGN vs Adam vs SGD, Fashion-MNIST (60,000 / 10,000)"
+
+# EGN: every task, every optimizer, grids extended until interior, 3 seeds, diamonds 5 epochs, C4 at 300
+# steps per batch size; the tuned rates go to $(EGN_STUDY_OUT)/tuned_rates.json.
+study-egn: install
+	$(RUN) -m revgn_ext.experiments egn --tune --resume --seeds 3 --no-progress --out $(EGN_STUDY_OUT)
 
 clean:
 	rm -rf build dist *.egg-info revgn_ext/_C*.so runs/demo $(VENV)/.installed

@@ -411,3 +411,32 @@ def test_cifar_python2_style_batch(tmp_path):
     got, labels = data.read_cifar_batch(str(path))
     np.testing.assert_array_equal(got, images)
     assert labels.tolist() == [1, 2, 3]
+
+
+def test_per_pixel_standardisation_is_per_feature_and_global_is_the_default():
+    from revgn_ext.experiments.common.data import load_dataset
+
+    g = load_dataset("digits")
+    assert torch.equal(g[0], load_dataset("digits", standardize="global")[0])
+    x_tr, _, x_te, _ = load_dataset("digits", standardize="per-pixel")
+    assert torch.isfinite(x_tr).all() and torch.isfinite(x_te).all()
+    varying = x_tr.std(0) > 1e-6
+    assert torch.allclose(x_tr.mean(0), torch.zeros(x_tr.shape[1]), atol=1e-5)          # every feature centred
+    assert torch.allclose(x_tr.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())), atol=1e-4)
+    assert not torch.allclose(g[0].std(0), x_tr.std(0))                                  # global is not per pixel
+    assert abs(float(g[0].mean())) < 1e-4 and abs(float(g[0].std(unbiased=False)) - 1) < 1e-3
+    with pytest.raises(ValueError, match="standardize"):
+        load_dataset("digits", standardize="per-image")
+    with pytest.raises(ValueError, match="synthetic"):                                    # never a silent no-op
+        load_dataset("synthetic", standardize="per-pixel")
+
+
+def test_the_standardize_option_reaches_the_run_config():
+    from revgn_ext.experiments.revgn_paper.config import RunConfig
+
+    assert RunConfig().standardize == "global"
+    assert RunConfig(standardize="per-pixel").standardize == "per-pixel"
+    with pytest.raises(ValueError, match="standardize"):
+        RunConfig(standardize="per-image")
+    assert RunConfig.from_dict({k: v for k, v in RunConfig().to_dict().items() if k != "standardize"}).standardize \
+        == "global"                                                                       # older config.json files

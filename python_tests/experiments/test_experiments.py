@@ -262,8 +262,8 @@ def poisoned_test_set(monkeypatch):
 
     real = runner.load_dataset
 
-    def load(name, data_dir=None):
-        x_tr, y_tr, x_te, y_te = real(name, data_dir)
+    def load(name, data_dir=None, standardize="global"):
+        x_tr, y_tr, x_te, y_te = real(name, data_dir, standardize)
         return x_tr, y_tr, torch.full_like(x_te, math.nan), y_te
     monkeypatch.setattr(runner, "load_dataset", load)
 
@@ -361,3 +361,25 @@ def test_reproduce_tune_writes_the_stored_file(tmp_path):
     for seed in (0, 1):
         h = load_history(str(out / "adam-mini" / f"seed{seed}"))
         assert h[-1]["epoch"] == length["epochs"] and "test_loss" in h[-1]
+
+
+@pytest.mark.slow
+def test_combined_report_over_reproduce_folders_with_a_robustness_row(tmp_path):
+    from revgn_ext.experiments.revgn_paper import report
+
+    full, mini, pixel = tmp_path / "full", tmp_path / "mini", tmp_path / "pixel"
+    assert main("reproduce", *TINY, "--full-epochs", "2", "--settings", "full", "--seeds", "0,1", "--paper-rates",
+                "--out", str(full)) == 0
+    assert main("reproduce", *TINY, "--epochs", "2", "--settings", "mini", "--seeds", "0,1", "--paper-rates",
+                "--out", str(mini)) == 0
+    tiny_digits = [a if a != "synthetic" else "digits" for a in TINY]
+    assert main("reproduce", *tiny_digits, "--epochs", "2", "--settings", "mini", "--optimizers", "gn,adam",
+                "--standardize", "per-pixel", "--seeds", "0,1", "--paper-rates", "--out", str(pixel)) == 0
+    path = report.combined_report([str(full), str(mini)], str(tmp_path / "all"), robustness=str(pixel))
+    text = open(path).read()
+    for f in ("F1", "F2", "F3", "F4"):
+        assert f"**{f}: " in text
+    assert "NOT RUN" not in text.split("## Paper findings")[1].split("##")[0]     # both settings present
+    assert "under `per-pixel` standardisation" in text
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        report.read_runs(str(tmp_path))

@@ -48,35 +48,50 @@ MAX_BYTES = 1 << 30
 _CHUNK = 1 << 20
 
 
-def load_dataset(name: str = "digits", data_dir: str | None = None):
-    """Load ``name`` as ``(x_train, y_train, x_test, y_test)``: float32 ``(N, d)``, int64 ``(N,)``."""
+def load_dataset(name: str = "digits", data_dir: str | None = None, standardize: str = "global"):
+    """Load ``name`` as ``(x_train, y_train, x_test, y_test)``: float32 ``(N, d)``, int64 ``(N,)``.
+
+    ``standardize``: ``"global"`` (one mean and std per colour channel, the paper's) or ``"per-pixel"``
+    (each feature by its own training mean and std; a feature constant on the training set is only
+    centred)."""
     if name not in DATASETS:
         raise ValueError(f"name must be one of {', '.join(DATASETS)}; got {name!r}")
+    if standardize not in ("global", "per-pixel"):
+        raise ValueError(f"standardize must be 'global' or 'per-pixel', got {standardize!r}")
     if name == "digits":
         x_tr, y_tr, x_te, y_te = _digits()
     elif name == "synthetic":
+        if standardize != "global":
+            raise ValueError("standardize='per-pixel' applies to image datasets; 'synthetic' is drawn already "
+                             "standardised, use standardize='global'")
         return synthetic()
     elif name in ("fashion-mnist", "mnist"):
         x_tr, y_tr, x_te, y_te = _idx_dataset(name, data_dir or DEFAULT_DIRS[name])
     else:
         x_tr, y_tr, x_te, y_te = _cifar10(data_dir or DEFAULT_DIRS[name])
     x_tr, x_te = _standardise(x_tr, x_te, scale=16.0 if name == "digits" else 255.0,
-                              channels=3 if name == "cifar10" else 1)
+                              channels=3 if name == "cifar10" else 1, per_pixel=standardize == "per-pixel")
     return (torch.from_numpy(x_tr), torch.from_numpy(y_tr.astype(np.int64)),
             torch.from_numpy(x_te), torch.from_numpy(y_te.astype(np.int64)))
 
 
-def _standardise(x_tr: np.ndarray, x_te: np.ndarray, scale: float, channels: int):
+def _standardise(x_tr: np.ndarray, x_te: np.ndarray, scale: float, channels: int, per_pixel: bool = False):
     """Pixels ``/ scale`` to [0, 1], then ``(x - mean) / std`` per colour channel with training-set statistics.
 
-    Per channel rather than per pixel, so that constant border pixels stay finite and the image's
-    spatial contrast is kept.
+    Per channel rather than per pixel (the paper's), so that constant border pixels stay finite and the
+    image's spatial contrast is kept. ``per_pixel``: each feature by its own training mean and std
+    (std 1 for a feature constant on the training set).
     """
     out = []
     tr = x_tr.astype(np.float64).reshape(len(x_tr), channels, -1) / scale
     te = x_te.astype(np.float64).reshape(len(x_te), channels, -1) / scale
-    mean = tr.mean(axis=(0, 2), keepdims=True)
-    std = tr.std(axis=(0, 2), keepdims=True) + 1e-8
+    if per_pixel:
+        mean = tr.mean(axis=0, keepdims=True)
+        std = tr.std(axis=0, keepdims=True)
+        std = np.where(std > 1e-8, std, 1.0)
+    else:
+        mean = tr.mean(axis=(0, 2), keepdims=True)
+        std = tr.std(axis=(0, 2), keepdims=True) + 1e-8
     for x in (tr, te):
         out.append(((x - mean) / std).reshape(len(x), -1).astype(np.float32))
     return out

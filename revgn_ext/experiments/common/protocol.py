@@ -10,9 +10,11 @@ Dataset- and optimizer-agnostic: everything here takes plain numbers, tensors or
   diverged run (NaN, inf or None) as the worst possible score.
 * :class:`Stat` / :func:`aggregate` summarise one quantity over seeds as mean ± std (sample std,
   ``ddof=1``), printed ``"m ± s"``.
-* :func:`compare` / :func:`verdict` turn mean ± std comparisons into REPRODUCED, NOT REPRODUCED or
-  MIXED: a comparison counts only when the difference of the means exceeds one standard deviation of
-  that difference, ``sqrt(s_a^2 + s_b^2)``; inside it the evidence is noise.
+* :func:`compare` / :func:`verdict` are the one verdict rule of both reports, stated in
+  :mod:`.verdicts` (REPRODUCED when every test holds beyond the noise, NOT REPRODUCED when any fails
+  beyond it, MIXED only when some test is inside the noise).
+* :func:`extend_grid` runs a learning-rate grid and extends it while the best rate sits at an edge,
+  until the choice is interior or the next rate diverges (the one grid search of both papers).
 * :func:`save_tuned` / :func:`load_tuned` read and write a tuned-rates JSON file that records the
   command which produced it; :func:`tuned_path` names the files each paper's package stores in its
   ``tuned/`` folder.
@@ -26,10 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-REPRODUCED = "REPRODUCED"
-NOT_REPRODUCED = "NOT REPRODUCED"
-MIXED = "MIXED"
-NOT_RUN = "NOT RUN"
+from . import verdicts as _verdicts
+from .verdicts import MIXED, NOT_REPRODUCED, NOT_RUN, REPRODUCED  # noqa: F401  (the one rule's names)
 
 
 # ------------------------------------------------------------------------------------------ tuning split
@@ -109,6 +109,120 @@ def at_grid_edge(grid: list, chosen) -> bool:
     return chosen in (min(grid), max(grid))
 
 
+# Why an extended grid search stopped (:attr:`GridSearch.stop`).
+STOP_INTERIOR = "interior"            # the choice has a tried rate on either side
+STOP_DIVERGED = "next rate diverged"  # the choice is at an edge and the rate beyond it diverged
+STOP_LIMIT = "extension limit"        # still at an edge after max_extend extensions
+STOP_ALL_DIVERGED = "every rate diverged"
+
+
+@dataclass
+class GridSearch:
+    """The outcome of :func:`extend_grid`: every rate tried (sorted), its per-seed scores and Stat, the
+    choice, and why the search stopped (``stop``; ``beyond`` is the diverged rate that stopped it)."""
+    grid: list
+    scores: dict
+    stats: dict
+    chosen: float
+    stop: str
+    beyond: float | None = None
+
+    @property
+    def at_edge(self) -> bool:
+        """The choice has no finite-scored tried rate on one side (it is at the edge of the grid, or
+        the rate beyond it diverged)."""
+        return self.stop != STOP_INTERIOR
+
+    def stop_text(self) -> str:
+        """How the search ended, for a report."""
+        if self.stop == STOP_INTERIOR:
+            return "interior"
+        if self.stop == STOP_DIVERGED:
+            return f"at the grid edge: the next rate {self.beyond:g} diverged"
+        if self.stop == STOP_LIMIT:
+            return "at the grid edge after the extension limit (widen the search)"
+        return "every rate diverged"
+
+    def record(self) -> dict:
+        """JSON-able summary for a tuned-rates file."""
+        return {"grid": self.grid, "scores": {f"{lr:g}": self.stats[lr] for lr in self.grid}, "chosen": self.chosen,
+                "at_edge": self.at_edge, "stop": self.stop, "beyond": self.beyond}
+
+
+def grid_rate(center: float, k: int, factor: float = math.sqrt(10)) -> float:
+    """The k-th rate from ``center`` on a log grid of step ``factor`` (3 significant digits)."""
+    return float(f"{center * factor ** k:.3g}")
+
+
+def _diverged(values) -> bool:
+    vals = values if isinstance(values, (list, tuple)) else [values]
+    return any(not finite(v) for v in vals) or not vals
+
+
+def extend_grid(score, center: float, num: int = 5, factor: float = math.sqrt(10), lower_is_better: bool = True,
+                max_extend: int = 8, select=None) -> GridSearch:
+    """Search ``num`` log-spaced rates around ``center``, then extend the grid while the best rate is at
+    an edge: one rate further out on that side at a time, until the choice is interior, the new rate
+    diverged (``STOP_DIVERGED``: the report says so) or ``max_extend`` rates were added (``STOP_LIMIT``).
+
+    ``score(lr)`` returns the validation score of every tuning seed (a list; NaN, inf or None for a
+    diverged seed). ``select(scores) -> (best, stats)`` picks among ``{lr: [scores]}`` (default
+    :func:`select_best`). When every rate diverged the grid is extended downwards, up to the limit.
+    """
+    if not isinstance(num, int) or num < 5:
+        raise ValueError(f"num must be an int >= 5 (a fair grid has at least 5 values), got {num!r}")
+    if not isinstance(max_extend, int) or max_extend < 0:
+        raise ValueError(f"max_extend must be an int >= 0, got {max_extend!r}")
+    select = select or (lambda values: select_best(values, lower_is_better))
+    half = (num - 1) // 2
+    offsets = {}
+    for k in range(-half, num - half):
+        offsets.setdefault(grid_rate(center, k, factor), k)
+    values = {}
+    for lr in sorted(offsets):
+        v = score(lr)
+        values[lr] = list(v) if isinstance(v, (list, tuple)) else [v]
+
+    def choose():
+        try:
+            return select(values)
+        except ValueError:           # every rate diverged
+            return None, {lr: aggregate(v) for lr, v in values.items()}
+
+    stop, beyond = STOP_LIMIT, None
+    for extension in range(max_extend + 1):
+        best, stats = choose()
+        grid = sorted(values)
+        if best is None:
+            side = -1                 # nothing finite yet: look at smaller rates
+        elif not at_grid_edge(grid, best):
+            stop = STOP_INTERIOR
+            break
+        else:
+            side = 1 if best == grid[-1] and len(grid) > 1 else -1
+        if extension == max_extend:
+            break
+        edge = grid[-1] if side > 0 else grid[0]
+        k = offsets[edge] + side
+        new = grid_rate(center, k, factor)
+        while new in values:         # rounding collapsed two offsets: step once more
+            k += side
+            new = grid_rate(center, k, factor)
+        offsets[new] = k
+        v = score(new)
+        values[new] = list(v) if isinstance(v, (list, tuple)) else [v]
+        if best is not None and _diverged(values[new]):
+            stop, beyond = STOP_DIVERGED, new    # a diverged rate is never chosen: the choice stays at its edge
+            break
+    best, stats = choose()
+    grid = sorted(values)
+    if best is None:
+        return GridSearch(grid, values, stats, grid[0], STOP_ALL_DIVERGED)
+    if stop == STOP_LIMIT and not at_grid_edge(grid, best):
+        stop = STOP_INTERIOR
+    return GridSearch(grid, values, stats, best, stop, beyond)
+
+
 # ------------------------------------------------------------------------------------------ seeds
 
 @dataclass
@@ -160,36 +274,9 @@ def fmt_pm(mean: float, std: float, spec: str = ".3g") -> str:
 
 
 # ------------------------------------------------------------------------------------------ verdicts
-
-def compare(a: Stat, b: Stat, less: bool = True):
-    """Whether ``a < b`` (or ``a > b`` with ``less=False``) beyond noise.
-
-    True: the difference of the means is in the claimed direction and larger than
-    ``sqrt(a.std^2 + b.std^2)`` (one std of the difference); False: the same in the opposite
-    direction; None: within one std (noise) or either side has no finite value.
-    """
-    if not (finite(a.mean) and finite(b.mean)):
-        return None
-    diff = (b.mean - a.mean) if less else (a.mean - b.mean)
-    noise = math.sqrt((a.std if finite(a.std) else 0.0) ** 2 + (b.std if finite(b.std) else 0.0) ** 2)
-    if diff > noise:
-        return True
-    if diff < -noise:
-        return False
-    return None
-
-
-def verdict(outcomes) -> str:
-    """REPRODUCED if every outcome is True, NOT REPRODUCED if any is False, otherwise (some within
-    noise) MIXED. An empty list is NOT RUN."""
-    outcomes = list(outcomes)
-    if not outcomes:
-        return NOT_RUN
-    if any(o is False for o in outcomes):
-        return NOT_REPRODUCED
-    if all(o is True for o in outcomes):
-        return REPRODUCED
-    return MIXED
+# The rule is stated once, in :mod:`.verdicts`; these names stay here for the callers of the protocol.
+compare = _verdicts.compare
+verdict = _verdicts.verdict
 
 
 # ------------------------------------------------------------------------------------------ stored rates

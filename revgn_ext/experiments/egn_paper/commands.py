@@ -23,13 +23,13 @@ from ..common.options import command_line
 from ..common.records import load_history, machine, resolve_device
 from . import lqr
 from .tasks import SUPERVISED
-from .claims import best_baseline, claims
+from .claims import claims, target_times
 from .plots import figure_batch, figure_lqr, figure_metric
 from .problems import DEFAULT_TASKS, TASKS, VAL_FRACTION, damping_for, expand_tasks, lower_is_better, make_problem
 from .report import write_report
-from .timing import C4_BATCHES, batch_size_study
-from .training import OPTIMIZERS, RunSpec, final_value, run_one, step_time, time_to_target
-from .tuning import GRID_CENTRES, grid_for, pick_lr, stored_path, stored_rates
+from .timing import C4_BATCHES, batch_size_study, c4_length
+from .training import OPTIMIZERS, RunSpec, final_value, run_one, step_time
+from .tuning import GRID_CENTRES, search, stored_path, stored_rates
 
 # The folder that holds the revgn_ext package, for the paths written in reports.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -59,7 +59,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-sizes", default=",".join(map(str, C4_BATCHES)),
                    help="C4: EGN batch sizes to time and train ('none' to skip; default 32,128,512,2048)")
     p.add_argument("--c4-task", default="diamonds", help="task of the batch-size study (default diamonds)")
-    p.add_argument("--c4-steps", type=int, default=None, help="steps per batch-size run (default --steps)")
+    p.add_argument("--c4-steps", type=int, default=None, help="steps per batch-size run (default 300)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--max-train", type=int, default=None, help="keep the first N training samples of each task")
     p.add_argument("--max-test", type=int, default=None, help="keep the first N test samples of each task")
@@ -163,23 +163,18 @@ def execute(args, argv) -> int:
     if args.tune:
         bar = tqdm(plan, desc="tuning", disable=not progress, dynamic_ncols=True)
         for task, opt in bar:
-            grid = grid_for(task, opt)
-            scores, losses = {}, {}
-            for lr in grid:
-                scores[lr], losses[lr] = [], []
-                for seed in range(args.tune_seeds):
-                    spec = RunSpec(task, opt, lr, seed, args.batch_size, steps_for(task), args.time_budget,
-                                   args.dtype, "val", eval_every(task), args.max_train, args.max_test,
-                                   damping_for(task))
-                    h = run_one(spec, os.path.join(out, "tuning", task, opt, f"lr{lr:g}", f"seed{seed}"), device,
-                                args.resume, progress, cache)
-                    scores[lr].append(final_value(h))
-                    losses[lr].append(final_value(h, "loss"))
-            lr, stats, all_div = pick_lr(task, opt, scores, losses)
-            tuning[(task, opt)] = {"grid": grid, "stats": stats, "lr": lr, "all_diverged": all_div}
-            rates.setdefault(task, {})[opt] = lr
+            def tune_run(lr, task=task, opt=opt):
+                hs = [run_one(RunSpec(task, opt, lr, seed, args.batch_size, steps_for(task), args.time_budget,
+                                      args.dtype, "val", eval_every(task), args.max_train, args.max_test,
+                                      damping_for(task)),
+                              os.path.join(out, "tuning", task, opt, f"lr{lr:g}", f"seed{seed}"), device,
+                              args.resume, progress, cache) for seed in range(args.tune_seeds)]
+                return [final_value(h) for h in hs], [final_value(h, "loss") for h in hs]
+            tuning[(task, opt)] = search(task, opt, tune_run)
+            rates.setdefault(task, {})[opt] = tuning[(task, opt)]["lr"]
         protocol.save_tuned(os.path.join(out, "tuned_rates.json"), rates, command,
                      {"grids": {f"{t}/{o}": v["grid"] for (t, o), v in tuning.items()},
+                      "stops": {f"{t}/{o}": v["search"].stop_text() for (t, o), v in tuning.items()},
                       "scores": {f"{t}/{o}": {str(k): s for k, s in v["stats"].items()} for (t, o), v in tuning.items()},
                       "batch_size": args.batch_size, "steps": {t: steps_for(t) for t in tasks},
                       "validation_fraction": VAL_FRACTION, "tune_seeds": args.tune_seeds})
@@ -207,22 +202,15 @@ def execute(args, argv) -> int:
                                 "train_loss": protocol.aggregate([final_value(h, "train_loss") for h in hs]),
                                 "ms_step": protocol.aggregate([1e3 * step_time(h) for h in hs]),
                                 "steps": "/".join(sorted({str(h[-1]["step"]) for h in hs}))}
-    for task in tasks:
-        base = best_baseline(results, task)
-        target = results[(task, base)]["final"].mean if base else math.nan
-        for opt in optimizers:
-            if (task, opt) in results:
-                r = results[(task, opt)]
-                r["target"] = target
-                r["ttt"] = protocol.aggregate([time_to_target(h, target, lower_is_better(task)) if base else None
-                                        for h in r["histories"]])
+    target_times(results, tasks)   # time to the baseline's final level, in steps and process CPU time
+    ctx["lstd"] = {t: lqr.lstd_summary(t, args.batch_size, seeds, steps_for(t) or 500) for t in tasks if t in lqr.PLANTS}
 
     study = None
     if batches:
         c4_lr = rates.get(args.c4_task, {}).get("egn")
         if c4_lr is None:
             c4_lr = (stored or {}).get("rates", {}).get(args.c4_task, {}).get("egn", GRID_CENTRES["egn"])
-        c4_steps = args.c4_steps or steps_for(args.c4_task) or 200
+        c4_steps, ctx["c4_note"] = c4_length(args.c4_steps)
         ctx.update(c4_task=args.c4_task, c4_lr=c4_lr, c4_steps=c4_steps)
         study = batch_size_study(args.c4_task, batches, c4_lr, seeds, c4_steps, args.dtype, device, out,
                                  args.resume, progress, cache, max(1, c4_steps // 25), args.max_train, args.max_test)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["Plant", "PLANTS", "LQRSetup", "discretise", "optimal_q", "policy_q", "greedy_policy",
-           "bellman_residual", "QuadraticQ", "quadratic_features", "LQRProblem"]
+           "bellman_residual", "QuadraticQ", "quadratic_features", "LQRProblem", "lstd_q", "lstd_run"]
 
 DT = 0.1
 
@@ -215,24 +215,32 @@ class LQRProblem:
     def _features(self, z: np.ndarray) -> torch.Tensor:
         return quadratic_features(torch.from_numpy(z).to(self.device, self.dtype))
 
-    @torch.no_grad()
-    def next_batch(self, model: QuadraticQ):
+    def transitions(self):
+        """(z = [x; u], cost, x') for one transition of each of the b episodes (behaviour u = -K x + noise),
+        and advance the episodes. :meth:`next_batch` and :func:`lstd_run` draw the same transitions."""
         x = self.x
         u = -x @ self.K.T + self.setup.noise * self._draw((self.batch_size, self.m))
         cost = np.einsum("bi,ij,bj->b", x, self.Qc, x) + np.einsum("bi,ij,bj->b", u, self.Rc, u)
         x_next = x @ self.A.T + u @ self.B.T
+        self._advance(x_next)
+        return np.hstack([x, u]), cost, x_next
+
+    @torch.no_grad()
+    def next_batch(self, model: QuadraticQ):
+        z, cost, x_next = self.transitions()
         z_next = np.hstack([x_next, -x_next @ self.K.T])
         target = torch.from_numpy(cost).to(self.device, self.dtype)[:, None] + \
             self.setup.gamma * model(self._features(z_next))
-        phi = self._features(np.hstack([x, u]))
-        # advance the episodes, resetting finished or escaping ones
+        return self._features(z), target
+
+    def _advance(self, x_next: np.ndarray) -> None:
+        """Advance the episodes, resetting finished or escaping ones."""
         self.t += 1
         reset = (self.t >= self.setup.episode_length) | ~np.all(np.isfinite(x_next), axis=1) | \
             (np.linalg.norm(np.nan_to_num(x_next, nan=np.inf), axis=1) > self.setup.reset_norm)
         fresh = self._draw((self.batch_size, self.n))
         self.x = np.where(reset[:, None], fresh, x_next)
         self.t[reset] = 0
-        return phi, target
 
     def after_update(self, model: QuadraticQ) -> None:
         self.updates += 1
@@ -264,3 +272,64 @@ class LQRProblem:
         self.t = state["t"].numpy().copy()
         self.updates, self.improvements = int(state["updates"]), int(state["improvements"])
         self._H_policy = None
+
+
+# ------------------------------------------------------------------------------------------- LSTD baseline
+
+def lstd_q(z: np.ndarray, cost: np.ndarray, x_next: np.ndarray, K: np.ndarray, gamma: float) -> np.ndarray:
+    """H of the least-squares fixed point of Q-evaluation for the policy u = -K x (LSTD-Q) on the
+    transitions (z, cost, x'): theta solves sum phi (phi - gamma phi')^T theta = sum phi c with
+    phi = phi(z), phi' = phi([x'; -K x']). The Q-model is linear in H, so this is what an exact GN step
+    converges to on these transitions; off-policy, so transitions of earlier behaviour policies count.
+    On noise-free dynamics with enough distinct transitions it is the policy's own H_K exactly."""
+    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64))
+    zn = torch.from_numpy(np.hstack([x_next, -x_next @ K.T]).astype(np.float64))
+    phi, phi_next = quadratic_features(zt).numpy(), quadratic_features(zn).numpy()
+    M = phi.T @ (phi - gamma * phi_next)
+    theta = np.linalg.lstsq(M, phi.T @ cost, rcond=None)[0]
+    d = z.shape[1]
+    i, j = np.triu_indices(d)
+    H = np.zeros((d, d))
+    H[i, j] = theta
+    H[j, i] = theta
+    return H
+
+
+def lstd_run(plant: Plant, batch_size: int, seed: int, steps: int, setup: LQRSetup | None = None) -> dict:
+    """The LSTD baseline of an LQR task: the same transitions as a run of ``steps`` updates of ``batch_size``
+    episodes (:meth:`LQRProblem.transitions`, same seeds), with least-squares policy iteration on the
+    same schedule (every ``improve_every`` updates: H <- :func:`lstd_q` on every transition so far for the
+    current K, then K <- greedy(H) if H_uu is positive definite). Returns {"metric": ||H* - H||_F,
+    "policy_error", "improvements", "cpu_s": process CPU seconds of the solves}."""
+    import time
+
+    problem = LQRProblem(plant, batch_size, seed, setup or LQRSetup(), dtype=torch.float64)
+    zs, cs, xs = [], [], []
+    H = np.zeros((problem.dim, problem.dim))
+    cpu = 0.0
+    for step in range(1, steps + 1):
+        z, c, x_next = problem.transitions()
+        zs.append(z), cs.append(c), xs.append(x_next)
+        if step % problem.setup.improve_every == 0 or step == steps:
+            c0 = time.process_time()
+            H = lstd_q(np.concatenate(zs), np.concatenate(cs), np.concatenate(xs), problem.K, problem.setup.gamma)
+            cpu += time.process_time() - c0
+            if step % problem.setup.improve_every == 0:
+                K = greedy_policy(H, problem.n)
+                if K is not None:
+                    problem.K = K
+                    problem.improvements += 1
+                    problem._H_policy = None
+    H_policy = policy_q(problem.A, problem.B, problem.Qc, problem.Rc, problem.K, problem.setup.gamma)
+    return {"metric": float(np.linalg.norm(problem.H_opt - H)), "policy_error": float(np.linalg.norm(H_policy - H)),
+            "improvements": problem.improvements, "cpu_s": cpu, "H": H}
+
+
+def lstd_summary(task: str, batch_size: int, seeds, steps: int) -> dict:
+    """LSTD on task ``task`` for each seed (:func:`lstd_run`): {"metric", "policy_error", "cpu_s"} as
+    :class:`..common.protocol.Stat` over seeds, plus the settings."""
+    from ..common import protocol
+
+    runs = [lstd_run(PLANTS[task], batch_size, seed, steps) for seed in seeds]
+    return {k: protocol.aggregate([r[k] for r in runs]) for k in ("metric", "policy_error", "cpu_s", "improvements")} \
+        | {"steps": steps, "batch_size": batch_size, "seeds": list(seeds)}

@@ -9,6 +9,7 @@ from ..common.markdown import markdown_table
 from ..common.records import machine
 from . import lqr
 from .tasks import MODELS, SUPERVISED
+from ..common.verdicts import RULE
 from .claims import best_baseline, format_time_to_target
 from .problems import DAMPING, LQR_DAMPING, VAL_FRACTION, metric_name
 from .training import LABELS, LBFGS, MOMENTUM, final_value
@@ -47,10 +48,11 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
     if tuning:
         L.append(f"Learning rates were searched on a validation split ({int(VAL_FRACTION * 100)}% of the training "
                  f"data, fixed seed; the test set is never used), {ctx['tune_seeds']} seed(s) per value, same "
-                 "steps; score = final validation metric (ties: lower validation loss). Each grid has 5 rates a factor "
-                 "sqrt(10) apart, centred on a fixed centre per optimizer (diamonds' SGD and Adam centred for its "
-                 "dollar-scale gradients). `*` marks the "
-                 "choice, `(edge)` a choice at the end of its grid.")
+                 "steps; score = final validation metric (ties: lower validation loss). Each grid starts with 5 rates a "
+                 "factor sqrt(10) apart, centred on a fixed centre per optimizer (diamonds' SGD and Adam centred for "
+                 "its dollar-scale gradients), and is extended one rate at a time while the best rate is at an "
+                 "edge, until the choice is interior or the next rate diverges (`protocol.extend_grid`). `*` "
+                 "marks the choice; a choice left at an edge says why.")
         L.append("")
         for t in tasks:
             L.append(f"**{t}** (validation {metric_name(t).replace('test ', '')}):")
@@ -63,8 +65,12 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
                 info = tuning[(t, o)]
                 cells = ", ".join(f"{lr:g}{'*' if lr == info['lr'] else ''}: {info['stats'][lr]:.4g}"
                                   for lr in info["grid"])
-                flag = " (edge)" if protocol.at_grid_edge(info["grid"], info["lr"]) else ""
-                flag += " (all diverged)" if info.get("all_diverged") else ""
+                found = info.get("search")
+                if found is not None:
+                    flag = "" if not found.at_edge else f" ({found.stop_text()})"
+                else:
+                    flag = " (edge)" if protocol.at_grid_edge(info["grid"], info["lr"]) else ""
+                    flag += " (all diverged)" if info.get("all_diverged") else ""
                 L.append(f"| {LABELS[o]} | {cells} | {info['lr']:g}{flag} |")
             L.append("")
     else:
@@ -72,8 +78,9 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
                  f"(produced by `{ctx.get('defaults_command', '?')}`).")
         L.append("")
     L += ["## Results", "",
-          "Final test metric, time to reach the better tuned first-order baseline's final level (the target), "
-          "and time per step.", ""]
+          "Final test metric, time to reach the better tuned first-order baseline's mean final level (the "
+          "target) in optimizer steps and in process CPU seconds (a seed that never reaches it is counted at "
+          "its run length and named), and time per step.", ""]
     rows = []
     for t in tasks:
         base = best_baseline(results, t)
@@ -87,15 +94,20 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
                          "time to target": format_time_to_target(r["ttt"]) if base else "-",
                          "ms/step": format(r["ms_step"], ".3g"), "steps": r["steps"]})
     L.append(markdown_table(rows))
-    L += ["## Claims", ""]
+    if ctx.get("lstd"):
+        L += lstd_markdown(ctx["lstd"], results)
+    L += ["## Claims", "", RULE, ""]
     for c in claim_list:
         L += [f"### {c.name}: {c.verdict}", "", f"*Claim.* {c.claim}", "", f"*Test.* {c.test}", "", "*Numbers.*", ""]
         L += [f"* {e}" for e in c.evidence] + [""]
+    if ctx.get("c4_note"):
+        L += [ctx["c4_note"], ""]
     if study:
         L += ["## C4 detail: EGN's step by batch size", "",
               f"Task `{ctx['c4_task']}`, EGN at lr {ctx['c4_lr']:g}, {ctx['c4_steps']} steps, "
               f"{len(ctx['seeds'])} seeds. The time split is measured from outside the optimizer (EGN's stats do "
-              "not report it) by running the same phases with the package's public pieces: "
+              "not report it) by running the same phases (wall clock; the whole step's time is process CPU time, "
+              "median of 3) with the package's public pieces: "
               "`egn.gram.gram_matrix` (forward + layerwise Gram), `ops.gram_factor_from_gram` (Cholesky), "
               "and `torch.cholesky_solve` + one VJP (back-projection); medians of 3. Peak memory: \"peak resident growth\" is what "
               "one step adds at its peak, on CPU the process's resident high-water mark (reset before the step) "
@@ -105,7 +117,7 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
         rows = []
         for b in sorted(study):
             s = study[b]
-            rows.append({"batch": b, "step ms": 1e3 * s["step_s"],
+            rows.append({"batch": b, "step ms (CPU)": 1e3 * s["step_s"],
                          "Gram ms": 1e3 * s["phases"].get("gram", math.nan),
                          "Cholesky ms": 1e3 * s["phases"].get("factor", math.nan),
                          "back-projection ms": 1e3 * s["phases"].get("back", math.nan),
@@ -122,3 +134,24 @@ def write_report(out: str, ctx: dict, results: dict, tuning: dict, study: dict |
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
     return path
+
+
+def lstd_markdown(lstd: dict, results: dict) -> list:
+    """The LQR table: every optimizer's final ||H* - H||_F and CPU time beside LSTD's on the same transitions."""
+    L = ["### LQR: the least-squares baseline", "",
+         "The Q-model is linear in H, so exact GN on the TD regression is least squares; LSTD-Q solves the "
+         "least-squares fixed point directly (`lqr.lstd_q`) on the same transitions (same plant, seeds, "
+         "exploration noise, b episodes per update, same number of updates), on every transition so far, "
+         "with greedy policy improvement on the same schedule (least-squares policy iteration). CPU time: "
+         "process CPU seconds of the solves (LSTD) or of the optimizer steps (the others).", "",
+         "| task | method | final ||H* - H||_F | ||H_K - H||_F | process CPU s |", "|---|---|---|---|---|"]
+    for task, row in lstd.items():
+        for (t, o), r in results.items():
+            if t != task:
+                continue
+            cpu = protocol.aggregate([h[-1].get("cpu_s") for h in r["histories"]])
+            pol = protocol.aggregate([h[-1].get("policy_error") for h in r["histories"]])
+            L.append(f"| {task} | {LABELS[o]} | {r['final']:.3g} | {pol:.3g} | {cpu:.3g} |")
+        L.append(f"| {task} | **LSTD** ({row['steps']} updates x {row['batch_size']}) | {row['metric']:.3g} | "
+                 f"{row['policy_error']:.3g} | {row['cpu_s']:.3g} |")
+    return L + [""]

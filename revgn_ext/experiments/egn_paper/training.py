@@ -2,7 +2,9 @@
 specification (:class:`RunSpec`), the run itself with its checkpoints (:func:`run_one`) and what is read
 off its history (final value, time to a target, mean ± std curves).
 
-Wall time counts the optimizer steps only (not batch assembly or evaluation). Runs write a checkpoint
+Wall time (``time_s``) and process CPU time (``cpu_s``, :func:`time.process_time`: every thread of
+the process, so at one thread it does not depend on what else the machine runs) count the optimizer
+steps only (not batch assembly or evaluation). Runs write a checkpoint
 at every evaluation; a resumed run continues from it and skips finished runs, and because the batch
 order depends only on (seed, step) a resumed run ends with the same metrics as an uninterrupted one.
 """
@@ -152,8 +154,9 @@ def run_one(spec: RunSpec, out_dir: str, device="cpu", resume: bool = False, pro
     else:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(spec.to_dict(), f, indent=1)
-        history = [{"step": 0, "time_s": 0.0, "train_loss": None, **problem.evaluate(model)}]
+        history = [{"step": 0, "time_s": 0.0, "cpu_s": 0.0, "train_loss": None, **problem.evaluate(model)}]
     step, elapsed = history[-1]["step"], history[-1]["time_s"]
+    cpu = history[-1].get("cpu_s", 0.0)
     diverged = bool(history[-1].get("diverged", 0))
 
     def budget_left():
@@ -168,11 +171,12 @@ def run_one(spec: RunSpec, out_dir: str, device="cpu", resume: bool = False, pro
     losses, stat_sums, done_here = [], {}, 0
     while budget_left():
         x, y = problem.next_batch(model, step)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # refused EGN steps are counted in the stats
             before, stats = train_step(spec.optimizer, opt, model, problem.loss, x, y)
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         problem.after_update(model)
         step += 1
         done_here += 1
@@ -183,7 +187,7 @@ def run_one(spec: RunSpec, out_dir: str, device="cpu", resume: bool = False, pro
         diverged = not math.isfinite(before) or not finite_params(model)
         last = not budget_left()
         if step % spec.eval_every == 0 or last or diverged:
-            row = {"step": step, "time_s": elapsed, "train_loss": sum(losses) / len(losses)}
+            row = {"step": step, "time_s": elapsed, "cpu_s": cpu, "train_loss": sum(losses) / len(losses)}
             row.update(problem.evaluate(model) if not diverged else {"metric": math.nan, "loss": math.nan})
             row.update({f"opt_{k}": v / len(losses) for k, v in stat_sums.items()})
             if diverged:
@@ -207,13 +211,28 @@ def final_value(history: list, key: str = "metric") -> float:
     return math.nan if v is None else float(v)
 
 
-def time_to_target(history: list, target: float, lower: bool):
-    """Wall time (s) of the first evaluation at or beyond ``target``; None if never reached."""
+TIME_KEYS = {"step": "steps", "cpu_s": "process CPU s", "time_s": "wall s"}
+
+
+def time_to_target(history: list, target: float, lower: bool, key: str = "time_s"):
+    """``key`` (``"step"``, ``"cpu_s"`` or ``"time_s"``) at the first evaluation at or beyond ``target``;
+    None if never reached."""
+    if key not in TIME_KEYS:
+        raise ValueError(f"key must be one of {', '.join(TIME_KEYS)}, got {key!r}")
     for row in history[1:]:
         v = row.get("metric")
         if v is not None and math.isfinite(v) and (v <= target if lower else v >= target):
-            return row["time_s"]
+            return row.get(key, math.nan)
     return None
+
+
+def censored_time_to_target(history: list, target: float, lower: bool, key: str):
+    """(value, reached): :func:`time_to_target`, or, for a run that never reaches ``target``, its whole
+    length in ``key`` (all its steps or CPU time, a lower bound on the true time) with ``reached=False``."""
+    t = time_to_target(history, target, lower, key)
+    if t is not None:
+        return float(t), True
+    return float(history[-1].get(key, math.nan)), False
 
 
 def curve(histories: list, x_key: str):

@@ -1,5 +1,6 @@
-"""Learning rates of the EGN comparison: the grids searched on a validation split, the choice from
-their scores, and the rates stored with the package (``tuned/egn_tasks.json``)."""
+"""Learning rates of the EGN comparison: the grids searched on a validation split (extended while the
+choice is at an edge, :func:`..common.protocol.extend_grid`), the choice from their scores, and the
+rates stored with the package (``tuned/egn_tasks.json``)."""
 from __future__ import annotations
 
 import os
@@ -27,9 +28,40 @@ def stored_rates() -> dict:
     return protocol.load_tuned(stored_path())
 
 
+MAX_EXTEND = 8   # rates added at most beyond the first 5 (a factor 10^4 further out)
+
+
+def grid_centre(task: str, optimizer: str) -> float:
+    """The centre of the first grid: fixed (not the stored rates), so that ``--tune`` re-derives the stored file."""
+    return TASK_GRID_CENTRES.get((task, optimizer), GRID_CENTRES[optimizer])
+
+
 def grid_for(task: str, optimizer: str) -> list:
-    """The tuning grid: fixed centres (not the stored rates), so that ``--tune`` re-derives the stored file."""
-    return protocol.lr_grid(TASK_GRID_CENTRES.get((task, optimizer), GRID_CENTRES[optimizer]), num=5)
+    """The first tuning grid (5 rates a factor sqrt(10) apart around :func:`grid_centre`)."""
+    return protocol.lr_grid(grid_centre(task, optimizer), num=5)
+
+
+def search(task: str, optimizer: str, run, max_extend: int = MAX_EXTEND) -> dict:
+    """Tune one (task, optimizer): ``run(lr) -> ([validation metric per seed], [validation loss per seed])``
+    on the first grid, extended while the choice is at an edge until it is interior or the next rate
+    diverges. Returns ``{"grid", "stats", "lr", "all_diverged", "stop", "beyond", "search"}``."""
+    losses = {}
+
+    def score(lr):
+        metrics, losses[lr] = run(lr)
+        return metrics
+
+    def select(values):
+        best, stats, all_div = pick_lr(task, optimizer, values, losses)
+        if all_div:
+            raise ValueError("every rate diverged")
+        return best, stats
+
+    found = protocol.extend_grid(score, grid_centre(task, optimizer), num=5, lower_is_better=lower_is_better(task),
+                                 max_extend=max_extend, select=select)
+    return {"grid": found.grid, "stats": found.stats, "lr": found.chosen,
+            "all_diverged": found.stop == protocol.STOP_ALL_DIVERGED, "stop": found.stop, "beyond": found.beyond,
+            "search": found}
 
 
 def pick_lr(task: str, optimizer: str, scores: dict, val_losses: dict) -> tuple:

@@ -28,7 +28,7 @@ from ..common.markdown import markdown_table
 from ..common.options import (HelpFormatter, command_line, csv_choices, distinct_ints, positive_int,
                               seconds)
 from ..common.records import CHECKPOINT
-from .config import OPTIMIZERS, PRESETS, SETTINGS, RunConfig
+from .config import OPTIMIZERS, PRESETS, SETTINGS, STANDARDIZE, RunConfig
 
 
 def hidden_width(text: str):
@@ -68,6 +68,8 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="folder with the dataset files (default per dataset)")
     g.add_argument("--max-train", type=int, default=None, help="use only the first N training samples")
     g.add_argument("--max-test", type=int, default=None, help="use only the first N test samples")
+    g.add_argument("--standardize", default="global", choices=STANDARDIZE,
+                   help="input standardisation: global (one mean and std, the paper's; default) or per-pixel")
     g = common.add_argument_group("model (RevMLP)")
     g.add_argument("--blocks", type=int, default=None, help="L, number of coupling blocks")
     g.add_argument("--hidden", type=hidden_width, default=None,
@@ -194,6 +196,7 @@ def make_config(args, optimizer: str, setting: str) -> RunConfig:
     elif setting == "full" and args.command == "reproduce" and args.epochs is None:
         epochs = preset["full_epochs"]
     return RunConfig(optimizer=optimizer, setting=setting, dataset=args.dataset, data_dir=args.data_dir,
+                     standardize=getattr(args, "standardize", "global"),
                      blocks=pick("blocks"), hidden=None if args.hidden == "none" else pick("hidden"),
                      activations=args.activations, weight_std=args.weight_std, batch_size=pick("batch_size"),
                      full_batch_size=pick("full_batch_size"), epochs=epochs,

@@ -19,6 +19,9 @@ ALL_OPTIMIZERS = OPTIMIZERS + ("egn", "lbfgs", "shampoo", "soap")
 MODELS = ("revmlp", "mlp")
 SCHEDULES = ("constant", "cosine", "step")
 SETTINGS = ("full", "mini")
+# Input standardisation: "global" is the paper's (one mean and std over all pixels, per colour channel);
+# "per-pixel" standardises each input feature on its own (a robustness check of the findings).
+STANDARDIZE = ("global", "per-pixel")
 
 # Paper section 5 / appendix: official learning rates (GN in the full-target-per-block convention).
 PAPER_LR = {
@@ -64,6 +67,7 @@ class RunConfig:
     model: str = "revmlp"             # "mlp": plain ReLU MLP, `blocks` hidden layers of width `hidden`
     dataset: str = "digits"
     data_dir: str | None = None
+    standardize: str = "global"       # STANDARDIZE: the paper's global mean/std, or per pixel
     blocks: int = 2
     hidden: int | None = 1024
     activations: tuple = ("identity", "relu")
@@ -98,7 +102,8 @@ class RunConfig:
     def __post_init__(self):
         self.activations = tuple(self.activations)
         for name, allowed in (("optimizer", ALL_OPTIMIZERS), ("model", MODELS), ("schedule", SCHEDULES),
-                              ("damping_mode", ("relative", "absolute")), ("solver", ("cholesky", "svd"))):
+                              ("damping_mode", ("relative", "absolute")), ("solver", ("cholesky", "svd")),
+                              ("standardize", STANDARDIZE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.model == "mlp" and self.optimizer == "gn":

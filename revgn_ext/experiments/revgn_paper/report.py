@@ -249,7 +249,12 @@ def tuning_markdown(records: dict, score: str = "final validation loss") -> list
         name = " ".join(key) if isinstance(key, (tuple, list)) else str(key)
         scores = ", ".join(f"{lr}: {P.Stat(**{k: v for k, v in s.items() if k != 'values'}) if isinstance(s, dict) else s}"
                            for lr, s in rec["scores"].items())
-        edge = " (grid edge)" if rec.get("at_edge") else ""
+        stop = rec.get("stop")
+        if rec.get("at_edge"):
+            edge = (f" (grid edge; the next rate {rec['beyond']:g} diverged)" if stop == P.STOP_DIVERGED
+                    else " (grid edge)")
+        else:
+            edge = ""
         lines.append(f"| {name} | {', '.join(f'{g:g}' for g in rec['grid'])} | {scores} | "
                      f"**{rec['chosen']:g}**{edge} |")
     return lines
@@ -283,3 +288,79 @@ def write_report(runs: dict, configs: dict, out_dir: str, figures: dict, command
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------- combined study
+
+def read_runs(folder: str) -> tuple:
+    """({(optimizer, setting): [history per seed]}, {key: RunConfig}) of a finished ``reproduce --out
+    folder`` (its ``<optimizer>-<setting>/seed<k>/`` runs)."""
+    import json
+
+    from ..common.records import CONFIG_JSON, load_history
+    from .config import RunConfig
+
+    runs, configs = {}, {}
+    for name in sorted(os.listdir(folder)):
+        opt, _, setting = name.rpartition("-")
+        seeds = sorted(d for d in os.listdir(os.path.join(folder, name)) if d.startswith("seed")) \
+            if os.path.isdir(os.path.join(folder, name)) else []
+        if setting not in SETTINGS or not seeds:
+            continue
+        runs[(opt, setting)] = [load_history(os.path.join(folder, name, s)) for s in seeds]
+        with open(os.path.join(folder, name, seeds[0], CONFIG_JSON)) as f:
+            configs[(opt, setting)] = RunConfig.from_dict(json.load(f))
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (<optimizer>-<setting>/seed<k>/) in {folder}")
+    return runs, configs
+
+
+def combined_report(parts: list, out: str, robustness: str | None = None, command: str = "",
+                    title: str = "RevGN vs Adam vs SGD") -> str:
+    """One REPORT.md over several ``reproduce`` folders (e.g. full batch at one width, mini-batch at
+    another): the findings F1-F4 on the union of their runs, each part's tuning table, and F2 on the
+    ``robustness`` folder (another input standardisation) as a robustness row, not a second verdict."""
+    from . import plots
+
+    runs, configs, tuning = {}, {}, []
+    for folder in parts:
+        r, c = read_runs(folder)
+        runs |= r
+        configs |= c
+        tuned = os.path.join(folder, "tuned_rates.json")
+        if os.path.isfile(tuned):
+            payload = P.load_tuned(tuned)
+            tuning += ["", f"Tuning of `{folder}` (`{payload['command']}`):", ""]
+            tuning += tuning_markdown(payload["details"].get("records", {}))
+    sections = ["## Learning rates", ""] + (tuning or ["(no tuned_rates.json in the parts)"])
+    if robustness:
+        rr, rc = read_runs(robustness)
+        f2 = next(f for f in findings(rr) if f.claim.startswith("F2"))
+        std = next(iter(rc.values())).standardize
+        sections += ["", "## Robustness: F2 under another input standardisation", "",
+                     f"Runs of `{robustness}` (standardisation `{std}`); a robustness row, not a second verdict.", "",
+                     f"* **{f2.claim}** {f2.verdict} under `{std}` standardisation.", f"  Evidence: {f2.evidence}."]
+    figures = plots.make_figures(runs, os.path.join(out, "figures"), title)
+    os.makedirs(out, exist_ok=True)
+    extra = "Parts: " + ", ".join(f"`{p}`" for p in parts) + ". " + (
+        "Settings differ in width where the parts do: " + ", ".join(
+            f"{k[0]}-{k[1]} M = {c.hidden}" for k, c in configs.items()) + ".")
+    return write_report(runs, configs, out, figures, command, extra=extra, sections=sections, title=title)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m revgn_ext.experiments.revgn_paper.report",
+                                 description="One REPORT.md over several finished `reproduce` output folders.")
+    ap.add_argument("parts", nargs="+", help="reproduce --out folders whose runs enter the findings")
+    ap.add_argument("--out", required=True, help="folder of the combined REPORT.md and figures")
+    ap.add_argument("--robustness", default=None, help="a reproduce --out folder whose F2 is a robustness row")
+    ap.add_argument("--title", default="RevGN vs Adam vs SGD")
+    a = ap.parse_args()
+    try:
+        print(combined_report(a.parts, a.out, a.robustness, " ".join(["python -m revgn_ext.experiments.revgn_paper"
+                                                                      ".report"] + sys.argv[1:]), a.title))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

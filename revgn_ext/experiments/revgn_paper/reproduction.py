@@ -5,7 +5,8 @@ long as Adam keeps improving.
    centred on the paper's is run on a validation split carved from the training set
    (``RunConfig.validation``); the rate with the lowest mean final validation loss over the tuning
    seeds wins (diverged runs never do). A choice at the edge of the grid extends the grid one value
-   further that way, at most ``max_extend`` times.
+   further that way until the choice is interior or the next rate diverges
+   (:func:`..common.protocol.extend_grid`, at most ``max_extend`` extensions).
 2. **Length** (:func:`adam_plateau_epochs`): Adam at its tuned rate trains in mini-batch until its
    train loss stops improving (:func:`plateau`); every mini-batch run then gets that many epochs.
 3. **Seeds** (:func:`run_seeds`): the final runs train on the whole training set at the tuned rates
@@ -28,7 +29,9 @@ from .runner import run
 # Fields that must agree for stored rates to apply to a run.
 SETUP_FIELDS = ("dataset", "model", "blocks", "hidden", "activations", "weight_std", "batch_size",
                 "full_batch_size", "target", "damping", "loss", "dtype", "max_train", "schedule",
-                "weight_decay")
+                "weight_decay", "standardize")
+# A stored set-up written before a field existed had that field's default.
+SETUP_DEFAULTS = {"standardize": "global"}
 
 
 def setup_of(cfg: RunConfig) -> dict:
@@ -88,44 +91,31 @@ def final_score(history: list, key: str) -> float:
 
 
 def tune(configs: dict, seeds=(0,), grid_size: int = 5, out_dir: str = "runs/tune", cache: dict | None = None,
-         progress: bool = False, device: str = "cpu", max_extend: int = 2, log=print, reuse: bool = False):
+         progress: bool = False, device: str = "cpu", max_extend: int = 8, log=print, reuse: bool = False):
     """Tune the learning rate of each config on the validation split.
 
     ``configs`` maps a key (e.g. ``("gn", "mini")``) to a RunConfig whose ``lr`` is the grid centre.
     Returns ``(rates, records)``: ``{key: chosen lr}`` and ``{key: {"grid", "scores", "chosen",
     "at_edge"}}`` with ``scores`` mapping each lr to the :class:`.protocol.Stat` of the final
-    validation loss over ``seeds``.
+    validation loss over ``seeds``, plus ``"stop"`` (why the extension ended) and ``"beyond"`` (the
+    diverged rate that stopped it, if any).
     """
     rates, records = {}, {}
-    factor = math.sqrt(10)
     for key, cfg in configs.items():
-        half = (grid_size - 1) / 2
-        at = {float(f"{cfg.lr * factor ** k:.3g}"): k for k in (i - half for i in range(grid_size))}
-        grid = sorted(at)
-        values = {}
+        tag = "-".join(key) if isinstance(key, tuple) else str(key)
 
-        def score(lr):
-            tag = "-".join(key) if isinstance(key, tuple) else str(key)
+        def score(lr, cfg=cfg, tag=tag):
             hs = run_seeds(replace(cfg, lr=lr, validation=True), seeds, os.path.join(out_dir, tag, f"lr{lr:g}"),
                            cache=cache, progress=progress, device=device, reuse=reuse)
-            values[lr] = [final_score(h, "val_loss") for h in hs]
-            log(f"  tune {tag}: lr {lr:g} -> val loss {P.aggregate(values[lr])}")
+            values = [final_score(h, "val_loss") for h in hs]
+            log(f"  tune {tag}: lr {lr:g} -> val loss {P.aggregate(values)}")
+            return values
 
-        for lr in grid:
-            score(lr)
-        for _ in range(max_extend):
-            best, _ = P.select_best(values)
-            if not P.at_grid_edge(grid, best):
-                break
-            k = at[best] + (1 if best == max(grid) else -1)
-            new = float(f"{cfg.lr * factor ** k:.3g}")
-            at[new] = k
-            grid = sorted(grid + [new])
-            score(new)
-        best, stats = P.select_best(values)
-        rates[key] = best
-        records[key] = {"grid": grid, "scores": {f"{lr:g}": stats[lr] for lr in grid}, "chosen": best,
-                        "at_edge": P.at_grid_edge(grid, best)}
+        search = P.extend_grid(score, cfg.lr, num=grid_size, max_extend=max_extend)
+        rates[key] = search.chosen
+        records[key] = search.record()
+        if search.at_edge:
+            log(f"  tune {tag}: lr {search.chosen:g} {search.stop_text()}")
     return rates, records
 
 
@@ -145,11 +135,20 @@ def plateau(window: int = 5, rel_tol: float = 0.01, abs_tol: float = 1e-3):
 
 
 def adam_plateau_epochs(cfg: RunConfig, max_epochs: int, out_dir: str, window: int = 5, abs_tol: float = 1e-3,
-                        cache: dict | None = None, progress: bool = False, device: str = "cpu") -> dict:
+                        cache: dict | None = None, progress: bool = False, device: str = "cpu",
+                        reuse: bool = False) -> dict:
     """Train ``cfg`` (Adam, mini-batch, its tuned rate) on the training set for at most ``max_epochs``
-    until :func:`plateau`; returns {"epochs", "stopped" (False: the cap was hit), "train_loss"}."""
-    history = run(replace(cfg, epochs=max_epochs), out_dir, device=device, progress=progress, data_cache=cache,
-                  label="adam length", stop=plateau(window, abs_tol=abs_tol))
+    until :func:`plateau`; returns {"epochs", "stopped" (False: the cap was hit), "train_loss"}.
+    ``reuse``: continue from the checkpoint in ``out_dir`` when there is one of this configuration."""
+    kw = dict(device=device, progress=progress, data_cache=cache, label="adam length", stop=plateau(window, abs_tol=abs_tol))
+    history = None
+    if reuse and os.path.isfile(os.path.join(out_dir, CHECKPOINT)):
+        try:
+            history = run(replace(cfg, epochs=max_epochs), out_dir, resume=True, **kw)
+        except ValueError:
+            history = None           # another configuration was run there: run afresh
+    if history is None:
+        history = run(replace(cfg, epochs=max_epochs), out_dir, **kw)
     last = history[-1]
     return {"epochs": last["epoch"], "stopped": last["epoch"] < max_epochs, "train_loss": last["train_loss"],
             "window": window, "abs_tol": abs_tol, "rel_tol": 0.01, "max_epochs": max_epochs}
@@ -172,7 +171,7 @@ def stored_plan(path: str, configs: dict):
         if name not in stored:
             return None, f"{path} has no tuned rate for {name}"
         mine = setup_of(cfg)
-        diff = [k for k in SETUP_FIELDS if _norm(stored[name].get(k)) != _norm(mine[k])]
+        diff = [k for k in SETUP_FIELDS if _norm(stored[name].get(k, SETUP_DEFAULTS.get(k))) != _norm(mine[k])]
         if diff:
             return None, (f"{path} was tuned for another set-up ({', '.join(f'{k}={stored[name].get(k)!r}' for k in diff)}; "
                           f"this run has {', '.join(f'{k}={mine[k]!r}' for k in diff)})")
@@ -184,14 +183,15 @@ def _norm(v):
 
 
 def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, cache: dict, progress: bool,
-           device: str, window: int = 5, abs_tol: float = 1e-3, log=print) -> dict:
+           device: str, window: int = 5, abs_tol: float = 1e-3, log=print, reuse: bool = False) -> dict:
     """Tune every config, find the mini-batch length from Adam's plateau (re-tuning the mini-batch
     rates once at that length when it differs from the tuning budget by more than half), and return
     ``{"rates": {name: lr}, "epochs": {name: epochs}, "details": {...}}`` for :func:`.protocol.save_tuned`."""
     tuning = {k: replace(c, diag_every=10 ** 6) for k, c in configs.items()}
     log(f"tuning {len(tuning)} runs x {grid_size}+ rates x {len(seeds)} seed(s) on a validation split "
         f"({int(100 * next(iter(configs.values())).val_fraction)}% of the training set)")
-    rates, records = tune(tuning, seeds, grid_size, os.path.join(out_dir, "tune"), cache, progress, device, log=log)
+    rates, records = tune(tuning, seeds, grid_size, os.path.join(out_dir, "tune"), cache, progress, device, log=log,
+                          reuse=reuse)
     details = {"setup": {key_name(k): setup_of(c) for k, c in configs.items()}, "tuning_seeds": list(seeds),
                "score": "final validation loss (mean over tuning seeds)",
                "budget_epochs": {key_name(k): c.epochs for k, c in configs.items()}}
@@ -200,7 +200,7 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
     if ("adam", "mini") in configs:
         length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
                                              diag_every=10 ** 6), max_epochs, os.path.join(out_dir, "adam-length"),
-                                     window, abs_tol, cache, progress, device)
+                                     window, abs_tol, cache, progress, device, reuse)
         log(f"Adam's mini-batch train loss stopped improving after {length['epochs']} epochs"
             + ("" if length["stopped"] else f" (cap {max_epochs} reached)"))
         details["length"] = length
@@ -209,7 +209,7 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
             log(f"re-tuning the mini-batch rates at {length['epochs']} epochs (tuned at {budget})")
             again = {k: replace(c, epochs=length["epochs"]) for k, c in tuning.items() if k in mini}
             r2, rec2 = tune(again, seeds, grid_size, os.path.join(out_dir, "tune-at-length"), cache, progress,
-                            device, log=log)
+                            device, log=log, reuse=reuse)
             details["first_pass"] = {key_name(k): records[k] for k in mini}
             adam_before = rates[("adam", "mini")]
             rates |= r2
@@ -219,7 +219,7 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
                 length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
                                                      diag_every=10 ** 6), max_epochs,
                                              os.path.join(out_dir, "adam-length-retuned"), window, abs_tol, cache,
-                                             progress, device)
+                                             progress, device, reuse)
                 log(f"at Adam's re-tuned rate its train loss stopped improving after {length['epochs']} epochs")
                 details["length"] = length
         epochs |= {key_name(k): length["epochs"] for k in mini}
@@ -244,7 +244,7 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
     payload, source = None, ""
     if args.tune:
         derived = derive(configs, args.tune_seeds, args.grid_size, args.max_epochs, out, cache, not args.no_progress,
-                         args.device, args.plateau_window, log=log)
+                         args.device, args.plateau_window, log=log, reuse=bool(getattr(args, "resume", False)))
         payload = {"command": command_line, **derived}
         P.save_tuned(path, derived["rates"], command_line, derived["details"])
         P.save_tuned(os.path.join(out, "tuned_rates.json"), derived["rates"], command_line, derived["details"])
@@ -280,7 +280,7 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
     for key, cfg in final.items():
         log(f"{key_name(key)}: lr {cfg.lr:g}, {cfg.epochs} epochs, seeds {', '.join(map(str, args.seeds))}")
         runs[key] = run_seeds(cfg, args.seeds, os.path.join(out, key_name(key)), key_name(key), cache,
-                              not args.no_progress, args.device)
+                              not args.no_progress, args.device, reuse=bool(getattr(args, "resume", False)))
     wall = time.perf_counter() - t0
 
     any_cfg = next(iter(final.values()))
@@ -305,7 +305,8 @@ def protocol_markdown(configs: dict, payload: dict | None, source: str) -> list:
     lines += ["", f"Each rate was chosen on a validation split of the training set (20%, seed "
               f"{RunConfig.SPLIT_SEED}; the test set is not loaded by tuning runs) by the {d.get('score')}, "
               f"tuning seeds {d.get('tuning_seeds')}, from a log grid of factor sqrt(10) centred on the paper's "
-              "rate, extended where the best rate was at its edge. Final runs train on the whole training set "
+              "rate, extended one rate at a time while the best rate was at an edge, until it was interior or the "
+              "next rate diverged (the table flags a choice left at an edge). Final runs train on the whole training set "
               "and are evaluated on the test set.", ""]
     length = d.get("length")
     if length:

@@ -64,11 +64,11 @@ def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None
     ``RunConfig.SPLIT_SEED``) into the part trained on and the validation part evaluated on, and the
     test tensors are dropped here.
     """
-    key = (cfg.dataset, cfg.data_dir)
+    key = (cfg.dataset, cfg.data_dir, cfg.standardize)
     if cache is not None and key in cache:
         tensors = cache[key]
     else:
-        tensors = load_dataset(cfg.dataset, cfg.data_dir)
+        tensors = load_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
         if cache is not None:
             cache[key] = tensors
     x_tr, y_tr, x_te, y_te = tensors
