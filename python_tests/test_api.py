@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
 
 from revgn_ext import EGN, RevGN, RevMLP
+
+from _dense import dense_lm_direction
 
 
 @pytest.fixture(autouse=True)
@@ -38,34 +39,6 @@ def batch(n=8, out=3, kind="labels", seed=1):
     else:
         y = torch.randn(n, out, generator=g)
     return x, y
-
-
-def dense_lm_direction(model, loss_fn, x, y, damping):
-    """-(J^T H J + lambda I)^{-1} g for the user's own loss: H its Hessian in the outputs, g its gradient."""
-    names = [n for n, p in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    flat = torch.cat([p.reshape(-1) for p in params.values()])
-    shapes = [p.shape for p in params.values()]
-
-    def unflat(w):
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            out[n] = w[i:i + k].reshape(s)
-            i += k
-        return out
-
-    def f_of_w(w):
-        return functional_call(model, unflat(w), (x,))
-
-    f = f_of_w(flat)
-    shape = f.shape
-    J = jacrev(f_of_w)(flat).reshape(f.numel(), -1)
-    H = hessian(lambda o: loss_fn(o.reshape(shape), y))(f.reshape(-1)).reshape(f.numel(), f.numel())
-    g = torch.autograd.functional.jacobian(lambda w: loss_fn(f_of_w(w), y), flat)
-    G = J.T @ H @ J + damping * torch.eye(flat.numel())
-    d = -torch.linalg.solve(G, g)
-    return [t.reshape(s) for t, s in zip(d.split([math.prod(s) for s in shapes]), shapes)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 __all__ = ["ShardGroup", "resolve", "all_gather_bytes", "all_reduce_bytes", "gram_route_bytes",
            "choose_gram_route", "GRAM_ROUTES"]
@@ -122,7 +121,7 @@ class ShardGroup:
         self.world = dist.get_world_size(group)
         self.counts = [0] * self.world
         self.traffic = {"all_gather": 0, "all_reduce": 0, "all_to_all": 0}
-        self.steps = 0       # optimizer.step() calls begun on this rank (counted by a step pre-hook)
+        self.steps = 0       # optimizer.step() calls begun on this rank (counted by begin_step)
         self.exchanges = 0   # agree() calls on this rank
         self.optimizer = None  # whose hyper-parameters every exchange compares across ranks
 
@@ -216,9 +215,10 @@ class ShardGroup:
             self._raise_difference(settings, "hyper-parameters")
 
     def begin_step(self, optimizer) -> None:
-        """Called as ``optimizer.step`` begins (a step pre-hook on every optimizer whose ``shards`` is
-        this group): counts the step, and compares the hyper-parameters across ranks once if the
-        optimizer did not pass itself to :meth:`synchronise`."""
+        """The first call of ``optimizer.step`` (each optimizer calls its rank group before anything
+        else, so a step that raises before its exchange still counts): counts the step, and compares
+        the hyper-parameters across ranks once if the optimizer did not pass itself to
+        :meth:`synchronise`."""
         self.steps += 1
         if self.optimizer is not optimizer:
             model = getattr(optimizer, "model", None)
@@ -308,6 +308,9 @@ class SingleProcess:
     def rows(self) -> slice:
         return slice(None)
 
+    def begin_step(self, optimizer) -> None:
+        """Nothing to count or compare."""
+
     def agree(self, check: Callable, batch_size: Callable[[], int], like: torch.Tensor | None = None):
         result = check()
         self.counts = [int(batch_size())]
@@ -341,14 +344,3 @@ def resolve(model: nn.Module, distributed: bool, process_group) -> tuple[nn.Modu
     if not distributed:
         return model, None
     return model, ShardGroup(process_group)
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    shards = getattr(optimizer, "shards", None)
-    if isinstance(shards, ShardGroup):
-        shards.begin_step(optimizer)
-
-
-# One global step pre-hook (it returns at once for optimizers without a ShardGroup): every data-parallel
-# optimizer's steps are counted from their start, so a step that raises before its exchange still counts.
-register_optimizer_step_pre_hook(_count_step)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import hessian
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -19,17 +19,11 @@ from revgn_ext.egn import gram as gram_mod
 from revgn_ext.egn import loss_factors as lf
 from revgn_ext.egn import EGN
 
+from _dense import brute_gram, dense_problem, flat, per_sample_loss  # noqa: F401
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference.*:RuntimeWarning")
 
 LOSSES = {"mse": 3, "cross_entropy": 4, "binary_cross_entropy": 1}   # loss -> number of outputs c
-
-
-def per_sample_loss(loss, fi, yi):
-    if loss == "mse":
-        return 0.5 * (fi - yi).square().sum()
-    if loss == "cross_entropy":
-        return -torch.log_softmax(fi, 0)[yi]
-    return F.binary_cross_entropy_with_logits(fi, yi, reduction="sum")
 
 
 def make_batch(loss, c, b=6, d_in=5, seed=0):
@@ -48,38 +42,6 @@ def mlp(c, d_in=5, seed=0, inplace=False):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(inplace=inplace),
                          nn.Linear(6, c)).double()
-
-
-def dense_problem(model, x, y, loss):
-    """J ((b c) x d), Q ((b c) x (b c)), g (d,), L for the trainable parameters."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    shapes = [params[n].shape for n in names]
-    w0 = torch.cat([params[n].reshape(-1) for n in names])
-
-    def outputs(w):
-        parts = torch.split(w, [s.numel() for s in shapes])
-        return functional_call(model, {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}, (x,))
-
-    f = outputs(w0).detach()
-    b = f.shape[0]
-    f = f.reshape(b, -1)
-    c = f.shape[1]
-    J = jacrev(lambda w: outputs(w).reshape(b * c))(w0)
-    Q = torch.block_diag(*[hessian(lambda fi: per_sample_loss(loss, fi, y[i]))(f[i]) for i in range(b)])
-
-    def total(w):
-        fw = outputs(w).reshape(b, c)
-        return sum(per_sample_loss(loss, fw[i], y[i]) for i in range(b)) / b
-
-    w = w0.clone().requires_grad_(True)
-    L = total(w)
-    (g,) = torch.autograd.grad(L, w)
-    return J, Q, g, float(L.detach())
-
-
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def params_of(model):
@@ -136,18 +98,6 @@ class FrozenLastWeight(nn.Module):
     def forward(self, x):
         h = self.act(self.a(x))
         return self.b(torch.tanh(self.mid(h)) + h)
-
-
-def brute_gram(model, x, S=None):
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
-    b = x.shape[0]
-    J = torch.cat([jac[n].reshape(b, -1, params[n].numel()) for n in names], -1)   # (b, c, d)
-    if S is not None:
-        J = torch.einsum("iba,ibk->iak", S, J)
-    J = J.reshape(-1, J.shape[-1])
-    return J @ J.T
 
 
 @pytest.mark.parametrize("make", [lambda: mlp(3, inplace=True), FrozenLastWeight])

@@ -9,35 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jacrev
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import revgn_ext  # noqa: F401
 from revgn_ext.egn import EGN
 from revgn_ext.egn import gram as gram_mod
+from revgn_ext.egn.gram import factors as gram_factors
 from revgn_ext.egn import loss_factors as lf
+
+from _dense import brute_gram, dense_direction, flat, jacobian  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference.*:RuntimeWarning")
 
 TOL = 1e-10
-
-
-def jacobian(model, x):
-    """J (b, c, d) of the flattened outputs with respect to the trainable parameters."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    b = x.shape[0]
-    jac = jacrev(lambda p: functional_call(model, p, (x,)).reshape(b, -1))(params)
-    return torch.cat([jac[n].reshape(b, jac[n].shape[1], -1) for n in names], -1)
-
-
-def brute_gram(model, x, S=None):
-    J = jacobian(model, x)
-    if S is not None:
-        J = torch.einsum("ica,icd->iad", S, J)
-    J = J.reshape(-1, J.shape[-1])
-    return J @ J.T
 
 
 def assert_close(K, ref, tol=TOL):
@@ -46,7 +31,7 @@ def assert_close(K, ref, tol=TOL):
     assert err <= tol * scale, f"max error {err:.3g} (scale {scale:.3g})"
 
 
-ROUTES = {"chosen": {"DEFAULT_BLOCK_BYTES": gram_mod.DEFAULT_BLOCK_BYTES}, "kronecker": {"_kron_cost": lambda *a: 0}, "dense": {"_dense_cost": lambda *a: 0}}
+ROUTES = {"chosen": {"DEFAULT_BLOCK_BYTES": gram_factors.DEFAULT_BLOCK_BYTES}, "kronecker": {"kron_cost": lambda *a: 0}, "dense": {"dense_cost": lambda *a: 0}}
 
 
 def check_layerwise(model, x, block_rows=None):
@@ -59,7 +44,7 @@ def check_layerwise(model, x, block_rows=None):
     S = lf.factor_matrix(lf.cross_entropy_factor(f, y))
     plain, with_S = brute_gram(model, x), brute_gram(model, x, S)
     for route, patches in ROUTES.items():
-        with mock.patch.multiple(gram_mod, **patches):
+        with mock.patch.multiple(gram_factors, **patches):
             K = gram_mod.gram_matrix(model, x, method="layerwise", block_rows=block_rows)
             assert_close(K, plain)
             K = gram_mod.gram_matrix(model, x, columns=S.permute(2, 0, 1), method="layerwise", block_rows=block_rows)
@@ -196,23 +181,6 @@ def test_mixed_model_and_row_blocks():
 # --------------------------------------------------------------------------------------------------
 # The direction against the dense parameter-space solve
 # --------------------------------------------------------------------------------------------------
-
-def dense_direction(model, x, y, loss, damping, S=None):
-    """-(J^T Q J / b + lambda I)^{-1} g with Q = S S^T (default: the exact loss Hessian)."""
-    J = jacobian(model, x)
-    b, c, d = J.shape
-    f = model(x).detach().reshape(b, c)
-    exact = lf.LOSS_FACTORS[loss](f, y)
-    if S is None:
-        S = lf.factor_matrix(exact)
-    A = torch.einsum("ica,icd->iad", S, J).reshape(-1, d)
-    g = torch.einsum("ic,icd->d", exact.residual, J) / b
-    return -torch.linalg.solve(A.T @ A / b + damping * torch.eye(d, dtype=J.dtype), g)
-
-
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_direction_on_lm_equals_dense_solve(loss):
@@ -455,14 +423,14 @@ def test_curvature_modes_step_and_predict_decrease(curvature):
     torch.manual_seed(3)
     with torch.enable_grad():
         sol = opt._solve(x, y, 0.3)
-    d = flat(sol["direction"])
+    d = flat(sol.direction)
     J = jacobian(model, x)
     b = J.shape[0]
-    S = lf.factor_matrix(sol["factor"])
+    S = lf.factor_matrix(sol.factor)
     A = torch.einsum("ica,icd->iad", S, J).reshape(b, -1, J.shape[-1])
-    g = torch.einsum("ic,icd->d", sol["factor"].residual, J) / b
-    assert abs(float(-sol["tKu"] / b) - float(g @ d)) < 1e-10
-    assert torch.allclose(-sol["Ku"], (A @ d), atol=1e-10)
+    g = torch.einsum("ic,icd->d", sol.factor.residual, J) / b
+    assert abs(float(-sol.tKu / b) - float(g @ d)) < 1e-10
+    assert torch.allclose(-sol.Ku, (A @ d), atol=1e-10)
     stats = opt.step(x, y)
     assert stats["accepted"] and stats["rho"] is not None
 

@@ -18,24 +18,14 @@ warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailab
 import revgn_ext as rg  # noqa: E402
 from revgn_ext.revgn import targets as tg  # noqa: E402
 
+from _dense import revmlp_forward  # noqa: E402
+
 f64 = torch.float64
-ACT = {"identity": lambda t: t, "relu": torch.relu, "tanh": torch.tanh, "gelu": torch.nn.functional.gelu}
 
 
 def dense_body(model, params, x):
-    """Z = X_L from SPEC section 2 with the trainable parameters taken from ``params`` (a flat list in
-    model.parameters() order), so torch.func.jvp can differentiate it."""
-    if model.in_features % 2:
-        x = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
-    h = x.shape[1] // 2
-    x1, x2 = x[:, :h], x[:, h:]
-    for l, blk in enumerate(model.blocks):
-        WF, bF, WG, bG = params[4 * l:4 * l + 4]
-        uF = x2 if blk.VF is None else x2 @ blk.VF
-        x1 = x1 + ACT[blk.activation](uF) @ WF.T + bF
-        uG = x1 if blk.VG is None else x1 @ blk.VG
-        x2 = x2 + ACT[blk.activation](uG) @ WG.T + bG
-    return torch.cat([x1, x2], 1)
+    """Z = X_L from SPEC section 2 with the trainable parameters taken from ``params``."""
+    return revmlp_forward(model, x, params)[0]
 
 
 def J_times(model, x, delta):

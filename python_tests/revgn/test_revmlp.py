@@ -12,6 +12,8 @@ warnings.filterwarnings("ignore", message="revgn_ext: compiled kernels unavailab
 
 import revgn_ext as rg  # noqa: E402
 
+from _dense import revmlp_forward  # noqa: E402
+
 ACTS = ("identity", "relu", "tanh", "gelu")
 f64 = torch.float64
 
@@ -21,19 +23,7 @@ def act(name, z):
             "gelu": torch.nn.functional.gelu}[name](z)
 
 
-def dense_forward(model, x):
-    """Z and logits straight from SPEC section 2 (pad, split, couple, read out)."""
-    if model.in_features % 2:
-        x = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
-    h = x.shape[1] // 2
-    x1, x2 = x[:, :h], x[:, h:]
-    for blk in model.blocks:
-        VF = torch.eye(h, dtype=x.dtype) if blk.VF is None else blk.VF
-        VG = torch.eye(h, dtype=x.dtype) if blk.VG is None else blk.VG
-        x1 = x1 + act(blk.activation, x2 @ VF) @ blk.WF.T + blk.bF
-        x2 = x2 + act(blk.activation, x1 @ VG) @ blk.WG.T + blk.bG
-    z = torch.cat([x1, x2], 1)
-    return z, z @ model.Q
+dense_forward = revmlp_forward   # Z and logits straight from SPEC section 2
 
 
 @pytest.mark.parametrize("hidden", [24, None])

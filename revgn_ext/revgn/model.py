@@ -10,7 +10,7 @@ X1 = x[:, :d/2], X2 = x[:, d/2:]. Block l = 1..L is an additive coupling layer
 with fixed random V_F, V_G (d/2, M) ~ N(0, 1/M) (buffers, never trained), trainable W_F, W_G (d/2, M)
 ~ N(0, weight_std^2) and biases b_F, b_G (d/2,) = 0. Without a bottleneck (``hidden=None``) V is the
 identity and W is (d/2, d/2). The output Z = [Y1_L, Y2_L] (n, d) is read out as logits = Z Q with a fixed
-Q (d, K) with orthonormal columns (QR of a Gaussian).
+Q (d, c) with orthonormal columns (QR of a Gaussian).
 
 The block math runs through :func:`revgn_ext.ops.coupling_forward` / ``coupling_inverse``, so the fused
 kernels are used when they are loaded.
@@ -42,7 +42,7 @@ class BlockTrace(NamedTuple):
 
 
 class RevMLPTrace(NamedTuple):
-    """Result of :meth:`RevMLP.forward_with_trace`: logits (n, K), output Z (n, d), one trace per block."""
+    """Result of :meth:`RevMLP.forward_with_trace`: logits (n, c), output Z (n, d), one trace per block."""
     logits: torch.Tensor
     z: torch.Tensor
     blocks: list
@@ -142,7 +142,7 @@ class RevMLP(nn.Module):
 
     Args:
         in_features: input width; an odd width is padded with one zero feature to d = in_features + 1.
-        num_classes: K, the number of logits (needs K <= d).
+        num_classes: c, the number of logits (needs c <= d).
         num_blocks: L.
         hidden: bottleneck width M (the paper uses M >= batch size); ``None`` for the variant without
             a bottleneck (F(U) = act(U) W_F^T + b_F).
@@ -173,7 +173,7 @@ class RevMLP(nn.Module):
         dim = in_features + in_features % 2
         if num_classes > dim:
             raise ValueError(f"num_classes={num_classes} exceeds the padded width d={dim}: the readout Q "
-                             "(d x K) cannot have orthonormal columns")
+                             "(d x c) cannot have orthonormal columns")
         acts = self._parse_activations(activations, num_blocks)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in (torch.float32, torch.float64):

@@ -2,7 +2,7 @@
 
 One step on a batch (x, y), with Z = X_L the network output, logits = Z Q and J = dZ/dtheta:
 
-    E     = function-space target in logit space (n x K)      (revgn_ext.revgn.targets)
+    E     = function-space target in logit space (n x c)      (revgn_ext.revgn.targets)
     dZ    = E Q^T                                              (lift to the output, n x d)
     Delta = right inverse of J applied to dZ, J Delta = dZ     (revgn_ext.revgn.right_inverse)
     theta <- theta - lr * Delta
@@ -28,8 +28,7 @@ import torch
 from .._checks import check_tensor
 from .._optim import GaussNewtonOptimizer, refuse, resolve_loss, unwrap_compiled
 from ..distributed import GRAM_ROUTES, resolve
-from . import right_inverse as ri
-from . import targets as tg
+from . import right_inverse, targets
 from .model import RevMLP
 
 # Integer label dtypes RevGN accepts (converted to int64); the wider unsigned ones lack the comparisons.
@@ -58,7 +57,7 @@ class RevGN(GaussNewtonOptimizer):
         target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i) or "damped"
             (E_i = (H_i + target_damping I)^{-1} g_i).
         loss: "cross_entropy" / ``nn.CrossEntropyLoss`` (y: int labels) or "mse" / ``nn.MSELoss``
-            (0.5 ||z - y||^2 per sample; y: (n, K) floats, or int labels one-hot encoded for "mse").
+            (0.5 ||z - y||^2 per sample; y: (n, c) floats, or int labels one-hot encoded for "mse").
             The reduction scales only ``stats["loss"]``: the step is a per-sample function-space move.
             None: the closure's loss, or inferred from y where unambiguous.
         shares: s_l, the fraction of the target block l produces; non-negative, sum 1; default 1/L.
@@ -114,9 +113,9 @@ class RevGN(GaussNewtonOptimizer):
                                         target_damping=target_damping))
         spec = resolve_loss(loss, "RevGN", self.LOSSES)
         self.check_loss(spec, shards)
-        for name, value, allowed in (("target", target, tg.TARGETS),
+        for name, value, allowed in (("target", target, targets.TARGETS),
                                      ("damping_mode", damping_mode, DAMPING_MODES),
-                                     ("solver", solver, ri.SOLVERS), ("gram_route", gram_route, GRAM_ROUTES)):
+                                     ("solver", solver, right_inverse.SOLVERS), ("gram_route", gram_route, GRAM_ROUTES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         L = model.num_blocks
@@ -161,7 +160,7 @@ class RevGN(GaussNewtonOptimizer):
         self.checked_groups()
         model, loss = self.model, self.param_groups[0]["loss"]
         model.check_input(x, "x", finite=True)
-        n, K = x.shape[0], model.num_classes
+        n, c = x.shape[0], model.num_classes
         check_tensor("y", y, float_only=False, finite=False)
         if y.device != x.device:
             raise ValueError(f"y is on {y.device} but x is on {x.device}")
@@ -169,15 +168,15 @@ class RevGN(GaussNewtonOptimizer):
             if loss == "cross_entropy":
                 raise ValueError(f"y must hold integer class labels for cross_entropy, got {y.dtype}")
             check_tensor("y", y, ndim=2)
-            if tuple(y.shape) != (n, K):
-                raise ValueError(f"y must have shape ({n}, {K}) (batch size of x, num_classes), "
+            if tuple(y.shape) != (n, c):
+                raise ValueError(f"y must have shape ({n}, {c}) (batch size of x, num_classes), "
                                  f"got {tuple(y.shape)}")
             return
         if y.dtype not in _LABEL_DTYPES or y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x) with dtype int64, "
                              f"int32, int16, int8 or uint8, got {y.dtype} {tuple(y.shape)}")
-        if bool(((y < 0) | (y >= K)).any()):
-            raise ValueError(f"y has labels outside [0, {K}) (num_classes={K}): "
+        if bool(((y < 0) | (y >= c)).any()):
+            raise ValueError(f"y has labels outside [0, {c}) (num_classes={c}): "
                              f"min {int(y.min())}, max {int(y.max())}")
 
     def _direction(self, x, y):
@@ -199,12 +198,12 @@ class RevGN(GaussNewtonOptimizer):
                           "rank-deficient, so the step is a damped least-squares fit, not exact "
                           "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=3)
         trace = model.forward_with_trace(x)
-        loss = tg.loss_value(trace.logits, y, group["loss"])
+        loss = targets.loss_value(trace.logits, y, group["loss"])
         if shards is not None:
             loss = shards.mean(loss)
-        E = tg.function_space_target(trace.logits, y, group["loss"], group["target"], group["target_damping"])
-        dZ = ri.LowRankTarget(E, model.Q)  # E Q^T, kept in factors (rank K, see right_inverse)
-        deltas, report = ri.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
+        E = targets.function_space_target(trace.logits, y, group["loss"], group["target"], group["target_damping"])
+        dZ = right_inverse.LowRankTarget(E, model.Q)  # E Q^T, kept in factors (rank c, see right_inverse)
+        deltas, report = right_inverse.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
                                           group["damping_mode"] == "relative", group["solver"],
                                           group["rtol"], group["atol"], shards, group["gram_route"])
         return loss, n, deltas, report
@@ -236,6 +235,8 @@ class RevGN(GaussNewtonOptimizer):
         The stats are also kept in ``last_stats``; ``stats["loss"]`` is in the user's reduction. The
         step runs with autocast off, in the parameters' dtype.
         """
+        if self.shards is not None:
+            self.shards.begin_step(self)   # counted before anything can raise (docs/distributed.md)
         batch, spec = self._batch_and_loss(closure, y)
         with torch.no_grad(), self.no_autocast():
             stats = self._step(batch.x, batch.y)

@@ -6,8 +6,8 @@ Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of th
   (:func:`revgn_ext.ops.coupling_inverse_tangent`, hand-written, no forward-mode autograd);
 * per block, with A_F = [act(X2 V_F), 1] and A_G = [act(Y1 V_G), 1] (n x (M+1)):
       Theta_F = A_F^+ (s_l D_l^(1))
-      K       = (act'(Y1 V_G) * ((A_F Theta_F) V_G)) W_G^T      (how F's update moves Y2 through G)
-      Theta_G = A_G^+ (s_l D_l^(2) - K)
+      cross   = (act'(Y1 V_G) * ((A_F Theta_F) V_G)) W_G^T      (how F's update moves Y2 through G)
+      Theta_G = A_G^+ (s_l D_l^(2) - cross)
   where Theta stacks [dW^T; db^T], so block l moves its own output by exactly s_l D_l when each A has
   full row rank n, and by the least-squares fit otherwise;
 * A^+ R = A^T (A A^T + lambda I)^{-1} R through the n x n Gram (ones column implicit:
@@ -16,10 +16,10 @@ Z = X_L is the network output and J = dZ/dtheta. Block l takes a share s_l of th
   feature matrix, which avoids stacking copies of them). The solves run one half-layer at a time:
   torch's batched cholesky_solve on CUDA was 4-5x slower per matrix than single-matrix calls at
   n = 1024 (measured on an H100), and on the CPU batching gained nothing.
-* RevGN's target dZ = E Q^T has rank K (classes) << d/2 (:class:`LowRankTarget`). The solves are linear
-  in their right-hand side, so the last block's F half solves for s E (K columns) and multiplies by
+* RevGN's target dZ = E Q^T has rank c (classes) << d/2 (:class:`LowRankTarget`). The solves are linear
+  in their right-hand side, so the last block's F half solves for s E (c columns) and multiplies by
   Q^T afterwards, and its two products with V_G (transport and cross-term) run as E (Q^T V_G): at
-  d/2 = 392, K = 10 this removes three n x d/2 x M GEMMs and a quarter of the solves per step.
+  d/2 = 392, c = 10 this removes three n x d/2 x M GEMMs and a quarter of the solves per step.
 
 ``solver="svd"`` instead uses the official truncated pseudo-inverse: singular values of A below
 max(rtol * s_max, atol) are dropped (and the kept ones filtered as s / (s^2 + lambda)).
@@ -55,8 +55,8 @@ class BlockDelta(NamedTuple):
 
 
 class LowRankTarget(NamedTuple):
-    """A target dZ = left @ right^T (n, d) kept in factors. RevGN's dZ = E Q^T has rank K (the number
-    of classes), far below d/2, so the last block's products with it run through the K columns."""
+    """A target dZ = left @ right^T (n, d) kept in factors. RevGN's dZ = E Q^T has rank c (the number
+    of classes), far below d/2, so the last block's products with it run through the c columns."""
     left: torch.Tensor   # (n, k)
     right: torch.Tensor  # (d, k)
 
@@ -126,10 +126,10 @@ def _inverse_tangent_low_rank(b, t, E: torch.Tensor, P1: torch.Tensor, dy1: torc
 
 
 def _cross_term(b, t, fit: torch.Tensor, P1: torch.Tensor | None = None) -> torch.Tensor:
-    """K = (act'(Y1 V_G) * (dY1 V_G)) W_G^T, how F's update dY1 moves Y2 through G; dY1 = fit, or
+    """cross = (act'(Y1 V_G) * (dY1 V_G)) W_G^T, how F's update dY1 moves Y2 through G; dY1 = fit, or
     fit P1^T when P1 is given (then dY1 V_G = fit (P1^T V_G))."""
     if P1 is None and b.activation == "identity" and b.VG is not None:
-        # K = dY1 (V_G W_G^T): d/2 x M x d/2 + n x d/2 x d/2 multiply-adds instead of 2 n x d/2 x M,
+        # cross = dY1 (V_G W_G^T): d/2 x M x d/2 + n x d/2 x d/2 multiply-adds instead of 2 n x d/2 x M,
         # fewer whenever d/2 (M + n) < 2 n M (n 256, d/2 392, M 2048: 0.86x; n 1024, M 8000: 0.22x).
         half, M, n = b.VG.shape[0], b.VG.shape[1], fit.shape[0]
         if half * (M + n) < 2 * n * M:
@@ -401,11 +401,11 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
             E, P1 = low
             theta_k, fit_k = solve(2 * l, s * E)
             theta_F = (P1 @ theta_k.mT).mT  # (M + 1, d/2), stored transposed as above
-            K = _cross_term(b, t, fit_k, P1)
+            cross = _cross_term(b, t, fit_k, P1)
         else:
             theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
-            K = _cross_term(b, t, dY1)
-        theta_G, _ = solve(2 * l + 1, s * D2 - K)
+            cross = _cross_term(b, t, dY1)
+        theta_G, _ = solve(2 * l + 1, s * D2 - cross)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
     if shards is not None:  # the one all_reduce: sum_r of every rank's shares [A_r, 1]^T U_r
         summed = iter(shards.sum_tensors([t for d in deltas for t in d]))

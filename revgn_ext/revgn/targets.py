@@ -1,4 +1,4 @@
-"""Function-space targets E (n x K) for a Gauss-Newton step in logit space (SPEC section 3, step 1).
+"""Function-space targets E (n x c) for a Gauss-Newton step in logit space (SPEC section 3, step 1).
 
 The losses are per-sample and averaged over the batch:
 
@@ -23,7 +23,7 @@ def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tens
 
 
 def _dense_labels(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """MSE regression targets (n, K): float targets as given, integer labels one-hot encoded."""
+    """MSE regression targets (n, c): float targets as given, integer labels one-hot encoded."""
     if y.is_floating_point():
         return y.to(logits.dtype)
     return one_hot(y, logits.shape[1], logits.dtype)
@@ -46,17 +46,17 @@ def identity_target(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.T
 def newton_target(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """E_i = H_i^+ g_i, the per-sample Newton step in logit space.
 
-    Cross-entropy with label y_i: E_i = (1 / p_{i,y_i}) (1/K 1 - e_{y_i}), which equals
+    Cross-entropy with label y_i: E_i = (1 / p_{i,y_i}) (1/c 1 - e_{y_i}), which equals
     pinv(diag p_i - p_i p_i^T)(p_i - e_{y_i}) because H_i 1 = 0, 1^T g_i = 0 and
-    H_i (1/K 1 - e_y) = p_y (p_i - e_y). p_{i,y_i} is clamped at the dtype's smallest normal number, so
+    H_i (1/c 1 - e_y) = p_y (p_i - e_y). p_{i,y_i} is clamped at the dtype's smallest normal number, so
     E stays finite (if huge) when a label's probability underflows. MSE: H_i = I, so E_i = z_i - y_i.
     """
     if loss == "mse":
         return identity_target(logits, y, loss)
-    K = logits.shape[1]
+    c = logits.shape[1]
     log_py = torch.log_softmax(logits, dim=1).gather(1, y[:, None])
     inv_py = torch.exp(-log_py).clamp_max(1.0 / torch.finfo(logits.dtype).tiny)
-    return inv_py * (1.0 / K - one_hot(y, K, logits.dtype))
+    return inv_py * (1.0 / c - one_hot(y, c, logits.dtype))
 
 
 def damped_target(logits: torch.Tensor, y: torch.Tensor, loss: str, mu: float) -> torch.Tensor:

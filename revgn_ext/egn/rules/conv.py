@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import KronInput, Rule
+from .base import KronInput, Rule
 
 
 def _pair(v, n):

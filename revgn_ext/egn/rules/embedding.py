@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import KronInput, Rule
+from .base import KronInput, Rule
 
 
 class EmbeddingRule(Rule):

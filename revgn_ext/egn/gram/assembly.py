@@ -1,0 +1,42 @@
+"""What one call of a Gram assembler returns, and the call's contract.
+
+``assembler.assemble(x, system, ranks)`` is the whole exchange between an optimizer and an assembler
+for one solve:
+
+1. the assembler hands ``system`` a ``forward`` function (the model on x, with whatever recording the
+   assembler needs); ``system(forward)`` runs the caller's checks around that forward, forms the loss
+   factor and returns ``(columns, payload)``: ``columns`` (m, b, c) with ``columns[a, i] = S_i[:, a]``,
+   or None when no Gram is needed (a non-finite loss), and anything the caller wants back;
+2. the assembler forms K = S^T J J^T S (rows of every rank of ``ranks`` gathered: rank, then sample,
+   then output), verifying its layer rules;
+3. it returns one :class:`Assembly`: the outputs f (with their autograd graph, for the caller's VJP),
+   the caller's payload, K, and the factors that the step's back-projection J^T S u can be checked
+   against (:meth:`Assembly.disagreeing`).
+
+Nothing of one call is kept for the next: the assembler remembers only which parameters take the
+torch.func route and which call patterns its random-weight check has passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .verification import disagreeing
+
+__all__ = ["Assembly"]
+
+
+@dataclass
+class Assembly:
+    f: torch.Tensor                      # (b, c) outputs of this rank's samples, with their graph
+    payload: Any                         # what the caller's ``system`` returned beside the columns
+    gram: torch.Tensor | None = None     # K (n, n), n = total b * m; None: no columns were given
+    params: list = field(default_factory=list)
+    checked: list = field(default_factory=list)   # the rules' factors (global rows), for the direction check
+
+    def disagreeing(self, u: torch.Tensor, products) -> list[int]:
+        """ids of the parameters whose rule factors disagree with autograd's back-projection
+        ``products`` = J^T S u (one tensor per parameter, summed over ranks); u (total b, m)."""
+        return disagreeing(self.checked, self.params, u, products) if self.checked else []

@@ -1,0 +1,133 @@
+"""The stored factors of the layer-wise Gram and its assembly in row blocks.
+
+A factor holds the per-sample gradients V_p[(i, a)] of some parameters, for every sample i and output
+column a, in one of two forms:
+
+* :class:`KronFactor`: ``sum_t G[i, a, t] (x) X[i, t]`` over positions t, never formed; its Gram is
+  ``sum_{t,s} (x_it . x_js)(g_iat . g_jbs)`` (for one position, the Hadamard product of an input
+  kernel (b x b) and an output-gradient kernel (b m x b m));
+* :class:`DenseFactor`: V (b, m, d_p) itself.
+
+:func:`kron_cost` and :func:`dense_cost` count the multiply-adds of the two forms; the layer-wise
+assembler picks the cheaper per parameter. :func:`assemble` sums the factors' Grams in blocks of rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..rules import KronInput, kron_per_sample
+
+__all__ = ["KronFactor", "DenseFactor", "kron_cost", "dense_cost", "assemble", "DEFAULT_BLOCK_BYTES"]
+
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+
+
+def kron_cost(b, m, T, p, q, ids):
+    return b * b * T * T * (1 if ids else p) + (b * m * T) ** 2 * q + ((b * m) ** 2 * T * T if T > 1 else 0)
+
+
+def dense_cost(b, m, T, p, q):
+    return b * m * T * p * q + (b * m) ** 2 * p * q
+
+
+class KronFactor:
+    """Per-sample gradients sum_t G[i, a, t] (x) X[i, t] of parameters sharing one Kronecker form.
+
+    X: (b, T, p) features or (b, T) ids; G: (b, m, T, q). ``parts``: (param, first column, last column
+    of X) for features (one use's weight and bias share G: X = [x, 1]); for ids one part.
+    """
+
+    def __init__(self, kron: KronInput, parts, G: torch.Tensor):
+        self.kron, self.parts, self.G = kron, parts, G
+
+    @property
+    def positions(self):
+        return self.G.shape[2]
+
+    def nbytes(self):
+        return self.kron.X.numel() * self.kron.X.element_size() + self.G.numel() * self.G.element_size()
+
+    def row_bytes(self, b):
+        """Temporary bytes per sample row of a block."""
+        m, T = self.G.shape[1], self.positions
+        return (m * T * b * m * T + T * b * T) * self.G.element_size()
+
+    def gather(self, ranks):
+        self.kron = KronInput(ranks.gather_rows(self.kron.X), self.kron.vocab)
+        self.G = ranks.gather_rows(self.G)
+
+    def _input_kernel(self, i0, i1, j1):
+        X = self.kron.X
+        if self.kron.kind == "ids":   # (x_it . x_js) = [id_it = id_js], ids -1 match nothing
+            A, B = X[i0:i1], X[:j1]
+            return ((A[:, :, None, None] == B[None, None]) & (A[:, :, None, None] >= 0)).to(self.G.dtype)
+        T = self.positions
+        return (X[i0:i1].reshape(-1, X.shape[2]) @ X[:j1].reshape(-1, X.shape[2]).T).view(i1 - i0, T, j1, T)
+
+    def add_block(self, K, i0, i1, j1):
+        """K[(i0..i1, :), (0..j1, :)] += this factor's Gram block."""
+        m, T, q = self.G.shape[1], self.positions, self.G.shape[3]
+        Kx = self._input_kernel(i0, i1, j1)
+        rows = K[i0 * m:i1 * m, :j1 * m].view(i1 - i0, m, j1, m)
+        if T == 1:
+            Kg = (self.G[i0:i1].reshape(-1, q) @ self.G[:j1].reshape(-1, q).T).view(i1 - i0, m, j1, m)
+            rows.addcmul_(Kx[:, 0, :, 0][:, None, :, None], Kg)
+        else:
+            Kg = (self.G[i0:i1].reshape(-1, q) @ self.G[:j1].reshape(-1, q).T).view(i1 - i0, m, T, j1, m, T)
+            rows.add_((Kg * Kx[:, None, :, :, None, :]).sum((2, 5)))   # sum_{t,s}; einsum would copy Kg
+
+    def weighted_gradients(self, w):
+        """{param: sum_{i,a} w_ia grad_ia} from the factor (for the verification)."""
+        Gw = torch.einsum("ia,iatq->itq", w, self.G)
+        if self.kron.kind == "ids":
+            (p, _, _), = self.parts
+            return {p: kron_per_sample(self.kron, Gw, p.shape).sum(0)}
+        full = torch.einsum("itq,itp->qp", Gw, self.kron.X)
+        return {p: full[:, lo:hi].reshape(p.shape) for p, lo, hi in self.parts}
+
+
+class DenseFactor:
+    """Materialised per-sample gradients V (b, m, d_p) of one parameter (None: torch.func rows, which
+    the verification does not check)."""
+
+    def __init__(self, param, V):
+        self.param, self.V = param, V
+
+    def nbytes(self):
+        return self.V.numel() * self.V.element_size()
+
+    def row_bytes(self, b):
+        return 0
+
+    def gather(self, ranks):
+        self.V = ranks.gather_rows(self.V)
+
+    def add_block(self, K, i0, i1, j1):
+        m = self.V.shape[1]
+        K[i0 * m:i1 * m, :j1 * m].addmm_(self.V[i0:i1].reshape((i1 - i0) * m, -1), self.V[:j1].reshape(j1 * m, -1).T)
+
+    def weighted_gradients(self, w):
+        return {self.param: torch.einsum("ia,iad->d", w, self.V).reshape(self.param.shape)}
+
+
+def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_limit: int) -> torch.Tensor:
+    """K = sum of the factors' Grams, in blocks of rows: lower block triangle, then mirrored, so that a
+    block's temporaries stay bounded (``block_rows`` rows, or 1/16 of ``memory_limit`` up to
+    :data:`DEFAULT_BLOCK_BYTES`)."""
+    n = b * m
+    K = like.new_zeros(n, n)
+    if block_rows is None:
+        budget = min(memory_limit // 16, DEFAULT_BLOCK_BYTES)
+        per_sample = max([fa.row_bytes(b) for fa in factors] + [m * b * like.element_size()])
+        block = max(1, budget // max(per_sample, 1))
+    else:
+        block = max(1, block_rows // m)
+    starts = list(range(0, b, block))
+    for i0 in starts:
+        i1 = min(b, i0 + block)
+        for fa in factors:
+            fa.add_block(K, i0, i1, i1)
+    for i0 in starts:   # upper block triangle from the lower one
+        i1 = min(b, i0 + block)
+        K[i0 * m:i1 * m, i1 * m:] = K[i1 * m:, i0 * m:i1 * m].T
+    return K

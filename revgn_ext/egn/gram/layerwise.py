@@ -1,0 +1,328 @@
+"""The layer-wise Gram: K = sum over parameters of V_p V_p^T, from the layer rules.
+
+V_p[(i, a)] is the per-sample gradient of output column a of sample i with respect to parameter p.
+It comes from the rule of the modules that use p (:mod:`revgn_ext.egn.rules`), recorded by forward
+hooks, and from m backward passes with grad_outputs = columns[a] (sample i's output depends on sample
+i only); it is never formed where the rule gives a Kronecker form (:mod:`.factors`). A parameter used
+several times (tied weights, a module called twice) gets the *sum* of its uses' per-sample gradients,
+so the cross terms between uses are in K: uses of the same Kronecker kind are concatenated along
+positions, others are summed in dense form.
+
+Parameters no rule covers fall back *per parameter* to torch.func (:mod:`.functional`);
+``fallback=False`` (``gram="layerwise"``) refuses them instead, naming the module. The factors are
+verified against autograd (:mod:`.verification`); a parameter that disagrees moves to torch.func from
+then on, with a RuntimeWarning naming it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..rules import KronInput, kron_per_sample, rule_for
+from . import factors as factor_forms
+from .assembly import Assembly
+from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory
+from .factors import DenseFactor, KronFactor
+from .functional import per_sample_jacobian_rows
+from .verification import MISMATCH, random_weight_check
+
+__all__ = ["LayerwiseGram", "layerwise_obstacle"]
+
+
+def _coverage(model: nn.Module, params):
+    """(covered, uncovered): id(param) -> [(module name, module, attr)] for the rules' modules, and
+    {id(param): why} for trainable parameters some registering module has no rule for."""
+    trainable = {id(p) for p in params}
+    covered: dict[int, list] = {}
+    uncovered: dict[int, str] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        rule = rule_for(module)
+        obstacle = rule.obstacle(module) if rule is not None else None
+        attrs = set(rule.attrs(module)) if rule is not None else set()
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in trainable:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            label = f"parameter '{full}' of module '{mname or type(model).__name__}' ({type(module).__name__})"
+            if rule is None:
+                uncovered[id(p)] = f"{label}: no layer rule for {type(module).__name__}"
+            elif obstacle is not None:
+                uncovered[id(p)] = f"{label}: {obstacle}"
+            elif pname not in attrs:
+                uncovered[id(p)] = f"{label}: not covered by the {type(module).__name__} rule"
+            else:
+                covered.setdefault(id(p), []).append((mname, module, pname))
+    return covered, uncovered
+
+
+def layerwise_obstacle(model: nn.Module, params) -> str | None:
+    """Why the layer rules do not cover every trainable parameter (naming the first), or None."""
+    _, uncovered = _coverage(model, params)
+    return next(iter(uncovered.values()), None)
+
+
+class _Use:
+    """One recorded call of a covered module: its input, output, and where its gradients go."""
+    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense")
+
+    def __init__(self, name, module, rule, inp, out):
+        self.name, self.module, self.rule, self.inp, self.out = name, module, rule, inp, out
+        self.kron = {}    # attr -> KronInput
+        self.slots = []   # (factor, first position) where this use's G goes
+        self.dense = []   # (attr, dense factor)
+
+
+class LayerwiseGram:
+    """K = S^T J J^T S as a sum over parameters, from the layer rules (see the module docstring).
+
+    ``fallback``: parameters the rules do not cover get per-sample Jacobians from torch.func (True,
+    ``gram="auto"``) or raise :class:`UnsupportedModelError` (False, ``gram="layerwise"``).
+    ``block_rows``: rows of K per block (None: from the block byte budget).
+    """
+
+    def __init__(self, model: nn.Module, params, memory_limit: int = DEFAULT_MEMORY_LIMIT, fallback: bool = True,
+                 block_rows: int | None = None):
+        self.model = model
+        self.memory_limit = memory_limit
+        self.fallback_enabled = fallback
+        self.block_rows = block_rows
+        self.params = list(params)
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        covered, uncovered = _coverage(model, self.params)
+        if uncovered and not fallback:
+            why = next(iter(uncovered.values()))
+            raise UnsupportedModelError(
+                f"layerwise Gram unavailable for {type(model).__name__}: {why}; gram='auto' computes the "
+                "per-sample Jacobian of such parameters with torch.func (vmap of jacrev), per layer")
+        self.fallback = set(uncovered)   # ids of parameters on the torch.func route
+        self.covered = covered
+        self._warned = set()
+        self._generator = None
+        self._verified: set = set()   # call patterns whose random-weight check passed
+
+    @property
+    def method(self) -> str:
+        return "layerwise" if not self.fallback else "layerwise+functional"
+
+    @property
+    def fallback_names(self) -> list[str]:
+        return [self.names.get(id(p), "?") for p in self.params if id(p) in self.fallback]
+
+    # -- the one call ------------------------------------------------------------------------------
+
+    def assemble(self, x: torch.Tensor, system, ranks) -> Assembly:
+        """One solve's K (see :mod:`.assembly`): the recorded forward, the caller's columns, the m
+        backward passes into the factors, their verification, then K in row blocks."""
+        tape: list[_Use] = []
+        outputs = []
+
+        def forward(inputs):
+            outputs.append(self._recorded_forward(inputs, tape))
+            return outputs[-1]
+
+        columns, payload = system(forward)
+        f = outputs[-1]
+        if columns is None:
+            return Assembly(f, payload)
+        m, b = columns.shape[:2]
+        factors = self._plan(tape, b, m, f)
+        self._check_memory(tape, factors, ranks.total, m, f, ranks)
+        self._fill(tape, f, columns, factors)
+        signature = tuple((id(u.module), tuple(u.inp.shape), tuple(u.out.shape)) for u in tape)
+        bad = self._random_check(signature, f, columns, factors, ranks)
+        if bad:
+            self._demote(bad, MISMATCH)
+            # Rebuild every factor without the demoted parameters (a merged factor may hold both kinds).
+            for u in tape:
+                u.slots, u.dense = [], []
+            factors = self._plan(tape, b, m, f)
+            self._fill(tape, f, columns, factors)
+        checked = list(factors)
+        fallback = [self.names[id(p)] for p in self.params if id(p) in self.fallback]
+        if fallback:
+            factors += [DenseFactor(None, V) for V in per_sample_jacobian_rows(self.model, x, fallback, columns).values()]
+        for factor in factors:
+            factor.gather(ranks)
+        del tape   # the layers' inputs, patches and outputs are in the factors now
+        K = factor_forms.assemble(factors, ranks.total, m, f, self.block_rows, self.memory_limit)
+        return Assembly(f, payload, K, self.params, checked)
+
+    def route_to_functional(self, pids) -> None:
+        """After a failed direction check: these parameters take the torch.func route from now on (or
+        UnsupportedModelError without fallback), and every call pattern is verified anew."""
+        self._demote(pids, MISMATCH)
+        self._verified.clear()
+
+    # -- the pieces --------------------------------------------------------------------------------
+
+    def _hooked_modules(self):
+        seen, out = set(), []
+        for pid, owners in self.covered.items():
+            if pid in self.fallback:
+                continue
+            for mname, module, _ in owners:
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    out.append((mname, module))
+        return out
+
+    def _recorded_forward(self, x: torch.Tensor, tape: list) -> torch.Tensor:
+        """f = model(x) reshaped to (b, c), recording every call of a covered module on ``tape``."""
+        def hook(name, module, rule):
+            def record(mod, inputs, output):
+                if not (inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor)):
+                    raise UnsupportedModelError(f"module '{name}' ({type(mod).__name__}) was called without a "
+                                                "tensor input or output")
+                # Hand on a copy so that an in-place operation after the layer cannot overwrite its output.
+                tape.append(_Use(name, mod, rule, inputs[0].detach(), output))
+                return output.clone()
+            return record
+
+        handles = [m.register_forward_hook(hook(name, m, rule_for(m))) for name, m in self._hooked_modules()]
+        try:
+            with RandomForward(self.model, x):
+                f = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return f.reshape(x.shape[0], -1)
+
+    def _demote(self, pids, why: str):
+        """Move parameters to the torch.func route (or refuse, without fallback)."""
+        names = [self.names.get(pid, "?") for pid in pids]
+        if not self.fallback_enabled:
+            raise UnsupportedModelError(
+                f"layerwise Gram cannot cover parameter(s) {names} of {type(self.model).__name__}: {why}; "
+                "gram='auto' computes their per-sample Jacobian with torch.func (vmap of jacrev), per layer")
+        new = [n for n in names if n not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(f"EGN: parameter(s) {new} of {type(self.model).__name__}: {why}; their per-sample "
+                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning, stacklevel=5)
+        self.fallback.update(pids)
+
+    def _plan(self, tape, b: int, m: int, like: torch.Tensor):
+        """Factors for the recorded uses: one Kronecker or dense factor per parameter group."""
+        trainable = {id(p): p for p in self.params}
+        uses_of: dict[int, list] = {}
+        bad = {}
+        for use in tape:
+            attrs = [a for a in use.rule.attrs(use.module)
+                     if id(getattr(use.module, a)) in trainable and id(getattr(use.module, a)) not in self.fallback]
+            if not use.out.requires_grad:   # called under no_grad or on frozen inputs only: no Jacobian
+                continue
+            if use.out.dim() == 0 or use.out.shape[0] != b or use.inp.dim() == 0 or use.inp.shape[0] != b:
+                for a in attrs:
+                    bad[id(getattr(use.module, a))] = (f"module '{use.name}' got input {tuple(use.inp.shape)} / "
+                                                       f"output {tuple(use.out.shape)} without the batch ({b}) first")
+                continue
+            use.kron = use.rule.kron_inputs(use.module, use.inp)
+            for a in attrs:
+                uses_of.setdefault(id(getattr(use.module, a)), []).append((use, a))
+        for pid, why in bad.items():
+            self._demote([pid], why)
+        factors = []
+        merged: dict[int, list] = {}   # id(use) -> [(param, KronInput)] of single-use Kronecker parameters
+        for pid, uses in uses_of.items():
+            if pid in self.fallback:
+                continue
+            p = trainable[pid]
+            krons = [u.kron.get(a) for u, a in uses]
+            same = all(k is not None for k in krons) and len({(k.kind, k.width) for k in krons}) == 1
+            if same:
+                dims = [(u.rule.positions(u.module, u.out.detach()).shape[1:]) for u, _ in uses]   # (T, q)
+                same = len({q for _, q in dims}) == 1
+            if same:
+                T, q, p_width = sum(t for t, _ in dims), dims[0][1], krons[0].width
+            if same and factor_forms.kron_cost(b, m, T, p_width, q, krons[0].kind == "ids") \
+                    <= factor_forms.dense_cost(b, m, T, p.numel() // q, q):
+                if len(uses) == 1 and krons[0].kind == "features":
+                    merged.setdefault(id(uses[0][0]), []).append((p, krons[0]))
+                    continue
+                X = torch.cat([k.X for k in krons], 1)
+                factor = KronFactor(KronInput(X, krons[0].vocab), [(p, 0, p_width)], like.new_zeros(b, m, T, q))
+                t0 = 0
+                for (u, _), (t, _) in zip(uses, dims):
+                    u.slots.append((factor, t0))
+                    t0 += t
+                factors.append(factor)
+            else:
+                factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
+                for u, a in uses:
+                    u.dense.append((a, factor))
+                factors.append(factor)
+        for use in tape:
+            group = merged.get(id(use))
+            if not group:
+                continue
+            X = torch.cat([k.X for _, k in group], 2) if len(group) > 1 else group[0][1].X
+            parts, lo = [], 0
+            for p, k in group:
+                parts.append((p, lo, lo + k.width))
+                lo += k.width
+            T, q = use.rule.positions(use.module, use.out.detach()).shape[1:]
+            factor = KronFactor(KronInput(X), parts, like.new_zeros(b, m, T, q))
+            use.slots.append((factor, 0))
+            factors.append(factor)
+        return factors
+
+    def _check_memory(self, tape, factors, total, m, f, ranks):
+        """Before the backward passes: K, the factors and the torch.func rows within memory_limit."""
+        extra = sum(fa.nbytes() for fa in factors)
+        extra += sum(k.X.numel() * k.X.element_size() for u in tape for k in u.kron.values()
+                     if k.X.untyped_storage().data_ptr() != u.inp.untyped_storage().data_ptr())   # conv patches
+        c = f.shape[1]
+        extra += sum(2 * f.shape[0] * c * p.numel() * f.element_size() for p in self.params if id(p) in self.fallback)
+        check_memory(total * m, extra * ranks.world, f.dtype, self.memory_limit, self.model,
+                     f" for batch {total} with {m} column(s) per sample, with its stored factors")
+
+    def _fill(self, tape, f, columns, factors):
+        """The m backward passes: output gradients of every recorded use into the factors."""
+        uses = [u for u in tape if u.slots or u.dense]
+        outs = [u.out for u in uses]
+        for a in range(columns.shape[0] if outs else 0):
+            grads = torch.autograd.grad(f, outs, grad_outputs=columns[a], retain_graph=True, allow_unused=True)
+            for use, g in zip(uses, grads):
+                if g is not None:
+                    self._fill_use(use, g, a)
+
+    @staticmethod
+    def _fill_use(use: _Use, g: torch.Tensor, a: int):
+        if use.slots:
+            Gp = use.rule.positions(use.module, g)
+            for factor, t0 in use.slots:
+                factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
+        if use.dense:
+            attrs = [attr for attr, _ in use.dense]
+            with_kron = [attr for attr in attrs if attr in use.kron]
+            grads = {}
+            if with_kron:
+                Gp = use.rule.positions(use.module, g)
+                grads.update({attr: kron_per_sample(use.kron[attr], Gp, getattr(use.module, attr).shape)
+                              for attr in with_kron})
+            rest = [attr for attr in attrs if attr not in use.kron]
+            if rest:
+                grads.update(use.rule.per_sample(use.module, use.inp, g, rest))
+            for attr, factor in use.dense:
+                factor.V[:, a] += grads[attr].reshape(g.shape[0], -1)
+
+    def _random_check(self, signature, f, columns, factors, ranks) -> list[int]:
+        """The random-weight verification for a new call pattern; one verdict on every rank."""
+        if signature in self._verified:
+            bad = []
+        else:
+            if self._generator is None:
+                self._generator = torch.Generator(device="cpu").manual_seed(0x5EED)
+            bad = random_weight_check(f, columns, factors, self._generator)
+        if ranks.world > 1:
+            flags = torch.zeros(len(self.params), dtype=f.dtype, device=f.device)
+            index = {id(p): k for k, p in enumerate(self.params)}
+            for pid in bad:
+                flags[index[pid]] = 1
+            (flags,) = ranks.sum_tensors([flags])
+            bad = [id(self.params[k]) for k in range(len(self.params)) if flags[k] > 0]
+        if not bad:
+            self._verified.add(signature)
+        return bad

@@ -1,0 +1,72 @@
+"""Run-time verification of the layer rules' factors against autograd.
+
+A use that no module hook sees (``F.linear(h, enc.weight.t())``, a weight read by another module's
+forward, a layer that treats dim 0 as something other than the sample) would make V_p silently wrong.
+Both checks compare autograd's gradient of every checked parameter for some grad_outputs
+``sum_a w_a columns[a]`` with ``sum_{i,a} w_ia V_p[(i, a)]`` from the factors:
+
+* :func:`random_weight_check`: the first Gram of every new call pattern, with random per-sample
+  weights w (b, m): one more backward pass;
+* :func:`disagreeing` with w = u: the back-projection J^T S u that every step computes anyway (free).
+
+A parameter disagrees when its relative error exceeds sqrt(eps) of the dtype. Because the weights
+differ per sample, a wrong grouping of rows into samples is caught as well as a missing use.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["MISMATCH", "weighted", "disagreeing", "random_weight_check"]
+
+MISMATCH = ("its hooked per-layer gradient differs from autograd's (a use no layer rule sees, such as "
+            "F.linear(h, layer.weight.t()), or a layer whose dim 0 is not the sample)")
+
+
+def weighted(factors, w) -> dict:
+    """{id(param): (param, sum_{i,a} w_ia V_p[(i, a)])} over the factors."""
+    ours: dict[int, tuple] = {}
+    for factor in factors:
+        for p, grad in factor.weighted_gradients(w).items():
+            ours[id(p)] = (p, grad if id(p) not in ours else ours[id(p)][1] + grad)
+    return ours
+
+
+def compare(ours: dict, truth, dtype) -> list[int]:
+    """ids of the parameters whose factor sums differ from autograd's ``truth`` (aligned with ``ours``)."""
+    checked = [p for p, _ in ours.values()]
+    mine = [g for _, g in ours.values()]
+    eps = torch.finfo(dtype).eps
+    truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
+    errors = torch.stack([torch.linalg.vector_norm(a - g) for a, g in zip(mine, truth)])
+    scales = torch.stack([torch.linalg.vector_norm(a) + torch.linalg.vector_norm(g) for a, g in zip(mine, truth)])
+    # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
+    # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
+    limit = math.sqrt(eps) * scales + 100 * eps * scales.norm() + torch.finfo(dtype).tiny
+    flags = (~(errors <= limit)).tolist()
+    return [id(p) for p, flag in zip(checked, flags) if flag]
+
+
+def disagreeing(factors, params, u: torch.Tensor, products) -> list[int]:
+    """ids of the parameters whose ``sum_{i,a} u_ia V_p[(i, a)]`` differs from autograd's J^T S u
+    (``products``: one tensor per parameter of ``params``, summed over ranks)."""
+    ours = weighted(factors, u)
+    if not ours:
+        return []
+    index = {id(p): k for k, p in enumerate(params)}
+    return compare(ours, [products[index[pid]] for pid in ours], u.dtype)
+
+
+def random_weight_check(f: torch.Tensor, columns: torch.Tensor, factors, generator: torch.Generator) -> list[int]:
+    """ids of the parameters whose factors disagree with autograd's gradient for random per-sample
+    weights w in [0.5, 1.5) (one backward pass through f's graph, which is kept)."""
+    m, b, _ = columns.shape
+    w = torch.rand(b, m, generator=generator, dtype=f.dtype).to(f.device) + 0.5
+    ours = weighted(factors, w)
+    if not ours:
+        return []
+    checked = [p for p, _ in ours.values()]
+    grad_outputs = torch.einsum("ia,aic->ic", w, columns)
+    truth = torch.autograd.grad(f, checked, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+    return compare(ours, truth, f.dtype)

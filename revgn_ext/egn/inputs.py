@@ -1,0 +1,121 @@
+"""EGN's checks of a batch (x, y) and of its construction options, each error naming the argument."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .._checks import check_tensor
+from .loss_factors import CURVATURES
+
+__all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options"]
+
+_SHAPE_ERROR = re.compile(r"shape|size|dimension|channel", re.IGNORECASE)
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_x_dtype(x, model: nn.Module) -> None:
+    """x is float32/float64 and finite, or integer token ids for a model that has an nn.Embedding."""
+    if isinstance(x, torch.Tensor) and x.dtype in _INTEGER_DTYPES:
+        if not any(isinstance(m, nn.Embedding) for m in model.modules()):
+            raise ValueError(f"x holds integers ({x.dtype}) but {type(model).__name__} has no nn.Embedding to "
+                             "take token ids; pass float32 or float64 features")
+        return
+    check_tensor("x", x)
+
+
+def check_inputs(x, y, model: nn.Module, p0: torch.Tensor) -> None:
+    """x and y against each other and against the model's parameters (dtype, device, batch)."""
+    check_x_dtype(x, model)
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    if x.is_floating_point() and x.dtype != p0.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but the model's parameters have {p0.dtype}")
+    if x.device != p0.device:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {p0.device}")
+    check_tensor("y", y, float_only=False, finite=False)
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have the batch size of x ({x.shape[0]}), got shape {tuple(y.shape)}")
+    check_tensor("y", y, float_only=False)
+
+
+def forward_naming_x(forward, x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)``, with torch's shape errors ("mat1 and mat2 shapes cannot be multiplied") turned
+    into one that names x."""
+    try:
+        return forward(x)
+    except RuntimeError as err:
+        if isinstance(err, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(err)):
+            raise
+        raise ValueError(f"x of shape {tuple(x.shape)} does not fit the model (check the number of "
+                         f"features per sample); its forward pass failed with: {err}") from err
+
+
+def targets(y: torch.Tensor, f: torch.Tensor, group: dict) -> torch.Tensor:
+    """y in the form the loss factor expects, checked against the outputs f (b, c): for
+    cross_entropy int64 labels (b,), or class probabilities (b, c) when y holds probabilities or
+    the loss has label smoothing; (b, c) floats otherwise."""
+    b, c = f.shape
+    loss = group["loss"]
+    if loss == "cross_entropy":
+        return _class_targets(y, f, group.get("label_smoothing", 0.0))
+    if y.is_complex() or y.dtype == torch.bool or not y.is_floating_point():
+        hint = (" (for class labels use loss='cross_entropy')" if loss == "mse" else
+                f" in [0, 1]; convert labels with y.to({f.dtype})")
+        raise ValueError(f"y has dtype {y.dtype}, but {loss} needs floating-point targets{hint}")
+    if y.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"y has dtype {y.dtype}; the targets must be float32 or float64 (the model "
+                         f"computes in {f.dtype}): convert them with y.to({f.dtype})")
+    if y.numel() != b * c:
+        raise ValueError(f"y must hold {c} value(s) per sample to match the model output {tuple(f.shape)}, "
+                         f"got shape {tuple(y.shape)}")
+    y = y.reshape(b, c).to(f.dtype)
+    if loss == "binary_cross_entropy":
+        if c != 1:
+            raise ValueError(f"binary_cross_entropy needs one model output (logit), got {c}")
+        if bool(((y < 0) | (y > 1)).any()):
+            raise ValueError("y must lie in [0, 1] for binary_cross_entropy")
+    return y
+
+
+def _class_targets(y: torch.Tensor, f: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Labels (b,) as int64, or q (b, c) = (1 - eps) q + eps / c for probabilities or smoothing."""
+    b, c = f.shape
+    if c < 2:
+        raise ValueError("cross_entropy needs at least 2 model outputs; use binary_cross_entropy")
+    if y.is_floating_point():
+        if y.dtype not in (torch.float32, torch.float64) or tuple(y.shape) != (b, c):
+            raise ValueError(f"y must be integer class labels of shape ({b},) or float32/float64 class "
+                             f"probabilities of shape ({b}, {c}) for cross_entropy, got {y.dtype} of "
+                             f"shape {tuple(y.shape)}")
+        q = y.to(f.dtype)
+        tol = 1e-4 if q.dtype == torch.float32 else 1e-10
+        if bool(((q < 0) | (q > 1)).any()) or bool(((q.sum(1) - 1).abs() > tol).any()):
+            raise ValueError("y holds class probabilities for cross_entropy, so each row must lie in "
+                             "[0, 1] and sum to 1")
+    else:
+        if y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+            raise ValueError(f"y must be a 1-d tensor of integer class labels for cross_entropy, got "
+                             f"{y.dtype} of shape {tuple(y.shape)}")
+        if bool(((y < 0) | (y >= c)).any()):
+            raise ValueError(f"y holds labels outside [0, {c}) (the model has {c} outputs)")
+        if not smoothing:
+            return y.long()
+        q = torch.nn.functional.one_hot(y.long(), c).to(f.dtype)
+    return q * (1 - smoothing) + smoothing / c if smoothing else q
+
+
+def check_curvature_options(curvature, samples, block_rows, damping) -> None:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if samples != 1 and curvature != "sampled":
+        raise ValueError(f"samples={samples} applies to curvature='sampled' only, got curvature={curvature!r}")
+    if curvature == "sampled" and not damping > 0:
+        raise ValueError("curvature='sampled' needs damping > 0 (its step uses Woodbury's identity)")
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+        raise ValueError(f"gram_block_rows must be a positive int or None, got {block_rows!r}")
