@@ -166,3 +166,82 @@ def test_weight_computed_from_a_parameter_is_not_claimed():
     with LinearCapture([w]) as capture:
         F.linear(torch.randn(2, 4, dtype=torch.float64), w * 2)
     assert capture.calls == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Through the assembler and the optimizer
+# --------------------------------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+import revgn_ext as rg  # noqa: E402
+from revgn_ext.egn.gram import gram_matrix  # noqa: E402
+
+from _dense import brute_gram as dense_gram, dense_direction, flat  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_whole_model_gram_uses_the_captured_calls(name):
+    """Every parameter of these models is covered without torch.func (module rules + captured calls),
+    and K equals the dense J J^T."""
+    make, data, _ = CASES[name]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = data(torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no parameter may be demoted to torch.func
+        K = gram_matrix(model, x)
+    ref = dense_gram(model, x)
+    assert (K - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_transformer_classifier_step_equals_dense_lm_solve():
+    """A small one-layer transformer (the parameter-space reference solve is d x d)."""
+    torch.manual_seed(0)
+    model = TransformerClassifier(vocab=20, d=8, heads=2, ff=16).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 20, (12, 5), generator=g), torch.randint(0, 4, (12,), generator=g)
+    opt = rg.EGN(model, lr=0.1, damping=0.5, loss="cross_entropy")
+    ref = dense_direction(model, x, y, "cross_entropy", 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = flat(opt.direction(x, y))
+        stats = opt.step(x, y)
+    assert stats["gram"] == "layerwise"
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+def test_hand_written_attention_steps_equal_dense_lm_solve_over_several_steps():
+    """The layouts found on the first step are reused; each later direction is still exact."""
+    torch.manual_seed(0)
+    model = HandAttention().double()
+    opt = rg.EGN(model, lr=0.5, damping=0.1, loss="mse")
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x, y = torch.randn(5, 6, 6, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+        ref = dense_direction(model, x, y, "mse", 0.1)
+        ours = flat(opt.direction(x, y))
+        assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+        opt.step(x, y)
+    assert opt.last_stats["gram"] == "layerwise"
+
+
+class HiddenUse(nn.Module):
+    """w is used by F.linear and also elementwise: the captured call alone would miss a term."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return F.linear(x, self.w) + (x[:, :3] * self.w[:, 0]).sum(1, keepdim=True)
+
+
+def test_parameter_with_an_uncaptured_use_goes_to_torch_func():
+    torch.manual_seed(0)
+    model = HiddenUse()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="torch.func"):
+        K = gram_matrix(model, x)
+    ref = dense_gram(model, x)
+    assert (K - ref).abs().max() <= 1e-10 * ref.abs().max()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..capture import LinearCall, to_samples
-from . import KronInput, Rule
+from .base import KronInput, Rule
 
 
 class FunctionalLinearRule(Rule):
