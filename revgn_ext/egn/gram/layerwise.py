@@ -111,6 +111,7 @@ class LayerwiseGram:
         self.fallback = set(uncovered)     # this solve's torch.func route: functional less what was captured
         self.covered = covered
         self._layouts: dict = {}           # call pattern -> the calls' sample layouts (None: no layout)
+        self._plans: dict = {}             # verified call pattern -> its factor plan (see _describe)
         self._warned = set()
         self._generator = None
         self._verified: set = set()   # call patterns whose random-weight check passed
@@ -140,12 +141,20 @@ class LayerwiseGram:
         if columns is None:
             return Assembly(f, payload)
         m, b = columns.shape[:2]
-        factors = self._plan(tape, b, m, f)
-        self._check_memory(tape, factors, ranks.total, m, f, ranks)
-        self._fill(tape, f, columns, factors)
         signature = tuple(u.module.signature() if isinstance(u.module, LinearCall) else
                           (id(u.module), tuple(u.inp.shape), tuple(u.out.shape)) for u in tape)
+        # A verified call pattern replays its factor plan: no cost model, no memory estimate again.
+        key = (signature, b, m, ranks.total, frozenset(self.fallback), tuple(u.out.requires_grad for u in tape))
+        plan = self._plans.get(key)
+        if plan is not None:
+            factors = _replay(plan, tape, b, m, f)
+        else:
+            factors = self._plan(tape, b, m, f)
+            self._check_memory(tape, factors, ranks.total, m, f, ranks)
+        self._fill(tape, f, columns, factors)
         bad = self._random_check(signature, f, columns, factors, ranks)
+        if not bad and plan is None and key[4] == frozenset(self.fallback):
+            self._plans[key] = _describe(tape, factors)
         if bad:
             self._demote(bad, MISMATCH)
             # Rebuild every factor without the demoted parameters (a merged factor may hold both kinds).
@@ -242,6 +251,7 @@ class LayerwiseGram:
                           "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning, stacklevel=5)
         self.fallback.update(pids)
         self.functional.update(pids)
+        self._plans.clear()
         self.capturable.difference_update(pids)
 
     def _plan(self, tape, b: int, m: int, like: torch.Tensor):
@@ -368,3 +378,60 @@ class LayerwiseGram:
         if not bad:
             self._verified.add(signature)
         return bad
+
+
+# -- plans of verified call patterns -----------------------------------------------------------------
+
+def _describe(tape, factors) -> list:
+    """How the factors were built from the tape, by tape index: for a Kronecker factor the uses whose
+    inputs make X (one use: its parameters' inputs side by side; several: their inputs along positions),
+    its parts, vocabulary and G's shape; for a dense factor its parameter and uses."""
+    index = {id(fa): k for k, fa in enumerate(factors)}
+    specs = [["kron", [], None] if isinstance(fa, KronFactor) else ["dense", [], None] for fa in factors]
+    for i, u in enumerate(tape):
+        for fa, t0 in u.slots:
+            specs[index[id(fa)]][1].append((i, t0))
+        for attr, fa in u.dense:
+            specs[index[id(fa)]][1].append((i, attr))
+    out = []
+    for fa, (kind, uses, _) in zip(factors, specs):
+        if kind == "dense":
+            out.append(("dense", fa.param, uses))
+            continue
+        def attr_of(u, p):
+            return next(a for a in u.kron if getattr(u.module, a) is p)
+        if len(uses) == 1:
+            i, _ = uses[0]
+            inputs = [(i, attr_of(tape[i], p)) for p, _, _ in fa.parts]
+        else:
+            (p, _, _), = fa.parts
+            inputs = [(i, attr_of(tape[i], p)) for i, _ in uses]
+        out.append(("kron", inputs, uses, fa.parts, fa.kron.vocab, tuple(fa.G.shape[2:])))
+    return out
+
+
+def _replay(plan, tape, b: int, m: int, like: torch.Tensor) -> list:
+    """The factors of a tape whose call pattern has ``plan`` (from :func:`_describe`)."""
+    needed = {i for spec in plan for i, _ in spec[2 if spec[0] == "kron" else 2]}
+    for i in needed:
+        u = tape[i]
+        u.kron = u.rule.kron_inputs(u.module, u.inp)
+    factors = []
+    for spec in plan:
+        if spec[0] == "dense":
+            _, p, uses = spec
+            factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
+            for i, attr in uses:
+                tape[i].dense.append((attr, factor))
+        else:
+            _, inputs, uses, parts, vocab, (T, q) = spec
+            Xs = [tape[i].kron[a].X for i, a in inputs]
+            if len(Xs) == 1:
+                X = Xs[0]
+            else:
+                X = torch.cat(Xs, 2 if len(uses) == 1 else 1)
+            factor = KronFactor(KronInput(X, vocab), parts, like.new_zeros(b, m, T, q))
+            for i, t0 in uses:
+                tape[i].slots.append((factor, t0))
+        factors.append(factor)
+    return factors
