@@ -53,17 +53,20 @@ class FunctionalLinearRule(Rule):
             W = call.weight
             r0, r1 = call.rows
             grad = torch.einsum("btq,btp->bqp", G, X)                     # (b, out, in) of W_u
-            full = grad.new_zeros(b, *W.shape)
-            if call.transposed:
-                full[:, r0:r1] = grad.transpose(1, 2)
+            if call.full:
+                out["weight"] = grad
             else:
-                full[:, r0:r1] = grad
-            out["weight"] = full
+                full = grad.new_zeros(b, *W.shape)
+                full[:, r0:r1] = grad.transpose(1, 2) if call.transposed else grad
+                out["weight"] = full
         if "bias" in attrs:
             r0, r1 = call.bias_rows
-            full = G.new_zeros(b, *call.bias.shape)
-            full[:, r0:r1] = G.sum(1)
-            out["bias"] = full
+            if (r0, r1) == (0, call.bias.shape[0]):
+                out["bias"] = G.sum(1)
+            else:
+                full = G.new_zeros(b, *call.bias.shape)
+                full[:, r0:r1] = G.sum(1)
+                out["bias"] = full
         return out
 
 
