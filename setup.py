@@ -80,7 +80,8 @@ setup(
                   "revgn_ext._csrc": ["*.cpp", "*.h", "*/*.cpp", "*/*.h", "*/cuda/*.cpp", "*/cuda/*.cu",
                                       "*/cuda/*.h"],
                   # tuned learning rates of the experiments, with the command that produced them
-                  "revgn_ext.experiments": ["tuned/*.json"]},
+                  "revgn_ext.experiments.revgn_paper": ["tuned/*.json"],
+                  "revgn_ext.experiments.egn_paper": ["tuned/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

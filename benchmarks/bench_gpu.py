@@ -52,7 +52,8 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import revgn_ext as rg  # noqa: E402
-from revgn_ext import ops, reference  # noqa: E402
+from revgn_ext import ops  # noqa: E402
+from revgn_ext.ops.gram import gram_cholesky_solve_reference  # noqa: E402
 from _machine import describe  # noqa: E402
 from bench_egn_step import mlp, naive_egn_step  # noqa: E402
 from bench_revgn_step import bench as revgn_vs_adam  # noqa: E402
@@ -331,7 +332,7 @@ def row_gram(device, size, args, notes):
         A, R, lam = gram_problem(B, n, m, k, device)
         with torch.no_grad(), tf32(False):
             t_kernel = kernel_ms(lambda: torch.ops.revgn.gram_cholesky_solve(A, R, lam, True), device, size["repeat"])
-            t_eager = kernel_ms(lambda: reference.gram_cholesky_solve(A, R, lam, True), device, size["repeat"])
+            t_eager = kernel_ms(lambda: gram_cholesky_solve_reference(A, R, lam, True), device, size["repeat"])
         r = {"size": f"B={B} n={n} m={m} k={k}", "n": n, "kernel_ms": t_kernel, "eager_ms": t_eager,
              "eager_over_kernel": t_eager / t_kernel, **gram_floors(B, n, m, k, rates), **rates}
         print(f"  n={n}: kernel {t_kernel:.3f} ms, eager {t_eager:.3f} ms, {t_eager / t_kernel:.2f}x; floors "
@@ -368,7 +369,7 @@ def row_tf32(device, size, args, notes):
                     "rel_err_vs_float64": rel_err(d, ref), "step_ms": ms})
     n = size["gram_n"][-2] if len(size["gram_n"]) > 1 else size["gram_n"][0]
     A, R, lam = gram_problem(size["gram_B"], n, size["gram_m"], size["gram_k"], device, torch.float64)
-    ref = reference.gram_cholesky_solve(A, R, lam, True)[0]
+    ref = gram_cholesky_solve_reference(A, R, lam, True)[0]
     A32, R32, lam32 = A.float(), R.float(), lam.float()
     for label, allow in (("float32", False), ("float32 + TF32", True)):
         with tf32(allow), torch.no_grad():

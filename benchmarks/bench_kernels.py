@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from _machine import cpu_name
-from revgn_ext import ops, reference
+from revgn_ext import ops
+from revgn_ext.ops.gram import gram_cholesky_solve_reference
+from revgn_ext.ops.coupling import coupling_forward_reference, coupling_inverse_reference, coupling_inverse_tangent_reference
 
 GPU_COUPLING = [(n, h, M) for n in (256, 1024) for h in (392, 1536) for M in (2048, 8000)]
 CPU_COUPLING = [(256, 392, 2048), (256, 392, 8000), (1024, 392, 2048)]
@@ -103,23 +105,23 @@ def compiled(fn):
 
 def bench_coupling(device, sizes, measure, rows):
     act = "relu"
-    fwd_c = compiled(lambda *a: reference.coupling_forward(*a, act, False))
-    inv_c = compiled(lambda *a: reference.coupling_inverse(*a, act))
-    tan_c = compiled(lambda *a: reference.coupling_inverse_tangent(*a, act))
+    fwd_c = compiled(lambda *a: coupling_forward_reference(*a, act, False))
+    inv_c = compiled(lambda *a: coupling_inverse_reference(*a, act))
+    tan_c = compiled(lambda *a: coupling_inverse_tangent_reference(*a, act))
     for n, h, M in sizes:
         x1, x2, VF, WF, bF, VG, WG, bG = coupling_inputs(n, h, M, device)
-        y1, y2, _, _ = reference.coupling_forward(x1, x2, VF, WF, bF, VG, WG, bG, act)
+        y1, y2, _, _ = coupling_forward_reference(x1, x2, VF, WF, bF, VG, WG, bG, act)
         dy1, dy2 = torch.randn_like(y1), torch.randn_like(y2)
         fwd = (x1, x2, VF, WF, bF, VG, WG, bG)
         inv = (y1, y2, VF, WF, bF, VG, WG, bG)
         tan = (y1, x2, dy1, dy2, VF, WF, VG, WG)
         cases = [
             ("coupling_forward", lambda: torch.ops.revgn.coupling_forward(*fwd, act, False),
-             lambda: reference.coupling_forward(*fwd, act, False), lambda: fwd_c(*fwd)),
+             lambda: coupling_forward_reference(*fwd, act, False), lambda: fwd_c(*fwd)),
             ("coupling_inverse", lambda: torch.ops.revgn.coupling_inverse(*inv, act),
-             lambda: reference.coupling_inverse(*inv, act), lambda: inv_c(*inv)),
+             lambda: coupling_inverse_reference(*inv, act), lambda: inv_c(*inv)),
             ("coupling_inverse_tangent", lambda: torch.ops.revgn.coupling_inverse_tangent(*tan, act),
-             lambda: reference.coupling_inverse_tangent(*tan, act), lambda: tan_c(*tan)),
+             lambda: coupling_inverse_tangent_reference(*tan, act), lambda: tan_c(*tan)),
         ]
         with torch.no_grad():
             for name, kernel, eager, comp in cases:
@@ -167,8 +169,8 @@ def bench_default_path_cpu(sizes, dtypes, threads, repeats):
                     "kernel": lambda: torch.ops.revgn.coupling_forward(*fwd, act, False),
                     "eager": eager,
                     "tangent kernel": lambda: torch.ops.revgn.coupling_inverse_tangent(*tan, act),
-                    "tangent ref+features": lambda: reference.coupling_inverse_tangent(*tan, act, hF, hG),
-                    "tangent ref": lambda: reference.coupling_inverse_tangent(*tan, act),
+                    "tangent ref+features": lambda: coupling_inverse_tangent_reference(*tan, act, hF, hG),
+                    "tangent ref": lambda: coupling_inverse_tangent_reference(*tan, act),
                 }
                 best = {k: float("inf") for k in cases}
                 with torch.no_grad():
@@ -215,13 +217,13 @@ def gram_inputs(B, n, m, device, dtype=torch.float32):
 
 
 def bench_gram(device, sizes, measure, rows):
-    comp_fn = compiled(reference.gram_cholesky_solve)
+    comp_fn = compiled(gram_cholesky_solve_reference)
     for B, n, m in sizes:
         A, R, lam = gram_inputs(B, n, m, device)
         with torch.no_grad():
             rows.append(("gram_cholesky_solve", f"B={B} n={n} m={m} k={GRAM_K}",
                          safe(measure, lambda: torch.ops.revgn.gram_cholesky_solve(A, R, lam, True)),
-                         safe(measure, lambda: reference.gram_cholesky_solve(A, R, lam, True)),
+                         safe(measure, lambda: gram_cholesky_solve_reference(A, R, lam, True)),
                          safe(measure, lambda: comp_fn(A, R, lam, True))))
         print(*rows[-1], flush=True)
 

@@ -482,7 +482,8 @@ def test_cli_log_gets_one_line_per_run(tmp_path, capsys):
 
 
 def test_cli_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    from revgn_ext.experiments import cli, runner
+    from revgn_ext.experiments import cli
+    from revgn_ext.experiments.revgn_paper import runner
 
     calls = {"n": 0}
     real = runner.train_step

@@ -329,6 +329,7 @@ def test_ranks_out_of_step_raise_on_every_rank():
 def test_cli_sets_a_finite_process_group_timeout(monkeypatch):
     """--distributed used a fixed 10-minute timeout (PyTorch's gloo default is 30): --dist-timeout sets it."""
     from revgn_ext.experiments import cli
+    from revgn_ext.experiments.revgn_paper import commands
 
     seen = {}
     monkeypatch.setenv("RANK", "0")
@@ -337,9 +338,9 @@ def test_cli_sets_a_finite_process_group_timeout(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     parser = cli.build_parser()
-    assert cli.init_distributed(parser.parse_args(["train", "--distributed"])) == 0
+    assert commands.init_distributed(parser.parse_args(["train", "--distributed"])) == 0
     assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(seconds=300)
-    cli.init_distributed(parser.parse_args(["train", "--distributed", "--dist-timeout", "42.5"]))
+    commands.init_distributed(parser.parse_args(["train", "--distributed", "--dist-timeout", "42.5"]))
     assert seen["timeout"] == datetime.timedelta(seconds=42.5)
     for bad in ("0", "-1", "inf", "nan", "soon"):
         with pytest.raises(SystemExit):

@@ -5,26 +5,19 @@
 * :class:`EGN` (:mod:`revgn_ext.egn`): exact Gauss-Newton / Levenberg-Marquardt for any ``nn.Module``
   (arXiv 2405.14402).
 * :mod:`revgn_ext.ops`: the fused kernels (batched Gram-Cholesky solve, coupling layer), each op family
-  with its pure-PyTorch reference (gathered in :mod:`revgn_ext.reference`).
-* :mod:`revgn_ext.experiments`: the paper reproductions, datasets (:mod:`revgn_ext.data`) and
-  diagnostics (:mod:`revgn_ext.diagnostics`).
+  with its pure-PyTorch reference beside it (``*_reference`` in :mod:`revgn_ext.ops.gram` and
+  :mod:`revgn_ext.ops.coupling`).
+* :mod:`revgn_ext.distributed`: the data-parallel seam.
 
-The layers depend one way: experiments -> optimizers (revgn, egn) -> ops -> kernels
-(docs/architecture.md).
+Importing the package needs torch and numpy only. The paper reproductions live in
+:mod:`revgn_ext.experiments` (the ``[experiments]`` extra); they import this core, never the reverse,
+and importing the core loads none of them (docs/architecture.md).
 """
-import sys
-
-from . import ops, reference
+from . import ops
 from . import distributed
 from .egn import EGN
 from .revgn import RevGN, RevMLP
-from .revgn import model as _model
-from .experiments import data, diagnostics
-
-# Modules that moved: ``revgn_ext.model``, ``revgn_ext.data`` and ``revgn_ext.diagnostics`` still import.
-for _name, _module in (("model", _model), ("data", data), ("diagnostics", diagnostics)):
-    sys.modules[f"{__name__}.{_name}"] = _module
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__", "EGN", "RevMLP", "RevGN", "data", "diagnostics", "distributed"]
+__all__ = ["ops", "__version__", "EGN", "RevMLP", "RevGN", "distributed"]

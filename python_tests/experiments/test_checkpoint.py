@@ -13,9 +13,11 @@ import zipfile
 import pytest
 import torch
 
-from revgn_ext.experiments import checkpoint as ck
+from revgn_ext.experiments.common import checkpoint as ck
+from revgn_ext.experiments.revgn_paper.resume import load as load_run_checkpoint
 from revgn_ext.experiments import cli
-from revgn_ext.experiments.runner import CHECKPOINT, load_history, run
+from revgn_ext.experiments.common.records import CHECKPOINT, load_history
+from revgn_ext.experiments.revgn_paper.runner import run
 from test_experiments import TINY, tiny_config
 
 ARGS = ["train", *TINY, "--optimizer", "adam", "--epochs", "2"]
@@ -49,7 +51,7 @@ def write(tmp_path, data: bytes, name="run"):
 
 
 def payload_of(good):
-    return ck.load(os.path.join(good[0], CHECKPOINT))
+    return load_run_checkpoint(os.path.join(good[0], CHECKPOINT))
 
 
 def test_every_single_byte_flip_is_caught_or_harmless(good):
@@ -64,7 +66,7 @@ def test_every_single_byte_flip_is_caught_or_harmless(good):
         with open(tmp, "wb") as f:
             f.write(flipped)
         try:
-            got = ck.load(tmp)
+            got = load_run_checkpoint(tmp)
         except ck.CheckpointError as e:
             assert "flipped.pt" in str(e) and "\n" not in str(e)
             caught += 1
@@ -74,6 +76,7 @@ def test_every_single_byte_flip_is_caught_or_harmless(good):
     assert caught > len(positions) // 2
 
 
+@pytest.mark.slow
 def test_corrupt_files_get_one_line_and_exit_code_2(good, tmp_path, capsys):
     data = good[1]
     blob = torch.load(io.BytesIO(data), weights_only=True)
@@ -116,6 +119,7 @@ def test_corrupt_files_get_one_line_and_exit_code_2(good, tmp_path, capsys):
         assert CHECKPOINT in lines[0] and ("unusable" in lines[0] or "no checkpoint" in lines[0]), (name, err)
 
 
+@pytest.mark.slow
 def test_checkpoint_that_is_a_directory(tmp_path, capsys):
     out = tmp_path / "run"
     (out / CHECKPOINT).mkdir(parents=True)
@@ -123,6 +127,7 @@ def test_checkpoint_that_is_a_directory(tmp_path, capsys):
     assert code == 2 and "not a regular file" in err
 
 
+@pytest.mark.slow
 def test_non_finite_weights_and_absurd_epoch_are_refused(good, tmp_path, capsys):
     payload = payload_of(good)
     bad_weights = {**payload, "model": {**payload["model"]}}
@@ -142,11 +147,12 @@ def test_non_finite_weights_and_absurd_epoch_are_refused(good, tmp_path, capsys)
         out.mkdir()
         ck.save(str(out / CHECKPOINT), bad)  # a valid checksum over an invalid state
         with pytest.raises(ck.CheckpointError, match=msg):
-            ck.load(str(out / CHECKPOINT))
+            load_run_checkpoint(str(out / CHECKPOINT))
         code, err = resume_cli(str(out), capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_state_that_does_not_fit_the_model(good, tmp_path, capsys):
     payload = payload_of(good)
     model = {k: (v[:, :5].clone() if v.dim() == 2 else v) for k, v in payload["model"].items()}
@@ -166,7 +172,7 @@ def test_stray_tmp_from_a_killed_write_is_removed_with_a_warning(good, tmp_path)
         run(tiny_config(optimizer="adam", epochs=2), out, resume=True, progress=False)
     assert not os.path.exists(tmp)
     assert [r["epoch"] for r in load_history(out)] == [0, 1, 2]
-    assert ck.load(os.path.join(out, CHECKPOINT))["epoch"] == 2
+    assert load_run_checkpoint(os.path.join(out, CHECKPOINT))["epoch"] == 2
 
 
 def test_save_is_atomic_and_loadable_by_torch(tmp_path):

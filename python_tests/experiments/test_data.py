@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from revgn_ext import data
+from revgn_ext.experiments.common import data
 
 
 def idx_bytes(array: np.ndarray, type_byte: int = 0x08) -> bytes:

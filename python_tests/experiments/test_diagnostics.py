@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from revgn_ext import diagnostics as dg
+from revgn_ext.experiments.common import diagnostics as dg
 
 
 def tiny_model(seed=0):

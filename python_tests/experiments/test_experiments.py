@@ -8,10 +8,12 @@ import warnings
 import pytest
 import torch
 
-from revgn_ext.experiments import cli, report
-from revgn_ext.experiments.config import PRESETS, RunConfig, paper_lr
-from revgn_ext.experiments.checkpoint import load as load_checkpoint
-from revgn_ext.experiments.runner import CHECKPOINT, load_history, run
+from revgn_ext.experiments import cli
+from revgn_ext.experiments.revgn_paper import commands, report
+from revgn_ext.experiments.revgn_paper.config import PRESETS, RunConfig, paper_lr
+from revgn_ext.experiments.revgn_paper.resume import load as load_checkpoint
+from revgn_ext.experiments.common.records import CHECKPOINT, load_history
+from revgn_ext.experiments.revgn_paper.runner import run
 
 TINY = ["--dataset", "synthetic", "--max-train", "96", "--max-test", "64", "--hidden", "32", "--batch-size", "32",
         "--full-batch-size", "32", "--diag-samples", "32", "--ntk-samples", "8", "--ntk-probes", "2",
@@ -44,11 +46,11 @@ def test_option_parsing_and_presets():
     args = parser.parse_args(["reproduce", "--dataset", "cifar10", "--lr", "gn=2", "--lr", "gn:full=3",
                               "--lr", "adam:mini=1e-3", "--activations", "identity,tanh", "--hidden", "none",
                               "--full-epochs", "7"])
-    full_gn, mini_gn = cli.make_config(args, "gn", "full"), cli.make_config(args, "gn", "mini")
+    full_gn, mini_gn = commands.make_config(args, "gn", "full"), commands.make_config(args, "gn", "mini")
     assert (full_gn.lr, mini_gn.lr) == (3.0, 2.0)                   # most specific entry wins
-    assert cli.make_config(args, "adam", "mini").lr == 1e-3
-    assert cli.make_config(args, "adam", "full").lr == 1e-5          # paper CIFAR full-batch Adam
-    assert cli.make_config(args, "sgd", "mini").lr == 0.01
+    assert commands.make_config(args, "adam", "mini").lr == 1e-3
+    assert commands.make_config(args, "adam", "full").lr == 1e-5          # paper CIFAR full-batch Adam
+    assert commands.make_config(args, "sgd", "mini").lr == 0.01
     assert full_gn.blocks == PRESETS["cifar10"]["blocks"] == 6 and full_gn.hidden is None
     assert full_gn.activations == ("identity", "tanh")
     assert (full_gn.epochs, mini_gn.epochs) == (7, PRESETS["cifar10"]["epochs"])
@@ -56,7 +58,7 @@ def test_option_parsing_and_presets():
     args = parser.parse_args(["train", "--lr", "0.05", "--lr", "sgd=0.2", "--optimizer", "adam",
                               "--blocks", "3", "--batch-size", "64", "--epochs", "4", "--damping", "0.01",
                               "--target", "newton", "--seed", "5", "--max-train", "100"])
-    cfg = cli.make_config(args, args.optimizer, args.setting)
+    cfg = commands.make_config(args, args.optimizer, args.setting)
     assert (cfg.lr, cfg.blocks, cfg.batch_size, cfg.epochs, cfg.damping, cfg.target, cfg.seed, cfg.max_train) == \
         (0.05, 3, 64, 4, 0.01, "newton", 5, 100)
     assert cfg.hidden == PRESETS["digits"]["hidden"] and cfg.dataset == "digits"
@@ -94,6 +96,7 @@ def test_invalid_values_are_reported(argv, message, capsys, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- runs
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["gn", "adam"])
 def test_train_writes_metrics_figures_report(tmp_path, optimizer, capsys):
     out = tmp_path / "run"
@@ -144,6 +147,7 @@ def test_resume_continues_identically(tmp_path, optimizer, setting):
     assert a["rng"]["torch"].equal(b["rng"]["torch"])
 
 
+@pytest.mark.slow
 def test_resume_through_the_command_line(tmp_path):
     out = str(tmp_path / "r")
     main("train", *TINY, "--optimizer", "adam", "--epochs", "1", "--out", out)
@@ -153,6 +157,7 @@ def test_resume_through_the_command_line(tmp_path):
     assert int(state[0]["step"]) == 2 * 3                              # Adam's state carried over
 
 
+@pytest.mark.slow
 def test_resume_refuses_mismatch_and_missing_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "r")
     run(tiny_config(optimizer="sgd", epochs=1), out, progress=False)
@@ -164,6 +169,7 @@ def test_resume_refuses_mismatch_and_missing_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reproduce_small(tmp_path, capsys):
     out = tmp_path / "rep"
     assert main("reproduce", *TINY, "--epochs", "1", "--full-epochs", "2", "--settings", "full,mini",
@@ -252,7 +258,7 @@ def test_saturation_and_epochs_to_reach():
 
 def poisoned_test_set(monkeypatch):
     """Make the loader return a test set of NaNs: any tuning score computed on it would be NaN."""
-    from revgn_ext.experiments import runner
+    from revgn_ext.experiments.revgn_paper import runner
 
     real = runner.load_dataset
 
@@ -263,7 +269,7 @@ def poisoned_test_set(monkeypatch):
 
 
 def test_validation_runs_evaluate_on_a_split_of_the_training_set(monkeypatch):
-    from revgn_ext.experiments import runner
+    from revgn_ext.experiments.revgn_paper import runner
 
     poisoned_test_set(monkeypatch)
     cfg = tiny_config(validation=True, max_train=80)
@@ -277,7 +283,7 @@ def test_validation_runs_evaluate_on_a_split_of_the_training_set(monkeypatch):
 
 
 def test_tuning_never_touches_the_test_set(monkeypatch, tmp_path):
-    from revgn_ext.experiments import reproduction
+    from revgn_ext.experiments.revgn_paper import reproduction
 
     poisoned_test_set(monkeypatch)
     configs = {("gn", "mini"): tiny_config(optimizer="gn", epochs=1, lr=0.2),
@@ -294,7 +300,7 @@ def test_tuning_never_touches_the_test_set(monkeypatch, tmp_path):
 
 
 def test_tuning_extends_a_grid_whose_best_rate_is_at_the_edge(tmp_path):
-    from revgn_ext.experiments import reproduction
+    from revgn_ext.experiments.revgn_paper import reproduction
 
     cfg = tiny_config(optimizer="sgd", epochs=1, lr=1e-4)                        # far too small a centre
     _, records = reproduction.tune({("sgd", "mini"): cfg}, out_dir=str(tmp_path), max_extend=2, log=lambda m: None)
@@ -303,7 +309,7 @@ def test_tuning_extends_a_grid_whose_best_rate_is_at_the_edge(tmp_path):
 
 
 def test_plateau_stops_when_the_train_loss_stops_improving():
-    from revgn_ext.experiments.reproduction import plateau
+    from revgn_ext.experiments.revgn_paper.reproduction import plateau
 
     stop = plateau(window=2, abs_tol=1e-3)
     rows = lambda ys: [{"epoch": e, "train_loss": y} for e, y in enumerate([9.0] + ys)]
@@ -313,13 +319,14 @@ def test_plateau_stops_when_the_train_loss_stops_improving():
     assert stop(rows([0.1, 0.05, 0.0503, 0.0501]))                                # noise, no progress
 
 
+@pytest.mark.slow
 def test_stored_tuning_applies_only_to_its_setup(tmp_path, capsys):
-    from revgn_ext.experiments import protocol as P
-    from revgn_ext.experiments import reproduction
+    from revgn_ext.experiments.common import protocol as P
+    from revgn_ext.experiments.revgn_paper import reproduction
 
     configs = {("gn", "mini"): tiny_config(optimizer="gn"), ("adam", "mini"): tiny_config(optimizer="adam")}
     path = str(tmp_path / "t.json")
-    details = {"setup": {reproduction._key_name(k): reproduction.setup_of(c) for k, c in configs.items()},
+    details = {"setup": {reproduction.key_name(k): reproduction.setup_of(c) for k, c in configs.items()},
                "epochs": {"gn-mini": 4, "adam-mini": 4}, "records": {}}
     P.save_tuned(path, {"gn-mini": 0.5, "adam-mini": 3e-3}, "python -m revgn_ext.experiments reproduce --tune", details)
     payload, why = reproduction.stored_plan(path, configs)
@@ -337,6 +344,7 @@ def test_stored_tuning_applies_only_to_its_setup(tmp_path, capsys):
     assert "stored tuning" in (out / "REPORT.md").read_text()
 
 
+@pytest.mark.slow
 def test_reproduce_tune_writes_the_stored_file(tmp_path):
     out, path = tmp_path / "rep", tmp_path / "tuned.json"
     assert main("reproduce", *TINY, "--settings", "mini", "--optimizers", "gn,adam", "--seeds", "0,1", "--tune",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from revgn_ext.experiments import protocol as P
+from revgn_ext.experiments.common import protocol as P
 
 
 def test_validation_split_partitions_the_training_set_reproducibly():
@@ -94,6 +94,6 @@ def test_tuned_rates_round_trip(tmp_path):
         P.load_tuned(str(tmp_path / "bad.json"))
     with pytest.raises(FileNotFoundError):
         P.load_tuned(str(tmp_path / "missing.json"))
-    assert P.tuned_path("revgn_digits").endswith("tuned/revgn_digits.json")
+    assert P.tuned_path("/pkg/tuned", "revgn_digits") == "/pkg/tuned/revgn_digits.json"
     with pytest.raises(ValueError):
-        P.tuned_path("../x")
+        P.tuned_path("/pkg/tuned", "../x")

@@ -5,8 +5,9 @@ import warnings
 
 import pytest
 
-from revgn_ext.experiments import cli, studies
-from revgn_ext.experiments.runner import load_history
+from revgn_ext.experiments import cli
+from revgn_ext.experiments.revgn_paper import studies
+from revgn_ext.experiments.common.records import load_history
 
 
 def run(*names, out, seeds="0,1"):
@@ -22,6 +23,7 @@ def test_mlp_width_matches_the_parameter_count():
     assert studies.revmlp_params(cfg, 16) == 2 * 2 * (8 * 32 + 8)
 
 
+@pytest.mark.slow
 def test_generalization_study_smallest(tmp_path):
     assert run("generalization", out=tmp_path) == 0
     text = (tmp_path / "REPORT.md").read_text()
@@ -35,6 +37,7 @@ def test_generalization_study_smallest(tmp_path):
     assert "gap" in text and "Tuning (final validation loss per rate)" in text
 
 
+@pytest.mark.slow
 def test_regularization_study_smallest(tmp_path):
     assert run("regularization", out=tmp_path, seeds="0") == 0
     text = (tmp_path / "REPORT.md").read_text()
@@ -45,6 +48,7 @@ def test_regularization_study_smallest(tmp_path):
     assert "**batch size**" in text and "damping=0.1" in text
 
 
+@pytest.mark.slow
 def test_width_study_smallest(tmp_path):
     assert run("width", out=tmp_path, seeds="0") == 0
     text = (tmp_path / "REPORT.md").read_text()
@@ -52,6 +56,7 @@ def test_width_study_smallest(tmp_path):
     assert (tmp_path / "width.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_second_order_study_smallest(tmp_path):
     pytest.importorskip("pytorch_optimizer")
     assert run("second-order", out=tmp_path, seeds="0") == 0
@@ -62,6 +67,7 @@ def test_second_order_study_smallest(tmp_path):
     assert (tmp_path / "second_order.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_study_runs_are_reused(tmp_path):
     assert run("generalization", out=tmp_path, seeds="0") == 0
     first = {p: load_history(os.path.dirname(p)) for p in _metrics(tmp_path / "arms")}
@@ -70,6 +76,7 @@ def test_study_runs_are_reused(tmp_path):
     assert first and all(load_history(os.path.dirname(p)) == h for p, h in first.items())
 
 
+@pytest.mark.slow
 def test_cached_only_trains_nothing(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -79,6 +86,7 @@ def test_cached_only_trains_nothing(tmp_path):
     assert "NotCached" in text and not _metrics(tmp_path)
 
 
+@pytest.mark.slow
 def test_arms_runs_only_the_named_arms(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

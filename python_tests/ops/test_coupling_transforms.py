@@ -8,10 +8,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, jacfwd, jacrev, jvp, vjp, vmap
 
-from revgn_ext import RevMLP, ops, reference
+from revgn_ext import RevMLP, ops
+from revgn_ext.ops.coupling import coupling_forward_reference, coupling_inverse_reference, coupling_inverse_tangent_reference
+from revgn_ext.ops.activations import ACTIVATIONS
 from conftest import rel_err, requires_kernels
 
-ACTS = reference.ACTIVATIONS
+ACTS = ACTIVATIONS
 D = torch.float64
 
 
@@ -36,7 +38,7 @@ def forward_op(activation, features=True):
 
 
 def forward_ref(activation, features=True):
-    return lambda *a: reference.coupling_forward(*a, activation, features)[:4 if features else 2]
+    return lambda *a: coupling_forward_reference(*a, activation, features)[:4 if features else 2]
 
 
 def close(got, want, tol=1e-11):
@@ -102,14 +104,14 @@ def test_inverse_and_tangent_under_transforms(activation):
     args = (y1, y2, VF, WF, bF, VG, WG, bG)
     t = tangents(args, seed=6)
     inv = lambda *a: ops.coupling_inverse(*a, activation=activation)  # noqa: E731
-    inv_ref = lambda *a: reference.coupling_inverse(*a, activation)  # noqa: E731
+    inv_ref = lambda *a: coupling_inverse_reference(*a, activation)  # noqa: E731
     close(jvp(inv, args, t)[1], jvp(inv_ref, args, t)[1])
     close(jacrev(inv, argnums=(0, 3))(*args)[1], jacrev(inv_ref, argnums=(0, 3))(*args)[1])
     pair = (torch.randn(2, 5, 3, dtype=D), torch.randn(2, 5, 3, dtype=D))
     close(vmap(inv, in_dims=(0, 0) + (None,) * 6)(*pair, *args[2:]),
           vmap(inv_ref, in_dims=(0, 0) + (None,) * 6)(*pair, *args[2:]))
     tan = lambda y1, x2, dy1, dy2, WF: ops.coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG, activation)  # noqa
-    tan_ref = lambda y1, x2, dy1, dy2, WF: reference.coupling_inverse_tangent(y1, x2, dy1, dy2, VF, WF, VG, WG,  # noqa
+    tan_ref = lambda y1, x2, dy1, dy2, WF: coupling_inverse_tangent_reference(y1, x2, dy1, dy2, VF, WF, VG, WG,  # noqa
                                                                               activation)
     targs = (y1, y2, bG.expand(5, 3).clone(), y2.flip(0), WF)
     tt = tangents(targs, seed=7)
@@ -150,7 +152,7 @@ def revmlp_reference(model, params, x):
     """RevMLP's logits from the reference block formulas."""
     x1, x2 = model.split(x)
     for l, blk in enumerate(model.blocks):
-        x1, x2, _, _ = reference.coupling_forward(x1, x2, blk.VF, params[f"blocks.{l}.WF"], params[f"blocks.{l}.bF"],
+        x1, x2, _, _ = coupling_forward_reference(x1, x2, blk.VF, params[f"blocks.{l}.WF"], params[f"blocks.{l}.bF"],
                                                   blk.VG, params[f"blocks.{l}.WG"], params[f"blocks.{l}.bG"],
                                                   blk.activation)
     return torch.cat([x1, x2], 1) @ model.Q

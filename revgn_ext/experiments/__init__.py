@@ -1,12 +1,11 @@
-"""Reproduce the experiments of arXiv 2411.07979 (RevGN vs Adam vs SGD on RevMLP).
+"""The paper reproductions, one sub-package per paper, on top of the core package.
 
-Command line: ``python -m revgn_ext.experiments {train,reproduce} --help``. From Python:
-:class:`RunConfig` describes one run and :func:`run` trains it, writing metrics (JSONL and CSV) and a
-checkpoint per epoch; :func:`~.plots.make_figures` and :func:`~.report.write_report` turn runs into
-figures and REPORT.md.
+* :mod:`.revgn_paper`: arXiv 2411.07979, RevGN vs Adam vs SGD on RevMLP (``train``, ``reproduce``,
+  ``study``);
+* :mod:`.egn_paper`: arXiv 2405.14402, EGN vs SGD, Adam, SGN and L-BFGS (``egn``);
+* :mod:`.common`: what both share (protocol, checkpoints, datasets, diagnostics, records, figures).
+
+Command line: ``python -m revgn_ext.experiments --help`` or the ``revgn-experiments`` entry point
+(:mod:`.cli`). They need the ``[experiments]`` extra: ``pip install 'revgn_ext[experiments]'``.
+Importing this package imports nothing beyond the core; the sub-packages load on use.
 """
-from .cli import main
-from .config import PAPER_LR, PRESETS, RunConfig, paper_lr
-from .runner import load_history, run
-
-__all__ = ["main", "run", "load_history", "RunConfig", "PAPER_LR", "PRESETS", "paper_lr"]

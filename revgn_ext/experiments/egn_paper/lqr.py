@@ -93,7 +93,7 @@ class LQRSetup:
                 f"K <- H_uu^-1 H_ux every {self.improve_every} updates (kept if H_uu is not positive definite)")
 
 
-def _initial_gain(plant: Plant, A, B) -> np.ndarray:
+def initial_gain(plant: Plant, A, B) -> np.ndarray:
     n, m = B.shape
     if plant.K0 is None:
         return np.zeros((m, n))
@@ -194,7 +194,7 @@ class LQRProblem:
         self.n, self.m = self.B.shape
         self.H_opt = optimal_q(self.A, self.B, self.Qc, self.Rc, self.setup.gamma)
         self.gen = torch.Generator().manual_seed(10_007 * self.seed + 17)
-        self.K = _initial_gain(self.plant, self.A, self.B)
+        self.K = initial_gain(self.plant, self.A, self.B)
         self.x = self._draw((self.batch_size, self.n))
         self.t = np.zeros(self.batch_size, dtype=np.int64)
         self.updates = 0

@@ -11,7 +11,7 @@ long as Adam keeps improving.
 3. **Seeds** (:func:`run_seeds`): the final runs train on the whole training set at the tuned rates
    and are evaluated on the test set, once per seed.
 
-The outcome of 1 and 2 is stored with :func:`.protocol.save_tuned` (rates, epochs, the set-up it is
+The outcome of 1 and 2 is stored with :func:`..common.protocol.save_tuned` (rates, epochs, the set-up it is
 valid for, every tuning score and the command) so later runs can reuse it without re-tuning.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ import math
 import os
 from dataclasses import replace
 
-from . import protocol as P
-from .config import RunConfig
-from .runner import CHECKPOINT, run
+from ..common import protocol as P
+from ..common.records import CHECKPOINT, CONFIG_JSON, load_history
+from .config import TUNED_DIR, RunConfig
+from .runner import run
 
 # Fields that must agree for stored rates to apply to a run.
 SETUP_FIELDS = ("dataset", "model", "blocks", "hidden", "activations", "weight_std", "batch_size",
@@ -65,8 +66,6 @@ class NotCached(ValueError):
 
 
 def _finished(cfg: RunConfig, where: str) -> list:
-    from .runner import CONFIG_JSON, load_history
-
     try:
         history = load_history(where)
         with open(os.path.join(where, CONFIG_JSON)) as f:
@@ -156,7 +155,7 @@ def adam_plateau_epochs(cfg: RunConfig, max_epochs: int, out_dir: str, window: i
             "window": window, "abs_tol": abs_tol, "rel_tol": 0.01, "max_epochs": max_epochs}
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str:
     return "-".join(key)
 
 
@@ -169,7 +168,7 @@ def stored_plan(path: str, configs: dict):
         return None, f"no stored tuning at {path}"
     stored = payload.get("details", {}).get("setup", {})
     for key, cfg in configs.items():
-        name = _key_name(key)
+        name = key_name(key)
         if name not in stored:
             return None, f"{path} has no tuned rate for {name}"
         mine = setup_of(cfg)
@@ -193,10 +192,10 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
     log(f"tuning {len(tuning)} runs x {grid_size}+ rates x {len(seeds)} seed(s) on a validation split "
         f"({int(100 * next(iter(configs.values())).val_fraction)}% of the training set)")
     rates, records = tune(tuning, seeds, grid_size, os.path.join(out_dir, "tune"), cache, progress, device, log=log)
-    details = {"setup": {_key_name(k): setup_of(c) for k, c in configs.items()}, "tuning_seeds": list(seeds),
+    details = {"setup": {key_name(k): setup_of(c) for k, c in configs.items()}, "tuning_seeds": list(seeds),
                "score": "final validation loss (mean over tuning seeds)",
-               "budget_epochs": {_key_name(k): c.epochs for k, c in configs.items()}}
-    epochs = {_key_name(k): c.epochs for k, c in configs.items()}
+               "budget_epochs": {key_name(k): c.epochs for k, c in configs.items()}}
+    epochs = {key_name(k): c.epochs for k, c in configs.items()}
     mini = {k: c for k, c in configs.items() if c.setting == "mini"}
     if ("adam", "mini") in configs:
         length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
@@ -211,11 +210,11 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
             again = {k: replace(c, epochs=length["epochs"]) for k, c in tuning.items() if k in mini}
             r2, rec2 = tune(again, seeds, grid_size, os.path.join(out_dir, "tune-at-length"), cache, progress,
                             device, log=log)
-            details["first_pass"] = {_key_name(k): records[k] for k in mini}
+            details["first_pass"] = {key_name(k): records[k] for k in mini}
             adam_before = rates[("adam", "mini")]
             rates |= r2
             records |= rec2
-            details["budget_epochs"] |= {_key_name(k): length["epochs"] for k in mini}
+            details["budget_epochs"] |= {key_name(k): length["epochs"] for k in mini}
             if rates[("adam", "mini")] != adam_before:  # the length belongs to Adam's final rate
                 length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
                                                      diag_every=10 ** 6), max_epochs,
@@ -223,10 +222,10 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
                                              progress, device)
                 log(f"at Adam's re-tuned rate its train loss stopped improving after {length['epochs']} epochs")
                 details["length"] = length
-        epochs |= {_key_name(k): length["epochs"] for k in mini}
-    details["records"] = {_key_name(k): r for k, r in records.items()}
+        epochs |= {key_name(k): length["epochs"] for k in mini}
+    details["records"] = {key_name(k): r for k, r in records.items()}
     details["epochs"] = epochs
-    return {"rates": {_key_name(k): v for k, v in rates.items()}, "details": details}
+    return {"rates": {key_name(k): v for k, v in rates.items()}, "details": details}
 
 
 def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) -> dict:
@@ -241,7 +240,7 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
 
     out = args.out
     cache, t0 = {}, time.perf_counter()
-    path = args.tuned_file or P.tuned_path(f"revgn_{args.dataset}")
+    path = args.tuned_file or P.tuned_path(TUNED_DIR, f"revgn_{args.dataset}")
     payload, source = None, ""
     if args.tune:
         derived = derive(configs, args.tune_seeds, args.grid_size, args.max_epochs, out, cache, not args.no_progress,
@@ -263,7 +262,7 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
 
     final = {}
     for key, cfg in configs.items():
-        name = _key_name(key)
+        name = key_name(key)
         changes = {}
         if payload is not None:
             if key not in explicit:
@@ -279,8 +278,8 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
 
     runs = {}
     for key, cfg in final.items():
-        log(f"{_key_name(key)}: lr {cfg.lr:g}, {cfg.epochs} epochs, seeds {', '.join(map(str, args.seeds))}")
-        runs[key] = run_seeds(cfg, args.seeds, os.path.join(out, _key_name(key)), _key_name(key), cache,
+        log(f"{key_name(key)}: lr {cfg.lr:g}, {cfg.epochs} epochs, seeds {', '.join(map(str, args.seeds))}")
+        runs[key] = run_seeds(cfg, args.seeds, os.path.join(out, key_name(key)), key_name(key), cache,
                               not args.no_progress, args.device)
     wall = time.perf_counter() - t0
 
@@ -321,5 +320,5 @@ def protocol_markdown(configs: dict, payload: dict | None, source: str) -> list:
     if d.get("first_pass"):
         lines += ["", "First pass (mini-batch rates at the preset budget, before the length was known):", ""]
         lines += tuning_markdown(d["first_pass"])
-    lines += ["", "Rates used: " + ", ".join(f"{_key_name(k)} {c.lr:g}" for k, c in configs.items()) + "."]
+    lines += ["", "Rates used: " + ", ".join(f"{key_name(k)} {c.lr:g}" for k, c in configs.items()) + "."]
     return lines

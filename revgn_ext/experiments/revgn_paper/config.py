@@ -6,7 +6,11 @@ needs ``lr_ours = L * lr_official`` for GN; Adam and SGD rates carry over unchan
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
+
+# The tuned learning rates and mini-batch lengths stored with the package (``revgn_<dataset>.json``).
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 OPTIMIZERS = ("gn", "adam", "sgd")           # the paper's comparison (``reproduce``)
 # Every optimizer a run can use: the paper's three, EGN (exact GN / Levenberg-Marquardt on any module),

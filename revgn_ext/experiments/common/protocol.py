@@ -14,7 +14,8 @@ Dataset- and optimizer-agnostic: everything here takes plain numbers, tensors or
   MIXED: a comparison counts only when the difference of the means exceeds one standard deviation of
   that difference, ``sqrt(s_a^2 + s_b^2)``; inside it the evidence is noise.
 * :func:`save_tuned` / :func:`load_tuned` read and write a tuned-rates JSON file that records the
-  command which produced it; :func:`tuned_path` names the files stored inside the package.
+  command which produced it; :func:`tuned_path` names the files each paper's package stores in its
+  ``tuned/`` folder.
 """
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ REPRODUCED = "REPRODUCED"
 NOT_REPRODUCED = "NOT REPRODUCED"
 MIXED = "MIXED"
 NOT_RUN = "NOT RUN"
-
-TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 
 # ------------------------------------------------------------------------------------------ tuning split
@@ -195,11 +194,11 @@ def verdict(outcomes) -> str:
 
 # ------------------------------------------------------------------------------------------ stored rates
 
-def tuned_path(name: str) -> str:
-    """Path of the tuned-rates file ``name`` stored in the package (``experiments/tuned/<name>.json``)."""
+def tuned_path(folder: str, name: str) -> str:
+    """Path of the tuned-rates file ``name`` in ``folder`` (a paper package's ``tuned/``: ``<folder>/<name>.json``)."""
     if not name or os.sep in name or "/" in name or name.startswith("."):
         raise ValueError(f"name must be a plain file stem like 'revgn_digits', got {name!r}")
-    return os.path.join(TUNED_DIR, f"{name}.json")
+    return os.path.join(folder, f"{name}.json")
 
 
 def save_tuned(path: str, rates: dict, command: str, details: dict | None = None) -> str:

@@ -4,12 +4,12 @@ A checkpoint is an ordinary ``torch.save`` file (``torch.load(path, weights_only
 
     {"format": FORMAT, "sha256": <hex digest of the payload's content>, "payload": {...}}
 
-The payload is the run state (config, epoch, model and optimizer state dicts, RNG state, the
-tracker's init references, the history). The digest covers every tensor's dtype, shape and bytes and
-every other value, walked in a fixed order, so any change to the stored content (a flipped byte in a
-tensor, a number or a key) fails the check; ``torch.load`` alone checks none of it. Loading then
-validates the state: the expected keys and types, a history that ends at the checkpoint's epoch, and
-finite model / optimizer / tracker tensors.
+The payload is a run's state (each paper's runner decides its entries). The digest covers every
+tensor's dtype, shape and bytes and every other value, walked in a fixed order, so any change to the
+stored content (a flipped byte in a tensor, a number or a key) fails the check; ``torch.load`` alone
+checks none of it. Loading then hands the payload to the caller's validator (the expected keys and
+types, a consistent history, finite tensors: :func:`validate_keys` and :func:`first_non_finite` are
+the pieces).
 
 Every way a checkpoint can be unusable (unreadable, truncated, not a zip, an unpickling or key error,
 a checksum mismatch, an inconsistent or non-finite state, a state the model or optimizer refuses)
@@ -22,7 +22,6 @@ leaves behind, with a warning.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import warnings
@@ -30,15 +29,12 @@ import zipfile
 
 import torch
 
-from .config import RunConfig
+from .records import CHECKPOINT
 
 __all__ = ["CHECKPOINT", "FORMAT", "CheckpointError", "save", "load", "restore", "remove_stale_tmp",
-           "content_digest"]
+           "content_digest", "unusable", "first_non_finite", "validate_keys", "one_line"]
 
-CHECKPOINT = "checkpoint.pt"
 FORMAT = "revgn_ext.checkpoint/1"
-PAYLOAD_KEYS = {"config": dict, "epoch": int, "model": dict, "optimizer": dict, "rng": dict, "tracker": dict,
-                "history": list}
 
 # What torch.load and unpickling raise on damaged files (zipfile's and pickle's errors included).
 _LOAD_ERRORS = (OSError, EOFError, KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError,
@@ -50,7 +46,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed; the message names the file and the problem."""
 
 
-def _fail(path: str, problem: str) -> CheckpointError:
+def unusable(path: str, problem: str) -> CheckpointError:
+    """The error for an unusable checkpoint: names the file, the problem and what to do."""
     return CheckpointError(f"checkpoint {path} is unusable: {problem}. Delete it to start the run afresh, "
                            "or restore a good copy")
 
@@ -99,16 +96,16 @@ def remove_stale_tmp(path: str) -> bool:
         return False
     try:
         if os.path.isdir(tmp) and not os.path.islink(tmp):
-            raise _fail(tmp, "it is a directory")
+            raise unusable(tmp, "it is a directory")
         os.remove(tmp)
     except OSError as e:
-        raise _fail(tmp, f"cannot remove the partial write ({e})") from None
+        raise unusable(tmp, f"cannot remove the partial write ({e})") from None
     warnings.warn(f"removed {tmp}, a partial checkpoint left by an interrupted write; "
                   f"{os.path.basename(path)} (if any) is the last complete one", RuntimeWarning, stacklevel=2)
     return True
 
 
-def _non_finite(obj, where: str):
+def first_non_finite(obj, where: str):
     """Name of the first floating tensor under ``obj`` with a NaN or Inf, or None."""
     if isinstance(obj, torch.Tensor):
         if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
@@ -121,83 +118,48 @@ def _non_finite(obj, where: str):
     else:
         return None
     for k, v in items:
-        bad = _non_finite(v, f"{where}.{k}")
+        bad = first_non_finite(v, f"{where}.{k}")
         if bad is not None:
             return bad
     return None
 
 
-def validate(path: str, payload) -> dict:
-    """The payload's structure and values as a resume needs them; CheckpointError naming ``path`` otherwise."""
-    if not isinstance(payload, dict):
-        raise _fail(path, f"the payload is a {type(payload).__name__}, not a dict")
-    for key, kind in PAYLOAD_KEYS.items():
-        if key not in payload:
-            raise _fail(path, f"it has no {key!r} entry")
-        if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
-            raise _fail(path, f"{key!r} is a {type(payload[key]).__name__}, expected {kind.__name__}")
-    try:
-        RunConfig.from_dict(payload["config"])
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise _fail(path, f"its config is invalid ({type(e).__name__}: {_one_line(e)})") from None
-    epoch, history = payload["epoch"], payload["history"]
-    epochs = payload["config"].get("epochs")
-    if epoch < 1 or (isinstance(epochs, int) and epoch > epochs) or len(history) != epoch + 1:
-        raise _fail(path, f"epoch {epoch} does not fit its history of {len(history)} rows"
-                    + (f" and the run's {epochs} epochs" if isinstance(epochs, int) else ""))
-    for i, row in enumerate(history):
-        if not isinstance(row, dict) or row.get("epoch") != i:
-            raise _fail(path, f"history row {i} is not the record of epoch {i}")
-        step = row.get("step")
-        if not isinstance(step, int) or step < 0 or (i and step < history[i - 1]["step"]):
-            raise _fail(path, f"history row {i} has an invalid step count {step!r}")
-        if not (isinstance(row.get("time_s"), float) and math.isfinite(row["time_s"]) and row["time_s"] >= 0):
-            raise _fail(path, f"history row {i} has an invalid time_s {row.get('time_s')!r}")
-    for key in ("model", "optimizer", "tracker"):
-        bad = _non_finite(payload[key], key)
-        if bad is not None:
-            raise _fail(path, f"{bad} contains NaN or Inf")
-    if not isinstance(payload["rng"].get("torch"), torch.Tensor) or payload["rng"]["torch"].dtype != torch.uint8:
-        raise _fail(path, "the RNG state is missing or not a byte tensor")
-    return payload
-
-
-def load(path: str, map_location=None, validator=None) -> dict:
+def load(path: str, validator, map_location=None) -> dict:
     """The verified, validated payload of the checkpoint at ``path`` (CheckpointError when unusable;
     FileNotFoundError when there is none). ``validator(path, payload)`` checks the payload's
-    structure (default: :func:`validate`, a ``reproduce``/``train`` run's)."""
+    structure and returns it (each paper's runner has its own)."""
     if not os.path.lexists(path):
         raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
     if not os.path.isfile(path):
-        raise _fail(path, "it is not a regular file")
+        raise unusable(path, "it is not a regular file")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except _LOAD_ERRORS as e:
-        raise _fail(path, f"it cannot be read ({type(e).__name__}: {_one_line(e)})") from None
+        raise unusable(path, f"it cannot be read ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or set(blob) != {"format", "sha256", "payload"}:
-        raise _fail(path, f"it is not a {FORMAT} file (written by another version, or damaged)")
+        raise unusable(path, f"it is not a {FORMAT} file (written by another version, or damaged)")
     try:
         digest = content_digest(blob["payload"])
     except TypeError as e:
-        raise _fail(path, str(e)) from None
+        raise unusable(path, str(e)) from None
     if digest != blob["sha256"]:
-        raise _fail(path, "its content does not match its checksum (the file is damaged)")
-    return (validator or validate)(path, blob["payload"])
+        raise unusable(path, "its content does not match its checksum (the file is damaged)")
+    return validator(path, blob["payload"])
 
 
 def validate_keys(path: str, payload, keys: dict, finite: tuple = ()) -> dict:
     """A payload with these entries of these types, and no NaN or Inf under the ``finite`` entries."""
     if not isinstance(payload, dict):
-        raise _fail(path, f"the payload is a {type(payload).__name__}, not a dict")
+        raise unusable(path, f"the payload is a {type(payload).__name__}, not a dict")
     for key, kind in keys.items():
         if key not in payload:
-            raise _fail(path, f"it has no {key!r} entry")
+            raise unusable(path, f"it has no {key!r} entry")
         if not isinstance(payload[key], kind):
-            raise _fail(path, f"{key!r} is a {type(payload[key]).__name__}, expected {kind.__name__}")
+            raise unusable(path, f"{key!r} is a {type(payload[key]).__name__}, expected {kind.__name__}")
     for key in finite:
-        bad = _non_finite(payload[key], key)
+        bad = first_non_finite(payload[key], key)
         if bad is not None:
-            raise _fail(path, f"{bad} contains NaN or Inf")
+            raise unusable(path, f"{bad} contains NaN or Inf")
     return payload
 
 
@@ -208,9 +170,10 @@ def restore(path: str, payload: dict, model, optimizer, set_rng) -> None:
         optimizer.load_state_dict(payload["optimizer"])
         set_rng(payload["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise _fail(path, f"its state does not fit this run ({type(e).__name__}: {_one_line(e)})") from None
+        raise unusable(path, f"its state does not fit this run ({type(e).__name__}: {one_line(e)})") from None
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters."""
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[:limit] + "..."

@@ -2,7 +2,7 @@
 
 ``runs`` maps ``(optimizer, setting)`` to a list of history rows per seed (a single history is taken
 as one seed); ``configs`` maps the same keys to the runs' :class:`~.config.RunConfig`. Every number is
-a mean ± std over the seeds (:mod:`.protocol`), and each finding of the paper (section 5) is a test on
+a mean ± std over the seeds (:mod:`..common.protocol`), and each finding of the paper (section 5) is a test on
 those numbers, written next to its verdict. A comparison counts only beyond one std of the difference
 of the means; evidence inside the noise gives MIXED.
 """
@@ -12,7 +12,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from . import protocol as P
+from ..common import protocol as P
+from ..common.markdown import markdown_table
 from .config import OPTIMIZERS, SETTINGS
 from .plots import LABELS, SETTING_TITLES, series
 
@@ -117,24 +118,6 @@ def summary_rows(runs: dict, configs: dict) -> list:
                 "ms / step": stat(hs, lambda h: 1000 * final(h, "time_s") / max(1, h[-1]["step"])),
             })
     return rows
-
-
-def _fmt(v, digits=4) -> str:
-    if isinstance(v, P.Stat):
-        return format(v, f".{digits - 1}g")
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
-
-
-def markdown_table(rows: list) -> str:
-    if not rows:
-        return "(no runs)\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _pm(s: P.Stat, missing: str = "diverged") -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 
+from ..common.figures import pyplot, save
 from .config import OPTIMIZERS, SETTINGS
 
 LABELS = {"gn": "GN (RevGN)", "adam": "Adam", "sgd": "SGD", "egn": "EGN", "lbfgs": "L-BFGS",
@@ -57,11 +58,7 @@ def plot_band(ax, histories, key: str, **kw):
 
 
 def _grid(runs: dict, columns: list, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = [s for s in SETTINGS if any(k[1] == s for k in runs)]
     fig, axes = plt.subplots(len(settings), len(columns), figsize=(4.2 * len(columns), 3.2 * len(settings)),
                              squeeze=False)
@@ -80,12 +77,6 @@ def _grid(runs: dict, columns: list, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig, plt
-
-
-def _save(fig, plt, path: str) -> str:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _seeds(entry) -> list:
@@ -114,5 +105,5 @@ def make_figures(runs: dict, out_dir: str, title: str = "") -> dict:
     for name, columns in figures.items():
         if columns:
             fig, plt = _grid(runs, columns, prefix + name.replace("_", " "))
-            paths[name] = _save(fig, plt, os.path.join(out_dir, f"{name}.png"))
+            paths[name] = save(fig, plt, os.path.join(out_dir, f"{name}.png"))
     return paths

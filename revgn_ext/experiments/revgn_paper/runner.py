@@ -33,7 +33,6 @@ are identical) and only rank 0 writes files and shows progress.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -43,27 +42,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..revgn.model import RevMLP
-from . import checkpoint
-from . import diagnostics as dg
-from .data import load_dataset
+from ...revgn.model import RevMLP
+from ..common import checkpoint
+from ..common import diagnostics as dg
+from ..common.data import load_dataset
+from ..common.protocol import split_train
+from ..common.records import CHECKPOINT, CONFIG_JSON, load_history, resolve_device, write_metrics
+from .resume import validate as validate_checkpoint
 from .config import RunConfig
 from .mlp import MLP
-from .protocol import split_train
 
-CHECKPOINT = checkpoint.CHECKPOINT
-METRICS_JSONL = "metrics.jsonl"
-METRICS_CSV = "metrics.csv"
-CONFIG_JSON = "config.json"
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
+__all__ = ["run", "load_history", "prepare_data", "build_model", "build_optimizer", "RunInterrupted", "CHECKPOINT",
+           "CONFIG_JSON"]
 
 
 def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None):
@@ -123,14 +113,14 @@ def build_optimizer(cfg: RunConfig, model, distributed: bool = False):
         if cfg.optimizer == "shampoo":
             return pytorch_optimizer.Shampoo(params, lr=cfg.lr)
         return pytorch_optimizer.SOAP(params, lr=cfg.lr, weight_decay=0.0)
-    import revgn_ext as rg
+    from ... import EGN, RevGN
 
     damping = {} if cfg.damping is None else {"damping": cfg.damping}
     if cfg.optimizer == "egn":
         if cfg.loss != "cross_entropy" and cfg.loss != "mse":
             raise ValueError(f"loss {cfg.loss!r} is not supported by EGN here")
-        return rg.EGN(model, lr=cfg.lr, loss=cfg.loss, **({"damping": EGN_DAMPING} | damping))
-    return rg.RevGN(model, lr=cfg.lr, target=cfg.target, loss=cfg.loss, damping_mode=cfg.damping_mode,
+        return EGN(model, lr=cfg.lr, loss=cfg.loss, **({"damping": EGN_DAMPING} | damping))
+    return RevGN(model, lr=cfg.lr, target=cfg.target, loss=cfg.loss, damping_mode=cfg.damping_mode,
                     solver=cfg.solver, rtol=cfg.rtol, distributed=distributed, **damping)
 
 
@@ -230,20 +220,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _write_metrics(out_dir: str, history: list) -> None:
-    with open(os.path.join(out_dir, METRICS_JSONL), "w") as f:
-        for row in history:  # NaN (e.g. no loss change at epoch 0) is written as null: strict JSON
-            f.write(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
-                                for k, v in row.items()}) + "\n")
-    keys = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    with open(os.path.join(out_dir, METRICS_CSV), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-
-
 def _scalar_stats(stats) -> dict:
     """Numeric scalars of an optimizer's stats dict (tensors of one element included)."""
     out = {}
@@ -318,7 +294,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     if writer:
         checkpoint.remove_stale_tmp(ckpt_path)
     if resume:
-        ckpt = checkpoint.load(ckpt_path, map_location=dev)  # checksum verified, state validated
+        ckpt = checkpoint.load(ckpt_path, validate_checkpoint, map_location=dev)  # checksum verified, state validated
         cfg.check_resumable(RunConfig.from_dict(ckpt["config"]))
     if writer:
         with open(os.path.join(out_dir, CONFIG_JSON), "w") as f:
@@ -346,7 +322,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
         start = 1
     history = history[:start]  # rows written after the checkpoint (a crash mid-epoch) are redone
     if writer:
-        _write_metrics(out_dir, history)
+        write_metrics(out_dir, history)
 
     label = label or cfg.name
     # Bars only on a terminal; a log (non-interactive stderr) gets one line per run at its end.
@@ -396,7 +372,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
             history.append(row)
             epochs.set_postfix(train=f"{row['train_loss']:.4f}", **{ev: f"{test_loss:.4f}"}, acc=f"{test_acc:.3f}")
             if writer:
-                _write_metrics(out_dir, history)
+                write_metrics(out_dir, history)
                 checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "rng": _rng_state(dev),
                                             "tracker": tracker.state(), "history": history})
@@ -412,8 +388,3 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
               f"{ev} loss {last[ev + '_loss']:.4f}, {ev} acc {last[ev + '_acc']:.3f}", file=sys.stderr, flush=True)
     return history
 
-
-def load_history(out_dir: str) -> list:
-    """The history rows of a finished or interrupted run, from its metrics.jsonl."""
-    with open(os.path.join(out_dir, METRICS_JSONL)) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp, vjp
 
-from .._checks import check_tensor
+from ..._checks import check_tensor
 
 __all__ = ["trainable_params", "ntk_matvec", "ntk_similarity", "NTKSimilarity", "linear_cka", "weight_change"]
 

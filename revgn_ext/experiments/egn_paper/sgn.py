@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 from torch.optim import Optimizer
 
-from .._checks import check_number, check_tensor
+from ..._checks import check_number, check_tensor
 
 __all__ = ["SGN", "loss_terms"]
 

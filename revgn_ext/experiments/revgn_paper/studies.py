@@ -30,10 +30,12 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from . import protocol as P
+from ..common import protocol as P
+from ..common.figures import pyplot
+from ..common.markdown import markdown_table
 from .config import RunConfig
 from .plots import COLORS, LABELS
-from .report import final, markdown_table, tuning_markdown
+from .report import final, tuning_markdown
 from .reproduction import run_seeds, tune
 
 STUDIES = ("generalization", "regularization", "width", "second-order")
@@ -146,16 +148,8 @@ def arms_table(arms: list, columns=None) -> str:
     return markdown_table([{k: r.get(k, "-") for k in keys} for r in rows])
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def bar_figure(arms: list, metrics: list, path: str, title: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     ok = [a for a in arms if a.runs]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -307,7 +301,7 @@ def study_regularization(out: str, seeds, tune_seeds, grid_size, smoke=False, ca
 
 
 def regularization_figure(results: dict, adam: Arm, gn: Arm, path: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(results), figsize=(3.2 * len(results), 5.6), squeeze=False)
     ad = arm_stats(adam) if adam.runs else None
     for j, (title, (fieldname, values, arms)) in enumerate(results.items()):
@@ -338,7 +332,7 @@ def regularization_figure(results: dict, adam: Arm, gn: Arm, path: str) -> str:
 
 def study_width(out: str, seeds, tune_seeds, grid_size, smoke=False, cache=None, log=print,
                 widths=(256, 1024, 4096), fashion_dir: str | None = None):
-    from .data import DEFAULT_DIRS
+    from ..common.data import DEFAULT_DIRS
 
     cache = {} if cache is None else cache
     datasets = [("digits", dict(batch_size=128))]
@@ -381,7 +375,7 @@ def study_width(out: str, seeds, tune_seeds, grid_size, smoke=False, cache=None,
 
 
 def width_figure(results: dict, path: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     datasets = list(dict.fromkeys(k[0] for k in results))
     metrics = ["gap", "test loss", "NTK sim", "CKA last"]
     fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(3.4 * len(metrics), 3.0 * len(datasets)),
@@ -449,7 +443,7 @@ def run_studies(names, out: str, seeds=(0, 1, 2), tune_seeds=(0,), grid_size: in
             lines += tuning_markdown(tuned) + ["", "</details>", ""]
         sections += lines + [""]
     wall = time.perf_counter() - t0
-    from .. import ops
+    from ... import ops
 
     head = ["# RevGN open questions at CPU scale", ""]
     if command:
