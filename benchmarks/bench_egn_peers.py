@@ -434,6 +434,7 @@ def main():
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        sys.path.insert(0, os.path.dirname(HERE))   # this checkout's revgn_ext, not an installed one
         method, name, data_path, out_path, check, damping, warmup, steps = json.loads(args.worker)
         if method == "somax":
             res = jax_worker(name, data_path, out_path, check, damping, warmup, steps, args.somax)
