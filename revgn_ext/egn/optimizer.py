@@ -349,7 +349,7 @@ class EGN(GaussNewtonOptimizer):
             sol.tKu = (t.reshape(b, m) * sol.Ku).sum()
             u = u.reshape(b, m)
             back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
-            direction = [-d for d in back_projection]
+            direction = torch._foreach_neg(back_projection)
         bad = assembly.disagreeing(u, back_projection)
         if bad:
             self._assembler.route_to_functional(bad)
