@@ -55,7 +55,12 @@ __all__ = ["EGN", "Solution"]
 
 
 def _all_finite(tensors) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    """Every entry of every tensor finite: the max-norms (which cannot overflow, and are NaN or inf
+    exactly when an entry is) of all tensors in one fused call, one host sync."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
 
 
 @dataclass
@@ -334,7 +339,8 @@ class EGN(GaussNewtonOptimizer):
         damped = assembly.gram
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
         chol = gram_factor_from_gram_unchecked(damped[None], damped.new_zeros(1))
-        sol.retries, sol.jitter = chol.info.item(), chol.jitter.item()
+        info, jitter = torch.stack([chol.info.reshape(()).to(chol.jitter.dtype), chol.jitter.reshape(())]).tolist()
+        sol.retries, sol.jitter = int(info), jitter   # one host sync for both
         clock.lap("factor")
         if sol.retries < 0:   # only for a non-finite Gram: no step
             return sol
@@ -355,7 +361,7 @@ class EGN(GaussNewtonOptimizer):
             sol.tKu = (t.reshape(b, m) * sol.Ku).sum()
             u = u.reshape(b, m)
             back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
-            direction = [-d for d in back_projection]
+            direction = torch._foreach_neg(back_projection)
         bad = assembly.disagreeing(u, back_projection)
         if bad:
             self._assembler.route_to_functional(bad)
@@ -519,6 +525,6 @@ class EGN(GaussNewtonOptimizer):
 
 def _set_params(params, base, direction, alpha: float) -> None:
     """w = base + alpha d, in place."""
-    with torch.no_grad():
-        for p, w, d in zip(params, base, direction):
-            p.copy_(w).add_(d, alpha=alpha)
+    with torch.no_grad():   # fused over the parameters: two calls
+        torch._foreach_copy_(params, base)
+        torch._foreach_add_(params, direction, alpha=alpha)

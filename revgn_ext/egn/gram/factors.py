@@ -78,11 +78,12 @@ class KronFactor:
 
     def weighted_gradients(self, w):
         """{param: sum_{i,a} w_ia grad_ia} from the factor (for the verification)."""
-        Gw = torch.einsum("ia,iatq->itq", w, self.G)
+        b, m, T, q = self.G.shape
+        Gw = torch.bmm(w.reshape(b, 1, m), self.G.reshape(b, m, T * q)).view(b, T, q)   # sum_a w_ia G[i, a]
         if self.kron.kind == "ids":
             (p, _, _), = self.parts
             return {p: kron_per_sample(self.kron, Gw, p.shape).sum(0)}
-        full = torch.einsum("itq,itp->qp", Gw, self.kron.X)
+        full = Gw.reshape(b * T, q).T @ self.kron.X.reshape(b * T, -1)                   # sum_{i,t} Gw (x) X
         return {p: full[:, lo:hi].reshape(p.shape) for p, lo, hi in self.parts}
 
 
@@ -107,7 +108,8 @@ class DenseFactor:
         K[i0 * m:i1 * m, :j1 * m].addmm_(self.V[i0:i1].reshape((i1 - i0) * m, -1), self.V[:j1].reshape(j1 * m, -1).T)
 
     def weighted_gradients(self, w):
-        return {self.param: torch.einsum("ia,iad->d", w, self.V).reshape(self.param.shape)}
+        b, m, d = self.V.shape
+        return {self.param: (w.reshape(1, b * m) @ self.V.reshape(b * m, d)).reshape(self.param.shape)}
 
 
 def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_limit: int) -> torch.Tensor:

@@ -8,20 +8,27 @@ several times (tied weights, a module called twice) gets the *sum* of its uses' 
 so the cross terms between uses are in K: uses of the same Kronecker kind are concatenated along
 positions, others are summed in dense form.
 
-Parameters no rule covers fall back *per parameter* to torch.func (:mod:`.functional`);
+Parameters that no module rule covers but that the model passes to ``F.linear`` or ``@`` (attention
+projections, hand-written layers) are recorded by :class:`revgn_ext.egn.capture.LinearCapture` and take
+the rule of :mod:`revgn_ext.egn.rules.functional_linear`; the sample axis of such a call is found once
+per call pattern (:func:`revgn_ext.egn.capture.resolve_layouts`). Parameters no rule covers otherwise
+fall back *per parameter* to torch.func (:mod:`.functional`);
 ``fallback=False`` (``gram="layerwise"``) refuses them instead, naming the module. The factors are
 verified against autograd (:mod:`.verification`); a parameter that disagrees moves to torch.func from
 then on, with a RuntimeWarning naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch import nn
 
 from ..._warn import user_stacklevel
+from ..capture import LinearCall, LinearCapture, resolve_layouts
 from ..rules import KronInput, kron_per_sample, rule_for
+from ..rules.functional_linear import FunctionalLinearRule
 from . import factors as factor_forms
 from .assembly import Assembly
 from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory, outputs_of
@@ -30,6 +37,8 @@ from .functional import per_sample_jacobian_rows
 from .verification import MISMATCH, random_weight_check
 
 __all__ = ["LayerwiseGram", "layerwise_obstacle"]
+
+_CALL_RULE = FunctionalLinearRule()
 
 
 def _coverage(model: nn.Module, params):
@@ -97,8 +106,13 @@ class LayerwiseGram:
             raise UnsupportedModelError(
                 f"layerwise Gram unavailable for {type(model).__name__}: {why}; gram='auto' computes the "
                 "per-sample Jacobian of such parameters with torch.func (vmap of jacrev), per layer")
-        self.fallback = set(uncovered)   # ids of parameters on the torch.func route
+        self.functional = set(uncovered)   # ids of parameters on the torch.func route unless captured
+        # Of those, the ones that a linear call may cover (``gram="auto"`` only): recorded by LinearCapture.
+        self.capturable = set(uncovered) if fallback else set()
+        self.fallback = set(uncovered)     # this solve's torch.func route: functional less what was captured
         self.covered = covered
+        self._layouts: dict = {}           # call pattern -> the calls' sample layouts (None: no layout)
+        self._plans: dict = {}             # verified call pattern -> its factor plan (see _describe)
         self._warned = set()
         self._generator = None
         self._verified: set = set()   # call patterns whose random-weight check passed
@@ -128,11 +142,20 @@ class LayerwiseGram:
         if columns is None:
             return Assembly(f, payload)
         m, b = columns.shape[:2]
-        factors = self._plan(tape, b, m, f)
-        self._check_memory(tape, factors, ranks.total, m, f, ranks)
+        signature = tuple(u.module.signature() if isinstance(u.module, LinearCall) else
+                          (id(u.module), tuple(u.inp.shape), tuple(u.out.shape)) for u in tape)
+        # A verified call pattern replays its factor plan: no cost model, no memory estimate again.
+        key = (signature, b, m, ranks.total, frozenset(self.fallback), tuple(u.out.requires_grad for u in tape))
+        plan = self._plans.get(key)
+        if plan is not None:
+            factors = _replay(plan, tape, b, m, f)
+        else:
+            factors = self._plan(tape, b, m, f)
+            self._check_memory(tape, factors, ranks.total, m, f, ranks)
         self._fill(tape, f, columns, factors)
-        signature = tuple((id(u.module), tuple(u.inp.shape), tuple(u.out.shape)) for u in tape)
         bad = self._random_check(signature, f, columns, factors, ranks)
+        if not bad and plan is None and key[4] == frozenset(self.fallback):
+            self._plans[key] = _describe(tape, factors)
         if bad:
             self._demote(bad, MISMATCH)
             # Rebuild every factor without the demoted parameters (a merged factor may hold both kinds).
@@ -182,13 +205,38 @@ class LayerwiseGram:
             return record
 
         handles = [m.register_forward_hook(hook(name, m, rule_for(m))) for name, m in self._hooked_modules()]
+        capturable = [p for p in self.params if id(p) in self.capturable]
+        capture = LinearCapture(capturable, self.names) if capturable else None
         try:
-            with RandomForward(self.model, x):
+            with RandomForward(self.model, x), (capture if capture is not None else contextlib.nullcontext()):
                 f = self.model(x)
         finally:
             for h in handles:
                 h.remove()
-        return outputs_of(self.model, f, x.shape[0])
+        f = outputs_of(self.model, f, x.shape[0])
+        captured = self._captured_calls(f, capture.calls) if capture is not None else []
+        tape.extend(_Use(call.name, call, _CALL_RULE, call.inp, call.out) for call in captured)
+        # This solve's torch.func route: the uncovered parameters that no laid-out call covered.
+        self.fallback = self.functional - {id(getattr(c, a)) for c in captured for a in _CALL_RULE.attrs(c)}
+        return f
+
+    def _captured_calls(self, f: torch.Tensor, calls) -> list:
+        """The recorded linear calls with their sample layout (found once per call pattern by two
+        backward passes, then reused); calls with none are left out (their parameters stay on
+        torch.func)."""
+        b = f.shape[0]
+        key = (b,) + tuple(c.signature() for c in calls)
+        if key not in self._layouts:
+            if self._generator is None:
+                self._generator = torch.Generator(device="cpu").manual_seed(0x5EED)
+            resolve_layouts(f, calls, self._generator)
+            self._layouts[key] = [c.layout for c in calls]
+        out = []
+        for call, layout in zip(calls, self._layouts[key]):
+            call.layout, call.batch = layout, b
+            if layout is not None:
+                out.append(call)
+        return out
 
     def _demote(self, pids, why: str):
         """Move parameters to the torch.func route (or refuse, without fallback)."""
@@ -204,6 +252,9 @@ class LayerwiseGram:
                           "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning,
                           stacklevel=user_stacklevel())
         self.fallback.update(pids)
+        self.functional.update(pids)
+        self._plans.clear()
+        self.capturable.difference_update(pids)
 
     def _plan(self, tape, b: int, m: int, like: torch.Tensor):
         """Factors for the recorded uses: one Kronecker or dense factor per parameter group."""
@@ -215,7 +266,8 @@ class LayerwiseGram:
                      if id(getattr(use.module, a)) in trainable and id(getattr(use.module, a)) not in self.fallback]
             if not use.out.requires_grad:   # called under no_grad or on frozen inputs only: no Jacobian
                 continue
-            if use.out.dim() == 0 or use.out.shape[0] != b or use.inp.dim() == 0 or use.inp.shape[0] != b:
+            if not isinstance(use.module, LinearCall) and (   # a linear call's rows are laid out by sample
+                    use.out.dim() == 0 or use.out.shape[0] != b or use.inp.dim() == 0 or use.inp.shape[0] != b):
                 for a in attrs:
                     bad[id(getattr(use.module, a))] = (f"module '{use.name}' got input {tuple(use.inp.shape)} / "
                                                        f"output {tuple(use.out.shape)} without the batch ({b}) first")
@@ -308,7 +360,7 @@ class LayerwiseGram:
             if rest:
                 grads.update(use.rule.per_sample(use.module, use.inp, g, rest))
             for attr, factor in use.dense:
-                factor.V[:, a] += grads[attr].reshape(g.shape[0], -1)
+                factor.V[:, a] += grads[attr].reshape(factor.V.shape[0], -1)
 
     def _random_check(self, signature, f, columns, factors, ranks) -> list[int]:
         """The random-weight verification for a new call pattern; one verdict on every rank."""
@@ -328,3 +380,60 @@ class LayerwiseGram:
         if not bad:
             self._verified.add(signature)
         return bad
+
+
+# -- plans of verified call patterns -----------------------------------------------------------------
+
+def _describe(tape, factors) -> list:
+    """How the factors were built from the tape, by tape index: for a Kronecker factor the uses whose
+    inputs make X (one use: its parameters' inputs side by side; several: their inputs along positions),
+    its parts, vocabulary and G's shape; for a dense factor its parameter and uses."""
+    index = {id(fa): k for k, fa in enumerate(factors)}
+    specs = [["kron", [], None] if isinstance(fa, KronFactor) else ["dense", [], None] for fa in factors]
+    for i, u in enumerate(tape):
+        for fa, t0 in u.slots:
+            specs[index[id(fa)]][1].append((i, t0))
+        for attr, fa in u.dense:
+            specs[index[id(fa)]][1].append((i, attr))
+    out = []
+    for fa, (kind, uses, _) in zip(factors, specs):
+        if kind == "dense":
+            out.append(("dense", fa.param, uses))
+            continue
+        def attr_of(u, p):
+            return next(a for a in u.kron if getattr(u.module, a) is p)
+        if len(uses) == 1:
+            i, _ = uses[0]
+            inputs = [(i, attr_of(tape[i], p)) for p, _, _ in fa.parts]
+        else:
+            (p, _, _), = fa.parts
+            inputs = [(i, attr_of(tape[i], p)) for i, _ in uses]
+        out.append(("kron", inputs, uses, fa.parts, fa.kron.vocab, tuple(fa.G.shape[2:])))
+    return out
+
+
+def _replay(plan, tape, b: int, m: int, like: torch.Tensor) -> list:
+    """The factors of a tape whose call pattern has ``plan`` (from :func:`_describe`)."""
+    needed = {i for spec in plan for i, _ in spec[2 if spec[0] == "kron" else 2]}
+    for i in needed:
+        u = tape[i]
+        u.kron = u.rule.kron_inputs(u.module, u.inp)
+    factors = []
+    for spec in plan:
+        if spec[0] == "dense":
+            _, p, uses = spec
+            factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
+            for i, attr in uses:
+                tape[i].dense.append((attr, factor))
+        else:
+            _, inputs, uses, parts, vocab, (T, q) = spec
+            Xs = [tape[i].kron[a].X for i, a in inputs]
+            if len(Xs) == 1:
+                X = Xs[0]
+            else:
+                X = torch.cat(Xs, 2 if len(uses) == 1 else 1)
+            factor = KronFactor(KronInput(X, vocab), parts, like.new_zeros(b, m, T, q))
+            for i, t0 in uses:
+                tape[i].slots.append((factor, t0))
+        factors.append(factor)
+    return factors

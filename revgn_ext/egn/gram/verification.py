@@ -39,8 +39,9 @@ def compare(ours: dict, truth, dtype) -> list[int]:
     mine = [g for _, g in ours.values()]
     eps = torch.finfo(dtype).eps
     truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
-    errors = torch.stack([torch.linalg.vector_norm(a - g) for a, g in zip(mine, truth)])
-    scales = torch.stack([torch.linalg.vector_norm(a) + torch.linalg.vector_norm(g) for a, g in zip(mine, truth)])
+    # fused over the parameters (one call each): ||a - g||, ||a|| + ||g||
+    errors = torch.stack(torch._foreach_norm(torch._foreach_sub(mine, truth)))
+    scales = torch.stack(torch._foreach_norm(mine)) + torch.stack(torch._foreach_norm(truth))
     # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
     # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
     limit = math.sqrt(eps) * scales + 100 * eps * scales.norm() + torch.finfo(dtype).tiny

@@ -1,0 +1,104 @@
+"""The small EGN step against Adam, for several source trees side by side (the paper's MLP at its batch sizes).
+
+MLP 8-32-64-32-1 (ReLU), MSE, b in {32, 64, 128}, float32, 1 torch thread. Each tree (a checkout with its
+extension in place) runs in its own process per round, trees interleaved (A, B, ..., then reversed); a
+process times ``EGN.step`` and an Adam step (forward, backward, ``Adam.step``) on the same batch, CPU time,
+median of ``--steps`` steps after 5 warm-up steps, and the median of the step's phases (``stats["time"]``:
+forward, gram, factor, backproject; wall clock, short intervals). The EGN / Adam ratio comes from one
+process, so it does not depend on the machine's load.
+
+Usage: python benchmarks/bench_egn_small.py TREE [TREE ...] [--rounds 2] [--steps 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HARNESS = r'''
+import json, statistics, sys, time
+import torch
+from torch import nn
+import revgn_ext as rg
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+out = {"file": rg.__file__}
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                         nn.Linear(32, 1))
+def timed(fn, n):
+    for _ in range(5):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.process_time(); fn(); ts.append(time.process_time() - t)
+    return statistics.median(ts) * 1e3
+for b in cfg["batches"]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 8, generator=g); y = torch.randn(b, 1, generator=g)
+    opt = rg.EGN(mlp(), lr=0.1, damping=1.0, loss="mse")
+    phases = {}
+    def egn_step():
+        s = opt.step(x, y)
+        for k, v in s["time"].items():
+            phases.setdefault(k, []).append(v * 1e3)
+    am = mlp(); adam = torch.optim.Adam(am.parameters(), lr=1e-3)
+    def adam_step():
+        adam.zero_grad()
+        (0.5 * (am(x) - y).square().sum(1).mean()).backward()
+        adam.step()
+    out[f"b={b}"] = {"egn": timed(egn_step, cfg["steps"]), "adam": timed(adam_step, cfg["steps"]),
+                     "phases": {k: statistics.median(v) for k, v in phases.items()}}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def run(tree, cfg):
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", HARNESS, json.dumps(cfg)], env=env, cwd=tree,
+                          capture_output=True, text=True, check=True)
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    if not res["file"].startswith(os.path.abspath(tree)):
+        raise RuntimeError(f"{tree}: imported revgn_ext from {res['file']}")
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", nargs="+")
+    parser.add_argument("--labels", nargs="*", default=None)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args()
+    trees = [os.path.abspath(t) for t in args.trees]
+    labels = args.labels or trees
+    cfg = {"batches": [32, 64, 128], "steps": args.steps}
+    runs = {t: [] for t in trees}
+    before = os.getloadavg()
+    for r in range(args.rounds):
+        for t in (trees if r % 2 == 0 else trees[::-1]):
+            runs[t].append(run(t, cfg))
+            print(f"round {r} {t}: {runs[t][-1]}", flush=True)
+    after = os.getloadavg()
+    print(f"\nLoad average before {before[0]:.1f} / {before[1]:.1f} / {before[2]:.1f}, "
+          f"after {after[0]:.1f} / {after[1]:.1f} / {after[2]:.1f}; median over {args.rounds} rounds.\n")
+    print("| tree | b | EGN step ms | Adam step ms | EGN / Adam | forward | gram | factor | backproject | rest |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t, label in zip(trees, labels):
+        for b in cfg["batches"]:
+            rows = [x[f"b={b}"] for x in runs[t]]
+            egn = statistics.median(r["egn"] for r in rows)
+            adam = statistics.median(r["adam"] for r in rows)
+            ratio = statistics.median(r["egn"] / r["adam"] for r in rows)
+            ph = {k: statistics.median(r["phases"].get(k, float("nan")) for r in rows)
+                  for k in ("forward", "gram", "factor", "backproject")}
+            print(f"| {label} | {b} | {egn:.2f} | {adam:.2f} | {ratio:.2f}x | " +
+                  " | ".join(f"{v:.2f}" for v in ph.values()) + f" | {egn - sum(ph.values()):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

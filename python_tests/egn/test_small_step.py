@@ -1,0 +1,94 @@
+"""The small-step path: a verified call pattern replays its factor plan, and the fused finiteness checks."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import revgn_ext as rg
+from revgn_ext.egn.optimizer import _all_finite
+
+from _dense import dense_direction, flat
+
+
+def mlp(out=2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, out)).double()
+
+
+class TwoCalls(nn.Module):
+    """A Linear called twice (Kronecker factor over both uses), an embedding-free dense norm, a bias-free layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.b = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("make,loss", [(mlp, "mse"), (lambda: TwoCalls().double(), "cross_entropy")])
+def test_replayed_plans_give_the_dense_direction_at_every_step(make, loss):
+    model = make()
+    opt = rg.EGN(model, lr=0.3, damping=0.2, loss=loss)
+    g = torch.Generator().manual_seed(1)
+    c = model(torch.zeros(1, model[0].in_features if isinstance(model, nn.Sequential) else 4,
+                          dtype=torch.float64)).shape[1]
+    for _ in range(4):
+        x = torch.randn(9, 5 if isinstance(model, nn.Sequential) else 4, generator=g, dtype=torch.float64)
+        y = torch.randn(9, c, generator=g, dtype=torch.float64) if loss == "mse" else torch.randint(0, c, (9,), generator=g)
+        ref = dense_direction(model, x, y, loss, 0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # a wrong replayed factor would be demoted with a warning
+            ours = flat(opt.direction(x, y))
+            opt.step(x, y)
+        assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert len(opt._assembler._plans) == 1
+    assert opt.last_stats["gram"] == "layerwise"
+
+
+class Switch(nn.Module):
+    """On its later calls it also uses the first layer's weight in a way no hook sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.lin(x))
+        if self.calls > 2:
+            h = h + F.linear(x, self.lin.weight.t())
+        return self.head(h)
+
+
+def test_a_use_that_appears_after_the_plan_is_cached_is_still_caught():
+    torch.manual_seed(0)
+    model = Switch().double()
+    opt = rg.EGN(model, lr=0.1, damping=0.5, loss="mse")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, 1, dtype=torch.float64)
+    opt.step(x, y)
+    opt.step(x, y)   # the pattern is verified and its plan cached
+    assert opt._assembler._plans
+    model.calls = 10
+    ref = dense_direction(model, x, y, "mse", 0.5)
+    model.calls = 10
+    with pytest.warns(RuntimeWarning, match="torch.func"):
+        ours = flat(opt.direction(x, y))
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_all_finite_sees_every_non_finite_entry(bad, where):
+    tensors = [torch.ones(3), torch.full((2, 2), 3e38), torch.zeros(5, dtype=torch.float64), torch.ones(0)]
+    assert _all_finite(tensors)
+    tensors[where].view(-1)[-1] = bad
+    assert not _all_finite(tensors)
