@@ -2,7 +2,6 @@
 losses with their reductions (checked against a dense Gauss-Newton solve of the user's own loss),
 parameter groups, compiled models, autocast and the errors for what is not supported."""
 import copy
-import math
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ leaving parameters and optimizer untouched, or give exactly the step of an optim
 constructed with the same values (for EGN's momentum state: the documented update with that state).
 Never a silent change. Seeded draws, several hundred cases."""
 import copy
-import math
 import random
 import warnings
 

@@ -1,6 +1,5 @@
 """RevGN guards: an honest ``stats["exact"]``, all-or-nothing steps, the memory refusal, and one-line
 errors for bad input. J Delta is checked with torch.func.jvp through the dense forward of test_revgn."""
-import math
 import warnings
 
 import pytest

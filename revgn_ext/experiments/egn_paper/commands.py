@@ -25,7 +25,7 @@ from . import lqr
 from .tasks import SUPERVISED
 from .claims import claims, target_times
 from .plots import figure_batch, figure_lqr, figure_metric
-from .problems import DEFAULT_TASKS, TASKS, VAL_FRACTION, damping_for, expand_tasks, lower_is_better, make_problem
+from .problems import DEFAULT_TASKS, TASKS, VAL_FRACTION, damping_for, expand_tasks, make_problem
 from .report import write_report
 from .timing import C4_BATCHES, batch_size_study, c4_length
 from .training import OPTIMIZERS, RunSpec, final_value, run_one, step_time
