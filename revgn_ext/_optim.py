@@ -245,6 +245,19 @@ def unwrap_compiled(model):
     return model
 
 
+def _check_elementwise_shapes(spec: "LossSpec", args: dict, who: str) -> None:
+    """An element-wise loss (MSE, BCE with logits) whose input and target shapes differ is computed by
+    torch on their broadcast, a different loss from the per-sample one the step solves: refuse it."""
+    if spec.name not in ("mse", "binary_cross_entropy"):
+        return
+    inp, target = args.get("input"), args.get("target")
+    if isinstance(inp, torch.Tensor) and isinstance(target, torch.Tensor) and inp.shape != target.shape:
+        raise ValueError(f"{who}.step(closure): the closure's {spec.name} loss got an input of shape "
+                         f"{tuple(inp.shape)} and a target of shape {tuple(target.shape)}; torch broadcasts "
+                         f"them to another loss than the per-sample one, so the step would solve a different "
+                         f"problem: give both the same shape (e.g. target.view_as(output))")
+
+
 class GaussNewtonOptimizer(torch.optim.Optimizer):
     """Base class of :class:`~revgn_ext.RevGN` and :class:`~revgn_ext.EGN` (see the module docstring).
 
@@ -537,6 +550,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
                              f"model's output; with more than one, return (output, target) to say which")
         func, args, x = on_output[0]
         spec = _spec_from_call(func, args, who, self.LOSSES)
+        _check_elementwise_shapes(spec, args, who)
         target = args["target"].detach()
         return Batch(x, target, spec, returned, True)
 

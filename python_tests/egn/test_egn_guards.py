@@ -152,6 +152,22 @@ def test_loss_mismatch_mse_sum_against_mean_is_refused():
         opt.step(lambda: F.mse_loss(model(x), y, reduction="sum"))
 
 
+
+@pytest.mark.parametrize("loss_call", ["functional", "module"])
+def test_loss_mismatch_broadcast_mse_shapes_are_refused(loss_call):
+    # Output (b, 1) against a target (b,): torch broadcasts to (b, b) and computes another loss than the
+    # per-sample one (1.1415 against 1.1578 on such a batch); the step must not solve the latter silently.
+    model = mlp(c=1)
+    x, y = torch.randn(6, 5, dtype=f64), torch.randn(6, dtype=f64)
+    opt = EGN(model, loss="mse")
+    before = [p.detach().clone() for p in model.parameters()]
+    fn = (lambda out, t: F.mse_loss(out, t)) if loss_call == "functional" else nn.MSELoss()
+    with pytest.warns(UserWarning, match="broadcast"), pytest.raises(ValueError, match=r"broadcasts"):
+        opt.step(lambda: fn(model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # The same batch with matching shapes steps.
+    opt.step(lambda: fn(model(x), y.unsqueeze(1)))
+
 # --------------------------------------------------------------------------------------------------
 # The damping docs/api.md documents for nn.MSELoss
 # --------------------------------------------------------------------------------------------------
