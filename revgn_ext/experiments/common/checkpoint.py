@@ -43,7 +43,7 @@ _LOAD_ERRORS = (OSError, EOFError, KeyError, IndexError, TypeError, AttributeErr
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed; the message names the file and the problem."""
+    """A checkpoint that cannot be resumed or written; the message names the file and the problem."""
 
 
 def unusable(path: str, problem: str) -> CheckpointError:
@@ -83,10 +83,27 @@ def content_digest(obj) -> str:
 
 
 def save(path: str, payload: dict) -> None:
-    """Write ``payload`` with its content digest to ``path`` atomically (through ``path.tmp``)."""
+    """Write ``payload`` with its content digest to ``path`` atomically (through ``path.tmp``).
+
+    A write that fails (a full disk, ``path`` a directory, no permission) raises CheckpointError naming
+    ``path``; a failed or interrupted (Ctrl-C) write removes its ``.tmp`` and leaves the previous
+    checkpoint as it was."""
     tmp = path + ".tmp"
-    torch.save({"format": FORMAT, "sha256": content_digest(payload), "payload": payload}, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot write checkpoint {path}: it is a directory; remove it or use another --out")
+    blob = {"format": FORMAT, "sha256": content_digest(payload), "payload": payload}
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)):   # torch.save reports a failed write as RuntimeError
+            raise CheckpointError(f"cannot write checkpoint {path} ({one_line(e)}); the previous checkpoint, "
+                                  "if any, is unchanged") from None
+        raise
 
 
 def remove_stale_tmp(path: str) -> bool:

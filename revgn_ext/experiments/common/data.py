@@ -130,6 +130,7 @@ def synthetic(n_train: int = 512, n_test: int = 256, features: int = 16, classes
 # IDX (MNIST, Fashion-MNIST)
 # --------------------------------------------------------------------------------------------------
 
+IDX_MAX_DIMS = 4   # labels have 1 dimension, images 3 (N, rows, columns); numpy itself stops at 64
 _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
@@ -191,6 +192,9 @@ def read_idx(path: str) -> np.ndarray:
             raise ValueError(f"{path}: not an IDX file (bad magic number {head.hex()}; expected 0000TTNN with "
                              f"type TT in {sorted(hex(t) for t in _IDX_TYPES)})")
         dtype, ndim = _IDX_TYPES[head[2]], head[3]
+        if ndim > IDX_MAX_DIMS:
+            raise ValueError(f"{path}: the header claims {ndim} dimensions; IDX image and label files have 1 to "
+                             f"{IDX_MAX_DIMS}, so the file is corrupt")
         dims = struct.unpack(f">{ndim}I", _read_exact(f, 4 * ndim, path, "the IDX dimensions"))
         nbytes = prod(dims) * dtype.itemsize
         if nbytes > MAX_BYTES:
@@ -254,6 +258,7 @@ def _idx_dataset(dataset: str, folder: str):
 
 # A CIFAR-10 batch is 31 MB; a larger pickle is refused before it is read.
 MAX_PICKLE_BYTES = 1 << 28
+_MEMO_OPS = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
 # numpy dtypes a batch's arrays may have: 'data' is uint8, labels (a list in the real files) may be an
 # integer array.
 _ARRAY_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")
@@ -402,9 +407,14 @@ def _unpickle(path: str):
         raise ValueError(f"{path}: the file grew while it was read")
     # Walking the opcodes first checks every length the pickle claims against the bytes present, so a
     # forged length cannot make the unpickler allocate it.
+    # The memo indices are bounded too: the unpickler grows its memo to the largest index it is given
+    # (a 9-byte pickle storing at index 2**27 would take gigabytes), while a pickler numbers its memo
+    # entries 0, 1, 2, ..., so no index can exceed the number of opcodes before it.
     try:
-        for _ in pickletools.genops(io.BytesIO(raw)):
-            pass
+        for count, (opcode, arg, pos) in enumerate(pickletools.genops(io.BytesIO(raw))):
+            if opcode.name in _MEMO_OPS and not (isinstance(arg, int) and 0 <= arg <= count):
+                raise ValueError(f"memo index {arg} at byte {pos} exceeds the {count} opcodes before it "
+                                 "(no pickler writes that)")
     except Exception as e:  # pickletools reports malformed input as ValueError or others
         raise ValueError(f"{path}: not a valid pickle: {e}") from None
     try:
@@ -442,14 +452,18 @@ def read_cifar_batch(path: str):
     if isinstance(labels, list) and not all(type(v) is int for v in labels):
         kinds = sorted({type(v).__name__ for v in labels if type(v) is not int})
         raise ValueError(f"{path}: 'labels' must hold ints only, found {', '.join(kinds)}")
+    if isinstance(labels, list):
+        bad = next((v for v in labels if not 0 <= v <= 9), None)
+        if bad is not None:   # checked before the conversion to int64, which a label of 2**64 would overflow
+            raise ValueError(f"{path}: labels must lie in 0..9, found {bad}")
     if isinstance(labels, np.ndarray) and (labels.ndim != 1 or labels.dtype.kind not in "iu"):
         raise ValueError(f"{path}: 'labels' must be one int per image, got a {labels.dtype} array of shape "
                          f"{labels.shape}")
     if not len(data):
         raise ValueError(f"{path}: the batch holds no images")
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
+    if isinstance(labels, np.ndarray) and labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+    labels = np.asarray(labels, dtype=np.int64)
     return data, labels
 
 

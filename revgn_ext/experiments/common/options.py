@@ -3,9 +3,17 @@ naming the expected form, the help formatter, and the command line as it is reco
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 
 PROG = "python -m revgn_ext.experiments"
+
+
+def plain(text: str) -> str:
+    """``text`` (a docstring) without reStructuredText markup, for --help: double backquotes and roles
+    such as :mod: are dropped, their text kept."""
+    text = re.sub(r":[a-z]+:`~?\.*([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def command_line(argv) -> str:

@@ -61,3 +61,19 @@ def machine() -> str:
         load = "?"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
             f"{torch.__version__} ({torch.get_num_threads()} threads), load average {load}")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run. ``saved`` is the last epoch (or step, per ``unit``) whose checkpoint is on disk
+    at ``path`` (0: none yet); ``message`` says so in one line."""
+
+    def __init__(self, label: str, saved: int, path: str, unit: str = "epoch", lost: int | None = None):
+        super().__init__(label, saved, path)
+        self.label, self.saved, self.path, self.unit = label, saved, path, unit
+        if saved:
+            self.message = f"stopped after {unit} {saved} of {label}; {path} holds {unit} {saved}"
+        else:
+            self.message = f"stopped during {label} before its first checkpoint; nothing is on disk at {path}"
+        if lost is not None:
+            self.message += f" ({unit} {lost} was being saved and is not on disk)"
+        self.epoch = saved  # the name runs of the RevGN paper use

@@ -220,10 +220,10 @@ def execute(args, argv) -> int:
     figures = {
         "metric vs wall time": figure_metric(results, tasks, optimizers, "time",
                                              os.path.join(fig_dir, "metric_vs_time.png"),
-                                             "Test metric against wall time (mean ± std over seeds)"),
+                                             "Test metric against wall time (mean over seeds, light band: ± one std)"),
         "metric vs steps": figure_metric(results, tasks, optimizers, "step",
                                          os.path.join(fig_dir, "metric_vs_steps.png"),
-                                         "Test metric against steps (mean ± std over seeds)"),
+                                         "Test metric against steps (mean over seeds, light band: ± one std)"),
     }
     if any(t in lqr.PLANTS for t in tasks):
         figures["LQR error curves"] = figure_lqr(results, tasks, optimizers, os.path.join(fig_dir, "lqr_error.png"))

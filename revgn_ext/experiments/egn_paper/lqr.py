@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg as sla
 import torch
 from torch import nn
 
@@ -36,12 +35,20 @@ __all__ = ["Plant", "PLANTS", "LQRSetup", "discretise", "optimal_q", "policy_q",
 DT = 0.1
 
 
+def _linalg():
+    """scipy.linalg, imported on first use so that the command line builds (and checks its
+    dependencies) without it."""
+    import scipy.linalg
+
+    return scipy.linalg
+
+
 def discretise(Ac: np.ndarray, Bc: np.ndarray, dt: float = DT):
     """Zero-order-hold discretisation: exp([[Ac, Bc], [0, 0]] dt) = [[A, B], [0, I]]."""
     n, m = Bc.shape
     block = np.zeros((n + m, n + m))
     block[:n, :n], block[:n, n:] = Ac, Bc
-    E = sla.expm(block * dt)
+    E = _linalg().expm(block * dt)
     return E[:n, :n], E[:n, n:]
 
 
@@ -97,18 +104,18 @@ def initial_gain(plant: Plant, A, B) -> np.ndarray:
     n, m = B.shape
     if plant.K0 is None:
         return np.zeros((m, n))
-    P = sla.solve_discrete_are(A, B, 10 * np.eye(n), 10 * np.eye(m))
+    P = _linalg().solve_discrete_are(A, B, 10 * np.eye(n), 10 * np.eye(m))
     return np.linalg.solve(10 * np.eye(m) + B.T @ P @ B, B.T @ P @ A)
 
 
 def cost_matrix(Qc, Rc) -> np.ndarray:
-    return sla.block_diag(Qc, Rc)
+    return _linalg().block_diag(Qc, Rc)
 
 
 def optimal_q(A, B, Qc, Rc, gamma: float) -> np.ndarray:
     """H* of the discounted problem from the discrete algebraic Riccati equation."""
     s = math.sqrt(gamma)
-    P = sla.solve_discrete_are(s * A, s * B, Qc, Rc)
+    P = _linalg().solve_discrete_are(s * A, s * B, Qc, Rc)
     AB = np.hstack([A, B])
     return cost_matrix(Qc, Rc) + gamma * AB.T @ P @ AB
 
@@ -125,7 +132,7 @@ def policy_q(A, B, Qc, Rc, K, gamma: float) -> np.ndarray:
     if np.max(np.abs(np.linalg.eigvals(math.sqrt(gamma) * (A - B @ K)))) >= 1:
         return np.full((A.shape[0] + B.shape[1],) * 2, np.nan)
     M = closed_loop(A, B, K)
-    return sla.solve_discrete_lyapunov(math.sqrt(gamma) * M.T, cost_matrix(Qc, Rc))
+    return _linalg().solve_discrete_lyapunov(math.sqrt(gamma) * M.T, cost_matrix(Qc, Rc))
 
 
 def greedy_policy(H: np.ndarray, n: int):

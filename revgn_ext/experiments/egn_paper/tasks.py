@@ -192,9 +192,9 @@ def _fashion_mnist(data_dir: str | None):
     try:
         x_tr, y_tr, x_te, y_te = rgdata.load_dataset("fashion-mnist", data_dir)
     except FileNotFoundError as e:
-        raise DataUnavailable(f"fashion-mnist: {e}. Install the Debian package with `apt-get install "
-                              "dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist) or pass "
-                              "--data-dir") from None
+        # the message already names the dataset and the folder
+        raise DataUnavailable(f"{e}; `apt-get install dataset-fashion-mnist` puts the files in "
+                              "/usr/share/datasets/fashion-mnist") from None
     return (x_tr.reshape(-1, 1, 28, 28), y_tr, x_te.reshape(-1, 1, 28, 28), y_te, 1.0)
 
 

@@ -21,8 +21,8 @@ import torch
 
 from ... import EGN
 from ..common import checkpoint, protocol
-from ..common.records import CHECKPOINT, resolve_device, write_metrics
-from . import tasks
+from ..common.records import CHECKPOINT, RunInterrupted, resolve_device, write_metrics
+from . import lqr, tasks
 from .problems import DAMPING, make_problem
 from .sgn import SGN
 
@@ -114,9 +114,52 @@ def validate_checkpoint(path: str, payload) -> dict:
                                                       "problem": dict, "history": list, "done": bool})
     if not payload["history"] or not all(isinstance(r, dict) and "step" in r for r in payload["history"]):
         raise checkpoint.CheckpointError(f"checkpoint {path} is unusable: its history is malformed")
-    if not payload["history"][-1].get("diverged"):
+    history = payload["history"]
+    for i, row in enumerate(history):
+        if row.get("diverged"):
+            if i != len(history) - 1 or not payload["done"]:
+                raise checkpoint.unusable(path, f"history row {i} says the run diverged, yet the run goes on")
+            if not (isinstance(row.get("metric"), float) and math.isnan(row["metric"])):
+                raise checkpoint.unusable(path, f"history row {i} says the run diverged, but its metric "
+                                                f"{row.get('metric')!r} is a number")
+            continue
+        # the metric and losses (an LQR row has no evaluation loss; its policy error may be NaN)
+        for key in ("time_s", "metric") + (("loss",) if "loss" in row else ()) + (("train_loss",) if i else ()):
+            value = row.get(key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise checkpoint.unusable(path, f"history row {i} has {key} = {value!r} in a run that did not "
+                                                "diverge")
+        if i and not (isinstance(row["step"], int) and row["step"] > history[i - 1]["step"]):
+            raise checkpoint.unusable(path, f"history row {i} has step {row['step']!r} after step "
+                                            f"{history[i - 1]['step']!r}")
+    if not history[-1].get("diverged"):
         checkpoint.validate_keys(path, payload, {}, finite=("model", "optimizer"))
+    check_optimizer_state(path, payload["spec"], payload["optimizer"])
     return payload
+
+
+def check_optimizer_state(path: str, spec: dict, state: dict) -> None:
+    """An EGN variant's stored settings are those its name stands for (a checkpoint whose state
+    contradicts its spec would resume another optimizer)."""
+    name = spec.get("optimizer")
+    if name not in EGN_FAMILY:
+        return
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+        raise checkpoint.unusable(path, "the optimizer state must hold exactly one parameter group")
+    want = {"line_search": name == "egn-ls", "adaptive_damping": name == "egn-ad",
+            "momentum": MOMENTUM if name == "egn-mom" else 0.0, "lr": spec.get("lr")}
+    task = spec.get("task")
+    if task in tasks.SUPERVISED:
+        want["loss"] = tasks.SUPERVISED[task].loss
+    elif task in lqr.PLANTS:
+        want["loss"] = "mse"
+    if name != "egn-ad":
+        want["damping"] = spec.get("damping")
+    for key, value in want.items():
+        if groups[0].get(key) != value:
+            raise checkpoint.unusable(path, f"its optimizer state has {key} = {groups[0].get(key)!r}, the run "
+                                            f"{name} asks for {value!r}")
 
 
 def run_one(spec: RunSpec, out_dir: str, device="cpu", resume: bool = False, progress: bool = False,
@@ -169,37 +212,45 @@ def run_one(spec: RunSpec, out_dir: str, device="cpu", resume: bool = False, pro
     bar = tqdm(total=spec.steps, initial=step, disable=not progress, leave=False, dynamic_ncols=True,
                desc=f"{spec.task} {spec.optimizer} s{spec.seed}")
     losses, stat_sums, done_here = [], {}, 0
-    while budget_left():
-        x, y = problem.next_batch(model, step)
-        t0, c0 = time.perf_counter(), time.process_time()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # refused EGN steps are counted in the stats
-            before, stats = train_step(spec.optimizer, opt, model, problem.loss, x, y)
-        elapsed += time.perf_counter() - t0
-        cpu += time.process_time() - c0
-        problem.after_update(model)
-        step += 1
-        done_here += 1
-        bar.update(1)
-        losses.append(before)
-        for k, v in stats.items():
-            stat_sums[k] = stat_sums.get(k, 0.0) + v
-        diverged = not math.isfinite(before) or not finite_params(model)
-        last = not budget_left()
-        if step % spec.eval_every == 0 or last or diverged:
-            row = {"step": step, "time_s": elapsed, "cpu_s": cpu, "train_loss": sum(losses) / len(losses)}
-            row.update(problem.evaluate(model) if not diverged else {"metric": math.nan, "loss": math.nan})
-            row.update({f"opt_{k}": v / len(losses) for k, v in stat_sums.items()})
-            if diverged:
-                row["diverged"] = 1
-            history.append(row)
-            losses, stat_sums = [], {}
-            write_metrics(out_dir, history)
-            checkpoint.save(ckpt_path, {"spec": spec.to_dict(), "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "problem": problem.state_dict(),
-                                        "history": history, "done": last or diverged})
-        if stop_after is not None and done_here >= stop_after:
-            break
+    saved, saving = (step if ckpt is not None else 0), None   # the step whose checkpoint is on disk
+    label = f"{spec.task} {spec.optimizer} seed {spec.seed}"
+    try:
+        while budget_left():
+            x, y = problem.next_batch(model, step)
+            t0, c0 = time.perf_counter(), time.process_time()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # refused EGN steps are counted in the stats
+                before, stats = train_step(spec.optimizer, opt, model, problem.loss, x, y)
+            elapsed += time.perf_counter() - t0
+            cpu += time.process_time() - c0
+            problem.after_update(model)
+            step += 1
+            done_here += 1
+            bar.update(1)
+            losses.append(before)
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + v
+            diverged = not math.isfinite(before) or not finite_params(model)
+            last = not budget_left()
+            if step % spec.eval_every == 0 or last or diverged:
+                row = {"step": step, "time_s": elapsed, "cpu_s": cpu, "train_loss": sum(losses) / len(losses)}
+                row.update(problem.evaluate(model) if not diverged else {"metric": math.nan, "loss": math.nan})
+                row.update({f"opt_{k}": v / len(losses) for k, v in stat_sums.items()})
+                if diverged:
+                    row["diverged"] = 1
+                history.append(row)
+                losses, stat_sums = [], {}
+                write_metrics(out_dir, history)
+                saving = step
+                checkpoint.save(ckpt_path, {"spec": spec.to_dict(), "model": model.state_dict(),
+                                            "optimizer": opt.state_dict(), "problem": problem.state_dict(),
+                                            "history": history, "done": last or diverged})
+                saved, saving = step, None
+            if stop_after is not None and done_here >= stop_after:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        raise RunInterrupted(label, saved, ckpt_path, "step", lost=saving) from None
     bar.close()
     if len(history) == 1:
         write_metrics(out_dir, history)

@@ -25,10 +25,22 @@ from datetime import timedelta
 
 from ..common.data import DATASETS
 from ..common.markdown import markdown_table
-from ..common.options import (HelpFormatter, command_line, csv_choices, distinct_ints, positive_int,
+from ..common.options import (HelpFormatter, command_line, csv_choices, distinct_ints, plain, positive_int,
                               seconds)
-from ..common.records import CHECKPOINT
+from ..common.records import CHECKPOINT, resolve_device
 from .config import OPTIMIZERS, PRESETS, SETTINGS, STANDARDIZE, RunConfig
+
+
+TRAIN_DESCRIPTION = """Train RevMLP with one optimizer (GN = RevGN, Adam or SGD) in one setting (full: the first
+--full-batch-size samples, one step per epoch; mini: mini-batches of --batch-size), recording losses,
+accuracy, the loss change on the step's own batch, NTK similarity, CKA per block and weight change per
+epoch, with a checkpoint per epoch (--resume continues it), figures and REPORT.md in --out.
+Sizes left unset come from the dataset's preset; learning rates left unset are the paper's."""
+
+REPRODUCE_DESCRIPTION = """Run GN (RevGN), Adam and SGD in full batch and mini-batch over several seeds, with learning
+rates and the mini-batch length from the tuning stored in the package (--tune re-derives it on a
+validation split of the training set, --paper-rates uses the paper's rates), then write figures and
+REPORT.md with mean +- std and a verdict on each of the paper's findings."""
 
 
 def hidden_width(text: str):
@@ -81,7 +93,7 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="mini-batch size")
     g.add_argument("--full-batch-size", type=int, default=None,
                    help="full-batch setting trains on the first N samples (paper 1024)")
-    g.add_argument("--epochs", type=int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=None,
                    help="epochs (reproduce: of the mini-batch runs; with --tune, the budget of the mini-batch "
                         "tuning runs, the final length then comes from Adam's plateau)")
     g.add_argument("--lr", type=learning_rate, action="append", default=[], metavar="[OPT[:SETTING]=]LR",
@@ -97,7 +109,7 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     g.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     g = common.add_argument_group("diagnostics and output")
-    g.add_argument("--diag-every", type=int, default=None,
+    g.add_argument("--diag-every", type=positive_int, default=None,
                    help="NTK/CKA/weight diagnostics every N epochs (default: train 1, reproduce epochs / 25)")
     g.add_argument("--diag-samples", type=int, default=256, help="training samples for CKA")
     g.add_argument("--ntk-samples", type=int, default=64, help="training samples for the NTK")
@@ -117,16 +129,16 @@ def add_parsers(sub) -> None:
     """Add ``train``, ``reproduce`` and ``study`` to the sub-command parsers ``sub``."""
     common = common_options()
     t = sub.add_parser("train", parents=[common], help="one optimizer in one setting",
-                       formatter_class=HelpFormatter)
+                       description=TRAIN_DESCRIPTION, formatter_class=HelpFormatter)
     t.add_argument("--optimizer", default="gn", choices=OPTIMIZERS)
     t.add_argument("--setting", default="mini", choices=SETTINGS,
                    help="full: first --full-batch-size samples, one step per epoch; mini: --batch-size")
     t.set_defaults(execute=execute)
     r = sub.add_parser("reproduce", parents=[common], help="GN, Adam and SGD in both settings, plus REPORT.md",
-                       formatter_class=HelpFormatter)
+                       description=REPRODUCE_DESCRIPTION, formatter_class=HelpFormatter)
     r.add_argument("--optimizers", type=csv_choices(OPTIMIZERS), default=OPTIMIZERS)
     r.add_argument("--settings", type=csv_choices(SETTINGS), default=SETTINGS)
-    r.add_argument("--full-epochs", type=int, default=None, help="epochs (= steps) of the full-batch runs")
+    r.add_argument("--full-epochs", type=positive_int, default=None, help="epochs (= steps) of the full-batch runs")
     add_protocol_options(r)
     r.set_defaults(execute=execute)
     add_study_parser(sub)
@@ -137,7 +149,7 @@ def add_study_parser(sub) -> None:
 
     STUDIES = studies.STUDIES
     s = sub.add_parser("study", help="the RevGN paper's open questions: " + ", ".join(STUDIES),
-                       description=studies.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(studies.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("studies", nargs="+", choices=STUDIES + ("all",), metavar="STUDY",
                    help=f"one or more of {', '.join(STUDIES)}, or all")
     s.add_argument("--out", default="runs/studies", help="output folder (runs are reused from it)")
@@ -203,7 +215,7 @@ def make_config(args, optimizer: str, setting: str) -> RunConfig:
                      lr=pick_lr(args.lr, optimizer, setting, allow_bare=args.command == "train"),
                      target=args.target, damping=args.damping, loss=args.loss, seed=args.seed,
                      dtype=args.dtype, max_train=args.max_train, max_test=args.max_test,
-                     diag_every=args.diag_every or 1, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
+                     diag_every=1 if args.diag_every is None else args.diag_every, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
                      ntk_probes=args.ntk_probes)
 
 
@@ -233,6 +245,8 @@ def init_distributed(args) -> int:
 
 def execute(args, argv) -> int:
     """``train`` and ``reproduce``."""
+    if not args.distributed:
+        resolve_device(args.device)  # a bad --device is refused before any work
     if args.distributed:
         rank = init_distributed(args)
         try:

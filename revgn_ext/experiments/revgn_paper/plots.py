@@ -16,6 +16,7 @@ LABELS = {"gn": "GN (RevGN)", "adam": "Adam", "sgd": "SGD", "egn": "EGN", "lbfgs
           "shampoo": "Shampoo", "soap": "SOAP"}
 COLORS = {"gn": "C0", "adam": "C1", "sgd": "C2", "egn": "C3", "lbfgs": "C4", "shampoo": "C5", "soap": "C6"}
 SETTING_TITLES = {"full": "full batch", "mini": "mini-batch"}
+SYMLOG_LINEAR_PCT = 1.0   # the loss-change axis is linear within +-1 %, logarithmic beyond
 
 
 def series(history: list, key: str):
@@ -68,9 +69,17 @@ def _grid(runs: dict, columns: list, title: str):
             for opt in dict.fromkeys(list(OPTIMIZERS) + [k[0] for k in runs]):
                 if (opt, setting) in runs:
                     plot_band(ax, runs[(opt, setting)], key, color=COLORS.get(opt), label=LABELS.get(opt, opt))
-            if log:
+            axis_label = ylabel
+            if log == "symlog":
+                # A symmetric log axis: linear within +-SYMLOG_LINEAR_PCT %, logarithmic beyond, so that
+                # one optimizer's spike (SGD's +100% in full batch) does not flatten the others' curves.
+                ax.set_yscale("symlog", linthresh=SYMLOG_LINEAR_PCT)
+                axis_label = f"{ylabel}\n(symmetric log: linear within ±{SYMLOG_LINEAR_PCT:g}%)"
+            elif log:
                 ax.set_yscale("log")
+                axis_label = f"{ylabel} (log)"
             ax.set_title(f"{SETTING_TITLES[setting]}: {ylabel}", fontsize=10)
+            ax.set_ylabel(axis_label, fontsize=8)
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -95,7 +104,7 @@ def make_figures(runs: dict, out_dir: str, title: str = "") -> dict:
     figures = {
         "losses": [("train_loss", "train loss", True), (f"{ev}_loss", f"{ev} loss", True),
                    (f"{ev}_acc", f"{ev} accuracy", False)],
-        "loss_change": [("loss_change_pct", "% loss change on the same batch", False)],
+        "loss_change": [("loss_change_pct", "% loss change on the same batch", "symlog")],
         "ntk_similarity": [("ntk_similarity", "NTK similarity to init", False)],
         "cka": [(f"cka_block{l}", f"CKA to init, {names.get(l, 'middle')} block ({l})", False) for l in picks],
         "weight_change": [("weight_relative_change", "||theta - theta_0|| / ||theta_0||", True),

@@ -24,7 +24,7 @@ from dataclasses import replace
 from ..common import protocol as P
 from ..common.records import CHECKPOINT, CONFIG_JSON, load_history
 from .config import TUNED_DIR, RunConfig
-from .runner import run
+from .runner import dataset_tensors, run
 
 # Fields that must agree for stored rates to apply to a run.
 SETUP_FIELDS = ("dataset", "model", "blocks", "hidden", "activations", "weight_std", "batch_size",
@@ -240,6 +240,7 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
 
     out = args.out
     cache, t0 = {}, time.perf_counter()
+    dataset_tensors(next(iter(configs.values())), cache)  # a missing dataset is refused before any plan is printed
     path = args.tuned_file or P.tuned_path(TUNED_DIR, f"revgn_{args.dataset}")
     payload, source = None, ""
     if args.tune:

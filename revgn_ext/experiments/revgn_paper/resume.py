@@ -23,7 +23,7 @@ def validate(path: str, payload) -> dict:
         if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
             raise ck.unusable(path, f"{key!r} is a {type(payload[key]).__name__}, expected {kind.__name__}")
     try:
-        RunConfig.from_dict(payload["config"])
+        cfg = RunConfig.from_dict(payload["config"])
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ck.unusable(path, f"its config is invalid ({type(e).__name__}: {ck.one_line(e)})") from None
     epoch, history = payload["epoch"], payload["history"]
@@ -45,9 +45,65 @@ def validate(path: str, payload) -> dict:
             raise ck.unusable(path, f"{bad} contains NaN or Inf")
     if not isinstance(payload["rng"].get("torch"), torch.Tensor) or payload["rng"]["torch"].dtype != torch.uint8:
         raise ck.unusable(path, "the RNG state is missing or not a byte tensor")
+    check_history(path, cfg, history)
+    check_optimizer(path, cfg, payload["optimizer"])
     return payload
 
 
+def check_history(path: str, cfg: RunConfig, history: list) -> None:
+    """The history agrees with itself and with the config: only the last row may say "diverged", and
+    then its train loss is not finite; every other number is finite (the loss change of epoch 0, which
+    has no step, is NaN); the step counts advance by the same number of steps each epoch (one in full
+    batch)."""
+    for i, row in enumerate(history):
+        if row.get("diverged"):
+            if i != len(history) - 1:
+                raise ck.unusable(path, f"history row {i} says the run diverged, yet epochs follow it")
+            if isinstance(row.get("train_loss"), float) and math.isfinite(row["train_loss"]):
+                raise ck.unusable(path, f"history row {i} says the run diverged, but its train loss "
+                                        f"{row['train_loss']!r} is finite")
+            continue
+        for key, value in row.items():
+            if isinstance(value, float) and not math.isfinite(value) and not (i == 0 and key == "loss_change_pct"):
+                raise ck.unusable(path, f"history row {i} has {key} = {value!r} in a run that did not diverge")
+    per_epoch = history[1]["step"] if len(history) > 1 else 0
+    if cfg.setting == "full" and len(history) > 1 and per_epoch != 1:
+        raise ck.unusable(path, f"history row 1 counts {per_epoch} steps, a full-batch epoch is one step")
+    for i, row in enumerate(history):
+        if row["step"] != i * per_epoch:
+            raise ck.unusable(path, f"history row {i} counts {row['step']} steps, not {i} epochs of {per_epoch}")
+
+
+def check_optimizer(path: str, cfg: RunConfig, state: dict) -> None:
+    """The optimizer state was made by the config's optimizer with the config's settings (a checkpoint
+    whose state contradicts its own config would resume a different run)."""
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+        raise ck.unusable(path, "the optimizer state must hold exactly one parameter group")
+    group = groups[0]
+    want = {}
+    if cfg.optimizer == "gn":
+        want = {"target": cfg.target, "loss": cfg.loss, "solver": cfg.solver, "damping_mode": cfg.damping_mode,
+                "shares": tuple([1.0 / cfg.blocks] * cfg.blocks)}
+        if cfg.damping is not None:
+            want["damping"] = cfg.damping
+    elif cfg.optimizer == "egn":
+        want = {"loss": cfg.loss}
+    for key, value in want.items():
+        have = group.get(key)
+        if key == "shares":
+            ok = isinstance(have, (list, tuple)) and len(have) == len(value) and all(
+                isinstance(h, (int, float)) and abs(h - v) <= 1e-12 for h, v in zip(have, value))
+        elif isinstance(value, float):
+            ok = isinstance(have, (int, float)) and not isinstance(have, bool) and abs(have - value) <= 1e-12 * abs(value)
+        else:
+            ok = have == value
+        if not ok:
+            raise ck.unusable(path, f"its optimizer state has {key} = {have!r}, its config asks for {value!r}")
+    if cfg.schedule == "constant" and cfg.lr is not None:
+        lr = group.get("lr")
+        if not (isinstance(lr, (int, float)) and abs(lr - cfg.lr) <= 1e-12 * cfg.lr):
+            raise ck.unusable(path, f"its optimizer state has lr = {lr!r}, its config asks for {cfg.lr!r}")
 
 
 def load(path: str, map_location=None) -> dict:

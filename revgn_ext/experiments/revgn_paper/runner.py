@@ -47,13 +47,24 @@ from ..common import checkpoint
 from ..common import diagnostics as dg
 from ..common.data import load_dataset
 from ..common.protocol import split_train
-from ..common.records import CHECKPOINT, CONFIG_JSON, load_history, resolve_device, write_metrics
+from ..common.records import CHECKPOINT, CONFIG_JSON, RunInterrupted, load_history, resolve_device, write_metrics
 from .resume import validate as validate_checkpoint
 from .config import RunConfig
 from .mlp import MLP
 
-__all__ = ["run", "load_history", "prepare_data", "build_model", "build_optimizer", "RunInterrupted", "CHECKPOINT",
+__all__ = ["run", "load_history", "dataset_tensors", "prepare_data", "build_model", "build_optimizer", "RunInterrupted", "CHECKPOINT",
            "CONFIG_JSON"]
+
+
+def dataset_tensors(cfg: RunConfig, cache: dict | None = None):
+    """The dataset's (x_train, y_train, x_test, y_test) as loaded, kept in ``cache`` between runs."""
+    key = (cfg.dataset, cfg.data_dir, cfg.standardize)
+    if cache is not None and key in cache:
+        return cache[key]
+    tensors = load_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
+    if cache is not None:
+        cache[key] = tensors
+    return tensors
 
 
 def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None):
@@ -64,14 +75,7 @@ def prepare_data(cfg: RunConfig, device: torch.device, cache: dict | None = None
     ``RunConfig.SPLIT_SEED``) into the part trained on and the validation part evaluated on, and the
     test tensors are dropped here.
     """
-    key = (cfg.dataset, cfg.data_dir, cfg.standardize)
-    if cache is not None and key in cache:
-        tensors = cache[key]
-    else:
-        tensors = load_dataset(cfg.dataset, cfg.data_dir, cfg.standardize)
-        if cache is not None:
-            cache[key] = tensors
-    x_tr, y_tr, x_te, y_te = tensors
+    x_tr, y_tr, x_te, y_te = dataset_tensors(cfg, cache)
     if cfg.max_train is not None:
         x_tr, y_tr = x_tr[:cfg.max_train], y_tr[:cfg.max_train]
     if cfg.validation:
@@ -261,14 +265,6 @@ def train_step(cfg: RunConfig, model, opt, x: torch.Tensor, y: torch.Tensor):
     return before, after, _scalar_stats(stats)
 
 
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run: ``epoch`` is the last epoch whose checkpoint is on disk (0: none yet)."""
-
-    def __init__(self, epoch: int, label: str):
-        super().__init__(epoch, label)
-        self.epoch, self.label = epoch, label
-
-
 def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool = False,
         progress: bool = True, data_cache: dict | None = None, label: str | None = None,
         distributed: bool = False, stop=None) -> list:
@@ -308,6 +304,10 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     opt = build_optimizer(cfg, model, distributed)
 
     if ckpt is not None:
+        per_epoch = steps_per_epoch(cfg, len(x_tr))
+        if ckpt["history"][-1]["step"] != ckpt["epoch"] * per_epoch:
+            raise checkpoint.unusable(ckpt_path, f"it counts {ckpt['history'][-1]['step']} steps after epoch "
+                                                 f"{ckpt['epoch']}, this run takes {per_epoch} a epoch")
         checkpoint.restore(ckpt_path, ckpt, model, opt, lambda state: _set_rng_state(state, dev))
         tracker = Tracker(cfg, model, x_tr, ckpt["tracker"])
         history, start = ckpt["history"], ckpt["epoch"] + 1
@@ -321,6 +321,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
                     "loss_change_pct": math.nan, **tracker(), "time_s": 0.0}]
         start = 1
     history = history[:start]  # rows written after the checkpoint (a crash mid-epoch) are redone
+    saved, saving = start - 1, None   # the epoch whose checkpoint is on disk; the one being written
     if writer:
         write_metrics(out_dir, history)
 
@@ -373,14 +374,16 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
             epochs.set_postfix(train=f"{row['train_loss']:.4f}", **{ev: f"{test_loss:.4f}"}, acc=f"{test_acc:.3f}")
             if writer:
                 write_metrics(out_dir, history)
+                saving = epoch
                 checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "rng": _rng_state(dev),
                                             "tracker": tracker.state(), "history": history})
+            saved, saving = epoch, None
             if ending:
                 break
     except KeyboardInterrupt:
         epochs.close()
-        raise RunInterrupted(history[-1]["epoch"] if writer else start - 1, label) from None
+        raise RunInterrupted(label, saved, ckpt_path, "epoch", lost=saving) from None
     epochs.close()
     if progress and not interactive and len(history) > 1:
         last = history[-1]
