@@ -403,7 +403,10 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         """The loss of this step: the constructor's; else the closure's; else inferred from y (and kept
         for later steps). A closure whose loss is another kind than the constructor's is refused."""
         who = type(self).__name__
-        self.checked_groups()   # the loss entries are read here first: checked before they are used
+        if getattr(self, "shards", None) is None:
+            # The loss entries are read here first: checked before they are used. (Data-parallel steps
+            # check inside the ranks' joint exchange, so that a bad value raises on every rank.)
+            self.checked_groups()
         current = self.loss_spec()
         seen = batch.spec
         if current is not None:

@@ -161,6 +161,11 @@ class RevGN(GaussNewtonOptimizer):
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
         self.finish_construction(called)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:   # state dicts saved before the memory guard existed
+            group.setdefault("memory_limit", DEFAULT_MEMORY_LIMIT)
+
     @staticmethod
     def check_one_dtype(model: RevMLP) -> None:
         """Every parameter and buffer in the readout Q's dtype and device (a block converted on its own
