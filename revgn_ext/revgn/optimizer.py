@@ -44,6 +44,10 @@ __all__ = ["RevGN"]
 _LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 100 else f"{nbytes:,} bytes"
+
+
 def _user_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside revgn_ext and torch, for the caller's warning."""
     frame, level = sys._getframe(1), 1
@@ -285,8 +289,8 @@ class RevGN(GaussNewtonOptimizer):
         limit = group["memory_limit"]
         if need > limit:
             raise UnsupportedModelError(
-                f"RevGN: a step on a batch of {n} needs about {need / 2**30:.2f} GiB ({halves} half-layers, "
-                f"each {n} x {M} features and {n} x {n} Grams) > memory_limit {limit / 2**30:.2f} GiB; use a "
+                f"RevGN: a step on a batch of {n} needs about {_size(need)} ({halves} half-layers, "
+                f"each {n} x {M} features and {n} x {n} Grams) > memory_limit {_size(limit)}; use a "
                 f"smaller batch (the step is exact only for a batch <= hidden = {M}) or raise memory_limit")
 
     def _batch_and_loss(self, closure, y):
