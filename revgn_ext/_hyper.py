@@ -183,7 +183,7 @@ class Spec:
                 index += 1
 
 
-def loss_relation(losses: tuple, smoothing: bool) -> Callable:
+def loss_relation(smoothing: bool) -> Callable:
     """The loss entries agree with each other as a constructor would set them: no loss yet
     (reduction "batch_mean", no smoothing), a name ("batch_mean"), or an nn loss ("mean"/"sum");
     label smoothing only for cross-entropy with an nn loss, and only where the optimizer supports it."""
@@ -221,7 +221,7 @@ def revgn_spec(targets: tuple, losses: tuple, solvers: tuple, damping_modes: tup
                "target_damping": Number(low=0.0, low_open=True), "gram_route": Choice(gram_routes),
                "memory_limit": Integer(low=1)},
         state={"step": Integer(low=0)},
-        relations=(loss_relation(losses, smoothing=False),))
+        relations=(loss_relation(smoothing=False),))
 
 
 def _curvature_relation(values: dict, label) -> None:
@@ -250,6 +250,6 @@ def egn_spec(losses: tuple, curvatures: tuple, grams: tuple) -> Spec:
                "memory_limit": Fixed(Integer(low=1), assembler),
                "gram_block_rows": Fixed(Integer(low=1, none_ok=True), assembler),
                "curvature": Choice(curvatures), "samples": Integer(low=1)},
-        state={"step": Integer(low=0), "alpha": Number(low=0.0, low_open=True),
+        state={"step": Integer(low=0), "alpha": Number(low=0.0),   # 0 after a line search at lr 0
                "momentum_buffer": LikeParam()},
-        relations=(loss_relation(losses, smoothing=True), _curvature_relation))
+        relations=(loss_relation(smoothing=True), _curvature_relation))

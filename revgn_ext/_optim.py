@@ -442,7 +442,10 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         for later steps). A closure whose loss differs from the constructor's in any attribute (kind,
         label smoothing, ignore_index, a sum where the constructor's loss is a mean or the reverse) is refused."""
         who = type(self).__name__
-        self.checked_groups()   # the loss entries are read here first: checked before they are used
+        if getattr(self, "shards", None) is None:
+            # The loss entries are read here first: checked before they are used. (Data-parallel steps
+            # check inside the ranks' joint exchange, so that a bad value raises on every rank.)
+            self.checked_groups()
         current = self.loss_spec()
         seen = batch.spec
         if current is not None:

@@ -158,7 +158,7 @@ def test_memory_guard_small_limit_refuses_and_a_larger_one_steps():
     m, x, y = make(blocks=2, acts=("tanh", "relu"), n=8)
     before = [p.detach().clone() for p in m.parameters()]
     # 4 half-layers x (8 x 32 features + 2 x 8 x 8) + 8 x 8, float64: 12,800 bytes.
-    with pytest.raises(UnsupportedModelError, match="memory_limit 0.00 GiB"):
+    with pytest.raises(UnsupportedModelError, match="needs about 12,800 bytes .* > memory_limit 12,799 bytes"):
         rg.RevGN(m, memory_limit=12_799).step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     assert rg.RevGN(m, memory_limit=12_800).step(x, y)["refused"] is False
@@ -295,3 +295,14 @@ def test_one_line_errors_lr_overflowing_float32(Opt):
     with pytest.raises(ValueError, match=r"^param_groups\[0\]\['lr'\] = 1e\+300 overflows the float32"):
         opt.step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_memory_guard_state_dict_saved_before_memory_limit_loads():
+    m, x, y = make(blocks=2, acts=("tanh", "relu"))
+    opt = rg.RevGN(m, damping=1e-3)
+    old = opt.state_dict()
+    del old["param_groups"][0]["memory_limit"]
+    del old["param_groups"][0]["ignore_index"]
+    opt.load_state_dict(old)
+    assert opt.param_groups[0]["memory_limit"] == 4 * 2 ** 30 and opt.param_groups[0]["ignore_index"] == -100
+    assert opt.step(x, y)["refused"] is False

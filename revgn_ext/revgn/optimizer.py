@@ -39,6 +39,10 @@ _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 __all__ = ["RevGN"]
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 100 else f"{nbytes:,} bytes"
+
+
 DAMPING_MODES = ("relative", "absolute")
 
 
@@ -148,6 +152,11 @@ class RevGN(GaussNewtonOptimizer):
         if shards is not None:
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank, then rank 0's weights
         self.finish_construction(called)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:   # state dicts saved before the memory guard existed
+            group.setdefault("memory_limit", DEFAULT_MEMORY_LIMIT)
 
     @staticmethod
     def check_one_dtype(model: RevMLP) -> None:
@@ -268,8 +277,8 @@ class RevGN(GaussNewtonOptimizer):
         limit = group["memory_limit"]
         if need > limit:
             raise UnsupportedModelError(
-                f"RevGN: a step on a batch of {n} needs about {need / 2**30:.2f} GiB ({halves} half-layers, "
-                f"each {n} x {M} features and {n} x {n} Grams) > memory_limit {limit / 2**30:.2f} GiB; use a "
+                f"RevGN: a step on a batch of {n} needs about {_size(need)} ({halves} half-layers, "
+                f"each {n} x {M} features and {n} x {n} Grams) > memory_limit {_size(limit)}; use a "
                 f"smaller batch (the step is exact only for a batch <= hidden = {M}) or raise memory_limit")
 
     def _batch_and_loss(self, closure, y):
