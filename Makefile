@@ -43,13 +43,19 @@ RUN := $(PY) -P
 
 .PHONY: venv install check-build check-core test test-reference pytest cmake-check demo bench clean
 
+# Each install step says first what it fetches and roughly how large it is (pip -q prints nothing).
 $(VENV)/.deps:
+	@echo "make: creating the virtual environment $(VENV) ..."
 	$(PYTHON) -m venv $(VENV)
 ifneq ($(TORCH_INDEX_URL),)
+	@echo "make: installing torch (CPU build: ~200 MB download, ~750 MB installed) ..."
 	$(PY) -m pip install -q --timeout 20 --retries 1 --index-url $(TORCH_INDEX_URL) "$(TORCH_SPEC)" || { \
-	  echo "make: the CPU build of torch is not reachable at $(TORCH_INDEX_URL); installing PyPI's default torch instead (it bundles the CUDA libraries, several GB)"; \
+	  echo "make: the CPU build of torch is not reachable at $(TORCH_INDEX_URL); installing PyPI's default torch instead (it bundles the CUDA libraries, several GB) ..."; \
 	  $(PY) -m pip install -q "$(TORCH_SPEC)"; }
+else
+	@echo "make: installing torch (CUDA build from PyPI, with the CUDA libraries: several GB, minutes) ..."
 endif
+	@echo "make: installing the build, test and experiment dependencies (numpy, scipy, scikit-learn, matplotlib, lightning, ...: ~250 MB installed) ..."
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(DEPS)
 	touch $@
 
@@ -57,6 +63,7 @@ venv: $(VENV)/.deps
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	@$(PY) revgn_ext/ops/_build.py
+	@echo "make: installing revgn_ext into $(VENV) (compiling the kernels) ..."
 	$(PY) -m pip install -q --no-build-isolation --no-deps .
 	touch $@
 

@@ -16,8 +16,9 @@ and importing the core loads none of them (docs/architecture.md).
 from . import ops
 from . import distributed
 from .egn import EGN
+from .egn.gram import UnsupportedModelError
 from .revgn import RevGN, RevMLP
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__", "EGN", "RevMLP", "RevGN", "distributed"]
+__all__ = ["ops", "__version__", "EGN", "RevMLP", "RevGN", "UnsupportedModelError", "distributed"]

@@ -1,10 +1,11 @@
 """What RevGN and EGN share as ``torch.optim.Optimizer`` subclasses, so that the two agree.
 
-* **Hyper-parameters are checked where they are read.** Each optimizer declares its numeric
-  hyper-parameters and their bounds in ``HYPERPARAMETERS``; they are checked at construction and again
-  at every ``step``/``direction``, because a scheduler, ``load_state_dict`` or user code may have
-  written into ``param_groups`` since. A NaN ``lr`` therefore raises instead of reaching the
-  parameters.
+* **Hyper-parameters and state are checked where they are read.** Each optimizer declares, in
+  ``HYPERPARAMETERS`` (a :class:`revgn_ext._hyper.Spec`), a rule for every key its parameter groups and
+  its per-parameter state may hold; the spec is checked at construction, at ``load_state_dict`` (a bad
+  state dict raises and leaves the optimizer as it was) and again at every ``step``/``direction``,
+  because a scheduler or user code may have written into ``param_groups`` since. A NaN ``lr`` therefore
+  raises instead of reaching the parameters.
 * **Conventions.** ``lr >= 0`` (0 computes the step's statistics and moves nothing, as schedulers
   that decay to zero expect); ``damping >= 0``; a step whose update is not finite is refused: the
   parameters and the optimizer state stay as they were, ``stats["refused"]`` is True and
@@ -30,6 +31,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._checks import check_number
+from ._warn import user_stacklevel
+from ._hyper import Context, Fixed, Spec
 
 __all__ = ["GaussNewtonOptimizer", "COMMON_STATS", "refuse", "LossSpec", "resolve_loss", "infer_loss",
            "unwrap_compiled", "Batch"]
@@ -68,6 +71,7 @@ class LossSpec:
     name: str
     reduction: str = "batch_mean"
     label_smoothing: float = 0.0
+    ignore_index: int = -100   # cross-entropy labels equal to it have no loss term (torch's padding)
 
     def scale(self, b: int, c: int) -> float:
         """s with (user's loss) = s * L for b samples of c outputs: nn.MSELoss has no 1/2 and its
@@ -84,6 +88,8 @@ class LossSpec:
             return repr(self.name)
         cls = {v: k for k, v in NN_LOSSES.items()}[self.name].__name__
         smoothing = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        if self.ignore_index != -100:
+            smoothing += f", ignore_index={self.ignore_index}"
         return f"nn.{cls}(reduction={self.reduction!r}{smoothing})"
 
 
@@ -93,7 +99,8 @@ def _check_reduction(reduction: str, where: str, who: str) -> None:
                          "Gauss-Newton step: use reduction='mean' or 'sum'")
 
 
-def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed) -> LossSpec:
+def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: str, allowed,
+          ignore_index: int = -100) -> LossSpec:
     if name not in allowed:
         raise ValueError(f"{where}: {who} supports the losses {list(allowed)}, not {name}")
     _check_reduction(reduction, where, who)
@@ -103,7 +110,9 @@ def _spec(name: str, reduction: str, smoothing, weights: dict, where: str, who: 
     smoothing = float(smoothing or 0.0)
     if smoothing:
         check_number(f"{where} label_smoothing", smoothing, low=0.0, high=1.0)
-    return LossSpec(name, reduction, smoothing)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"{where} has ignore_index={ignore_index!r}; it must be an int")
+    return LossSpec(name, reduction, smoothing, ignore_index if name == "cross_entropy" else -100)
 
 
 def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
@@ -124,7 +133,8 @@ def resolve_loss(loss, who: str, allowed=LOSS_NAMES) -> LossSpec | None:
         raise ValueError(f"loss must be one of {list(allowed)} or one of {names}, got "
                          f"{type(loss).__name__}" + (f": {hint}" if hint else ""))
     weights = {"weight": getattr(loss, "weight", None), "pos_weight": getattr(loss, "pos_weight", None)}
-    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed)
+    return _spec(kind, loss.reduction, getattr(loss, "label_smoothing", 0.0), weights, "loss", who, allowed,
+                 getattr(loss, "ignore_index", -100))
 
 
 NN_LOSSES_NAMES = {"mse": "nn.MSELoss()", "cross_entropy": "nn.CrossEntropyLoss()",
@@ -160,7 +170,8 @@ def _spec_from_call(func, args: dict, who: str, allowed) -> LossSpec:
     if args.get("size_average") is not None or args.get("reduce") is not None:
         reduction = torch.nn._reduction.legacy_get_string(args.get("size_average"), args.get("reduce"))
     weights = {k: args.get(k) for k in ("weight", "pos_weight")}
-    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed)
+    return _spec(_FUNCTIONAL[func], reduction, args.get("label_smoothing", 0.0), weights, where, who, allowed,
+                 args.get("ignore_index", -100))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,11 +190,33 @@ class Batch:
 
 
 class _LossRecorder(TorchFunctionMode):
-    """Records every loss function the closure calls (``nn`` loss modules call them too)."""
+    """Records every loss function the closure calls (``nn`` loss modules call them too).
+
+    It steps aside while the model's forward runs (:meth:`pause` and :meth:`resume`, called by hooks
+    on the model): a mode's ``__torch_function__`` is the innermost Python frame of every op it sees,
+    so torch's warnings from the user's layers would be attributed to this file instead of the user's
+    code. The loss is computed on the model's output, so nothing is missed while it is paused.
+    """
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple[Callable, dict]] = []
+        self._paused: list[bool] = []   # per model call in progress: whether it popped this mode
+
+    def pause(self, module, args) -> None:
+        popped = torch.overrides._get_current_function_mode() is self   # another mode on top: stay
+        if popped:
+            torch.overrides._pop_mode()
+        self._paused.append(popped)
+
+    def resume(self) -> None:
+        if self._paused and self._paused.pop():
+            torch.overrides._push_mode(self)
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        while self._paused:             # the model's forward raised, so its hook did not resume
+            self.resume()
+        return super().__exit__(exc_type, exc_val, exc_tb)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -213,17 +246,17 @@ def unwrap_compiled(model):
 class GaussNewtonOptimizer(torch.optim.Optimizer):
     """Base class of :class:`~revgn_ext.RevGN` and :class:`~revgn_ext.EGN` (see the module docstring).
 
-    ``HYPERPARAMETERS`` maps a numeric option to the keyword arguments of
-    :func:`revgn_ext._checks.check_number` (bounds); a string value names another option that is the
-    lower bound (e.g. ``max_damping >= min_damping``). ``PER_GROUP`` lists the options that may differ
+    ``HYPERPARAMETERS`` is the :class:`revgn_ext._hyper.Spec` of every group option and state entry
+    (rules and relations, :mod:`revgn_ext._hyper`). ``PER_GROUP`` lists the options that may differ
     between parameter groups; every other option must agree, because one Gauss-Newton system couples
     all the parameters.
     """
 
-    HYPERPARAMETERS: dict[str, dict] = {}
+    HYPERPARAMETERS: Spec = Spec(group={})
     PER_GROUP: tuple[str, ...] = ()
     LOSSES: tuple[str, ...] = LOSS_NAMES
     ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
+    IGNORE_INDEX = False   # whether cross-entropy samples labelled ignore_index are dropped from the step
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -298,7 +331,21 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         self._hook_module = hook_module
         self._groups_fixed = True
         self.last_stats: dict | None = None
-        self.check_group_agreement()
+        # The values the spec requires to stay as built (e.g. EGN's Gram assembler options).
+        self._built = {k: self.param_groups[0][k] for k, rule in self.HYPERPARAMETERS.group.items()
+                       if isinstance(rule, Fixed) and k in self.param_groups[0]}
+        self.check_all()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, then every loaded group option and state entry
+        is checked (:mod:`revgn_ext._hyper`); a bad one raises and the optimizer keeps its own."""
+        groups, state = self.param_groups, self.state
+        super().load_state_dict(state_dict)
+        try:
+            self.check_all()
+        except Exception:
+            self.param_groups, self.state = groups, state
+            raise
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_groups_fixed", False):
@@ -311,20 +358,34 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("reduction", "batch_mean")
             group.setdefault("label_smoothing", 0.0)
+            group.setdefault("ignore_index", -100)
 
     # -- hyper-parameters -----------------------------------------------------------------------
 
-    def checked_group(self, index: int = 0) -> dict:
-        """``param_groups[index]`` after re-checking its hyper-parameters; raises ValueError naming
-        the entry (``param_groups[0]['lr']``) and leaves everything untouched."""
+    def hyper_context(self, deep: bool = False) -> Context:
+        """What the spec's rules compare against; ``deep`` also reads tensor state (a host sync)."""
+        params = self.param_groups[0]["params"]
+        return Context(built=getattr(self, "_built", {}), num_blocks=getattr(getattr(self, "model", None),
+                       "num_blocks", None), dtype=params[0].dtype if params else None, deep=deep)
+
+    def checked_group(self, index: int = 0, deep: bool = False) -> dict:
+        """``param_groups[index]`` after re-checking its options and its parameters' state; raises
+        ValueError naming the entry (``param_groups[0]['lr']``, ``state[2]['step']``) and leaves
+        everything untouched."""
         group = self.param_groups[index]
-        self._check_values(group, lambda name: f"param_groups[{index}]['{name}']")
+        ctx = self.hyper_context(deep)
+        self.HYPERPARAMETERS.check_group(group, index, ctx)
+        self.HYPERPARAMETERS.check_state(self.state, self.param_groups, ctx, only=index)
         return group
 
-    def checked_groups(self) -> list[dict]:
-        groups = [self.checked_group(i) for i in range(len(self.param_groups))]
+    def checked_groups(self, deep: bool = False) -> list[dict]:
+        groups = [self.checked_group(i, deep) for i in range(len(self.param_groups))]
         self.check_group_agreement()
         return groups
+
+    def check_all(self) -> None:
+        """Every group and every state entry, tensor values included (construction and loading)."""
+        self.checked_groups(deep=True)
 
     def check_group_agreement(self) -> None:
         first = self.param_groups[0]
@@ -340,21 +401,9 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
                         f"for all its parameters, so {allowed} differ between groups")
 
     @classmethod
-    def check_hyperparameters(cls, values: dict) -> None:
-        """Construction-time check, naming the constructor argument."""
-        cls._check_values(values, lambda name: name)
-
-    @classmethod
-    def _check_values(cls, values: dict, label: Callable[[str], str]) -> None:
-        """Each of ``HYPERPARAMETERS`` present in ``values`` within its bounds; a string lower bound names
-        another entry of ``values``. The error names the entry as ``label(name)``."""
-        for name, bounds in cls.HYPERPARAMETERS.items():
-            if name not in values:
-                continue
-            bounds = dict(bounds)
-            if isinstance(bounds.get("low"), str):
-                bounds["low"] = values[bounds["low"]]
-            check_number(label(name), values[name], **bounds)
+    def check_hyperparameters(cls, values: dict, ctx: Context | None = None) -> None:
+        """Construction-time check of the arguments given, naming the constructor argument."""
+        cls.HYPERPARAMETERS.check_values(values, lambda name: name, ctx or Context(), partial=True)
 
     # -- losses ---------------------------------------------------------------------------------
 
@@ -362,32 +411,47 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     def loss_options(spec: LossSpec | None) -> dict:
         """The group entries that store a loss (plain values, so ``state_dict`` stays plain)."""
         if spec is None:
-            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0)
-        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing)
+            return dict(loss=None, reduction="batch_mean", label_smoothing=0.0, ignore_index=-100)
+        return dict(loss=spec.name, reduction=spec.reduction, label_smoothing=spec.label_smoothing,
+                    ignore_index=spec.ignore_index)
 
     def loss_spec(self) -> LossSpec | None:
         group = self.param_groups[0]
         if group["loss"] is None:
             return None
-        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0))
+        return LossSpec(group["loss"], group.get("reduction", "batch_mean"), group.get("label_smoothing", 0.0),
+                        group.get("ignore_index", -100))
 
     def adopt_loss(self, batch: Batch) -> LossSpec:
         """The loss of this step: the constructor's; else the closure's; else inferred from y (and kept
         for later steps). A closure whose loss is another kind than the constructor's is refused."""
         who = type(self).__name__
+        self.checked_groups()   # the loss entries are read here first: checked before they are used
         current = self.loss_spec()
         seen = batch.spec
         if current is not None:
-            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing):
+            if seen is not None and (seen.name != current.name or seen.label_smoothing != current.label_smoothing
+                                     or seen.ignore_index != current.ignore_index):
                 raise ValueError(f"{who} was built with loss={current.describe()}, but the closure computed "
                                  f"{seen.describe()}; the Gauss-Newton step must use the loss you train with")
-            return current
+            return self._check_ignored(current, batch)
         spec = seen if seen is not None else infer_loss(batch.y, who, self.LOSSES)
         if spec.reduction == "sum" and getattr(self, "shards", None) is not None:
             raise ValueError(f"{who}: reduction='sum' is not supported with distributed=True (the "
                              "global batch size would scale the damping); use reduction='mean'")
         for group in self.param_groups:
             group.update(self.loss_options(spec))
+        return self._check_ignored(spec, batch)
+
+    def _check_ignored(self, spec: LossSpec, batch: Batch) -> LossSpec:
+        """Cross-entropy labels equal to ``ignore_index`` (torch's padding, -100 by default) are
+        dropped by an optimizer with ``IGNORE_INDEX``; any other refuses them, naming the padding."""
+        y = batch.y
+        if (not self.IGNORE_INDEX and spec.name == "cross_entropy" and isinstance(y, torch.Tensor)
+                and not y.is_floating_point() and y.dtype != torch.bool and bool((y == spec.ignore_index).any())):
+            who = type(self).__name__
+            raise ValueError(f"{who}: y holds labels equal to ignore_index={spec.ignore_index} (padding), "
+                             f"which {who} does not support: drop those samples from the batch")
         return spec
 
     # -- step(closure) / step(x, y) -------------------------------------------------------------
@@ -413,16 +477,20 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         who = type(self).__name__
         calls: list = []
 
+        recorder = _LossRecorder()
+
         def record(module, args, kwargs, output):
             calls.append((args, kwargs, output))
+            recorder.resume()
 
-        handle = self._hook_module.register_forward_hook(record, with_kwargs=True)
-        recorder = _LossRecorder()
+        handles = (self._hook_module.register_forward_pre_hook(recorder.pause),
+                   self._hook_module.register_forward_hook(record, with_kwargs=True))
         try:
             with torch.enable_grad(), recorder:
                 returned = closure()
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if not calls:
             raise ValueError(f"{who}.step(closure): the closure never called the model ({type(self._hook_module).__name__}) "
                              f"given to {who}; call it in the closure, e.g. loss = loss_fn(model(x), y)")
@@ -490,5 +558,6 @@ def refuse(stats: dict, reason: str, who: str) -> dict:
     """Mark a step refused (parameters untouched) and warn once per call."""
     stats["refused"] = True
     stats["reason"] = reason
-    warnings.warn(f"{who}: step refused, {reason}; parameters unchanged", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{who}: step refused, {reason}; parameters unchanged", RuntimeWarning,
+                  stacklevel=user_stacklevel())
     return stats

@@ -105,7 +105,7 @@ bool cholesky_ok(const at::Tensor& G, double floor, at::Tensor& L) {
   L = Lb;
   if (status.item<int>() != 0) return false;
   const at::Tensor pivots = Lb.diagonal();
-  return (pivots * pivots).gt(floor).all().item<bool>();
+  return (pivots * pivots).gt(floor).logical_and(pivots.isfinite()).all().item<bool>();
 }
 
 // Factor the damped Grams G (B, n, n) in place of a copy, with the jitter/pivot-floor policy.
@@ -120,10 +120,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factor_damped_gram(const at::Tens
   auto [U, status] = at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false);
   at::Tensor L = U.mT();
   const at::Tensor pivots = L.diagonal(0, -2, -1);
-  const at::Tensor ok = status.eq(0).logical_and((pivots * pivots).gt(floor.to(G.scalar_type()).unsqueeze(-1)).all(-1));
+  // A non-finite entry anywhere (either triangle) fails outright, without retries, as in the reference.
+  const at::Tensor finite = G.isfinite().flatten(1).all(1);
+  const at::Tensor ok = status.eq(0)
+                            .logical_and((pivots * pivots)
+                                             .gt(floor.to(G.scalar_type()).unsqueeze(-1))
+                                             .logical_and(pivots.isfinite())
+                                             .all(-1))
+                            .logical_and(finite);
   at::Tensor info = at::zeros({B}, options.dtype(at::kInt));
   at::Tensor jitter = at::zeros({B}, options);
   auto ok_a = ok.accessor<bool, 1>();
+  auto finite_a = finite.accessor<bool, 1>();
   auto info_a = info.accessor<int, 1>();
   auto scale_a = scale.accessor<double, 1>();
   auto floor_a = floor.accessor<double, 1>();
@@ -133,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> factor_damped_gram(const at::Tens
     if (ok_a[b]) continue;
     const at::Tensor Gb = G[b];
     info_a[b] = -1;
-    for (size_t t = 0; t < schedule.size(); ++t) {
+    for (size_t t = 0; finite_a[b] && t < schedule.size(); ++t) {
       const double add = schedule[t] * scale_a[b];
       at::Tensor Lb;
       if (cholesky_ok(Gb + add * eye, floor_a[b], Lb)) {

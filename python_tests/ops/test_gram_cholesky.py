@@ -353,3 +353,55 @@ def test_cpu_blocked_gram_matches_reference(shape, append_ones, dtype):
     assert rel_err(L @ L.mT, Lr @ Lr.mT) < tol(dtype)
     out, _, _ = torch.ops.revgn.gram_cholesky_solve(A, R, lam, append_ones)
     assert rel_err(out, dense_solution(A, R, lam, append_ones)) < (1e-9 if dtype == torch.float64 else 1e-3)
+
+
+def _non_finite_grams(dtype, device, seed=0):
+    """Symmetric and one-sided +-Inf / NaN entries, on and off the diagonal, next to a clean Gram."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for value in (float("inf"), float("-inf"), float("nan")):
+        for n in (1, 2, 5):
+            for i, j, both in ((0, 0, True), (n - 1, 0, True), (n - 1, 0, False), (0, n - 1, False)):
+                A = torch.randn(2, n, n + 2, generator=g, dtype=torch.float64)
+                G = A @ A.mT
+                G[1, i, j] = value
+                if both:
+                    G[1, j, i] = value
+                cases.append(G.to(dtype=dtype, device=device))
+    return cases
+
+
+@requires_kernels
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_edge_non_finite_gram_same_info_on_every_backend(dtype, device, monkeypatch):
+    # A Gram with +-Inf or NaN anywhere fails outright on every backend: info -1, the finite diagonal
+    # stand-in factor, the same jitter; +Inf on the diagonal used to report info 0 with an Inf factor,
+    # and an entry in one triangle only gave answers that depended on the triangle a backend reads.
+    paths = ["fused", "library"] if device == "cuda" else ["cpu"]
+    for path in paths:
+        if path == "library":
+            monkeypatch.setenv("REVGN_GRAM_FUSED_MAX_N", "0")
+        for G in _non_finite_grams(dtype, device):
+            for lam in (0.0, 1e-3):
+                damping = torch.full((2,), lam, dtype=dtype, device=device)
+                L, info, jitter = torch.ops.revgn.gram_factor_from_gram(G, damping)
+                Lr, info_r, jitter_r = gram_factor_from_gram_reference(G, damping)
+                assert info.tolist() == info_r.tolist() == [0, -1], (path, G[1], info, info_r)
+                assert bool(torch.isfinite(L).all()) and bool(torch.isfinite(Lr).all())
+                assert torch.equal(L[1].cpu(), Lr[1].cpu()) and torch.equal(jitter.cpu(), jitter_r.cpu())
+        # A non-finite damping, and a non-finite A through gram_factor, report the same too.
+        A = torch.randn(2, 3, 4, dtype=dtype, device=device)
+        for value in (float("inf"), float("-inf"), float("nan")):
+            damping = torch.tensor([0.0, value], dtype=dtype, device=device)
+            L, info, _ = torch.ops.revgn.gram_factor(A, damping, True)
+            _, info_r, _ = gram_factor_reference(A, damping, True)
+            assert info.tolist() == info_r.tolist() == [0, -1] and bool(torch.isfinite(L).all())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_kernel_edge_reference_never_reports_a_clean_non_finite_factor(value):
+    G = torch.eye(3, dtype=torch.float64)[None].repeat(2, 1, 1)
+    G[1, 1, 1] = value
+    L, info, jitter = gram_factor_from_gram_reference(G, torch.zeros(2, dtype=torch.float64))
+    assert info.tolist() == [0, -1] and bool(torch.isfinite(L).all()) and bool(torch.isfinite(jitter).all())

@@ -37,14 +37,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._optim import GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
+from .._hyper import egn_spec
+from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
+from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_samplewise, gram_assembler
 from .inputs import check_curvature_options, check_inputs, forward_naming_x, targets
 from .linearisation import jvp, vjp
-from .loss_factors import LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
+from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
 from .telemetry import Clock, step_record
 
@@ -152,11 +154,8 @@ class EGN(GaussNewtonOptimizer):
     train-mode BatchNorm; call ``model.eval()`` around EGN steps.
     """
 
-    HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0),
-                       "momentum": dict(low=0.0, high=1.0, high_open=True), "damping_increase": dict(low=1.0),
-                       "damping_decrease": dict(low=0.0, high=1.0, low_open=True), "min_damping": dict(low=0.0),
-                       "max_damping": dict(low="min_damping"), "armijo": dict(low=0.0, high=1.0, high_open=True),
-                       "backtrack": dict(low=0.0, high=1.0, low_open=True, high_open=True)}
+    # Every group option and state entry, checked at construction, load_state_dict and each step.
+    HYPERPARAMETERS = egn_spec(LOSS_NAMES, CURVATURES, ("auto", "layerwise", "functional"))
 
     PER_GROUP = ()
     ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
@@ -254,7 +253,7 @@ class EGN(GaussNewtonOptimizer):
         stats = step_record(sol, group, lam, scale, self._assembler.method)
         if sol.retries > 0:
             warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol.retries} jitter retries "
-                          f"(jitter {sol.jitter:.3g})", RuntimeWarning, stacklevel=2)
+                          f"(jitter {sol.jitter:.3g})", RuntimeWarning, stacklevel=user_stacklevel())
         norm = None if sol.direction is None else float(torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm(sol.direction))))
         stats["direction_norm"] = norm

@@ -38,6 +38,8 @@ def _use_kernel(op: str, t: torch.Tensor) -> bool:
 # Gram): such a pivot is rounding noise of a singular matrix, and solving with it would amplify noise.
 # A failed matrix is retried with jitter ``rel * scale`` for rel in ``jitter_schedule``, growing tenfold
 # up to ``scale`` itself, where the matrix is PD with condition number <= n + 1 and cannot fail.
+# A damped Gram with a non-finite entry anywhere (either triangle) fails outright on every backend:
+# no retry, info -1, the diagonal stand-in factor; a factor with a non-finite pivot is a failure too.
 PIVOT_FLOOR = 10.0
 JITTER_START = 1e-10
 JITTER_GROWTH = 10.0
@@ -58,7 +60,7 @@ def _cholesky_ok(G: torch.Tensor, floor: torch.Tensor):
     """Batched Cholesky; ``ok`` is False where it failed or a pivot is at or below ``floor``."""
     L, status = torch.linalg.cholesky_ex(G)
     pivots = L.diagonal(dim1=-2, dim2=-1)
-    ok = (status == 0) & ((pivots * pivots) > floor.unsqueeze(-1)).all(-1)
+    ok = (status == 0) & (((pivots * pivots) > floor.unsqueeze(-1)) & pivots.isfinite()).all(-1)
     return L, ok
 
 
@@ -85,13 +87,15 @@ def gram_factor_from_gram_reference(G: torch.Tensor, damping: torch.Tensor):
     scale = torch.where((scale > 0) & scale.isfinite(), scale, torch.ones_like(scale))
     floor = PIVOT_FLOOR * torch.finfo(G.dtype).eps * scale
     L, ok = _cholesky_ok(G, floor)
+    finite = G.isfinite().flatten(1).all(1)
+    ok = ok & finite
     info = torch.zeros(B, dtype=torch.int32, device=G.device)
     jitter = torch.zeros(B, dtype=G.dtype, device=G.device)
     for b in range(B):
         if ok[b]:
             continue
         info[b] = -1
-        for k, rel in enumerate(jitter_schedule(G.dtype)):
+        for k, rel in enumerate(jitter_schedule(G.dtype) if finite[b] else ()):
             Lb, okb = _cholesky_ok(G[b] + rel * scale[b] * eye, floor[b])
             if okb:
                 L[b], info[b], jitter[b] = Lb, k + 1, rel * scale[b]

@@ -26,7 +26,10 @@ import warnings
 import torch
 
 from .._checks import check_tensor
+from .._hyper import Context, revgn_spec
 from .._optim import GaussNewtonOptimizer, refuse, resolve_loss, unwrap_compiled
+from .._warn import user_stacklevel
+from ..egn.gram import DEFAULT_MEMORY_LIMIT, UnsupportedModelError
 from ..distributed import GRAM_ROUTES, resolve
 from . import right_inverse, targets
 from .model import RevMLP
@@ -54,8 +57,9 @@ class RevGN(GaussNewtonOptimizer):
         damping: lambda of ``A^+ R = A^T (A A^T + lambda I)^{-1} R``; relative to mean(diag(A A^T)) of
             each Gram by default. 0 gives the exact right inverse when every A has full row rank n
             (n <= M and non-linear blocks; a linear block has rank <= d/2 + 1).
-        target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i) or "damped"
-            (E_i = (H_i + target_damping I)^{-1} g_i).
+        target: "identity" (E = g, the official runs), "newton" (E_i = H_i^+ g_i), "damped"
+            (E_i = (H_i + target_damping I)^{-1} g_i) or "damped-batch" (the official code's damped form:
+            E_i = [(1/n) sum_j (H_j + target_damping I)^{-1}] g_i, one inverse averaged over the batch).
         loss: "cross_entropy" / ``nn.CrossEntropyLoss`` (y: int labels) or "mse" / ``nn.MSELoss``
             (0.5 ||z - y||^2 per sample; y: (n, c) floats, or int labels one-hot encoded for "mse").
             The reduction scales only ``stats["loss"]``: the step is a per-sample function-space move.
@@ -64,7 +68,7 @@ class RevGN(GaussNewtonOptimizer):
         damping_mode: "relative" or "absolute".
         solver: "cholesky" (one batched Gram factorisation) or "svd" (the official truncated pinv:
             singular values below max(rtol * s_max, atol) are dropped).
-        target_damping: mu of the "damped" target.
+        target_damping: mu of the "damped" and "damped-batch" targets.
         distributed: data-parallel over ``process_group`` (default: the initialised default group).
             Every rank calls ``step(x_r, y_r)`` with its shard; the rows of the Grams and targets are
             all_gathered, every rank solves the same global system, and one all_reduce sums the update,
@@ -89,10 +93,11 @@ class RevGN(GaussNewtonOptimizer):
     every Gram factored cleanly at full rank).
     """
 
-    HYPERPARAMETERS = {"lr": dict(low=0.0), "damping": dict(low=0.0), "rtol": dict(low=0.0),
-                       "atol": dict(low=0.0), "target_damping": dict(low=0.0, low_open=True)}
+    # Every group option and state entry, checked at construction, load_state_dict and each step.
+    HYPERPARAMETERS = revgn_spec(targets.TARGETS, ("mse", "cross_entropy"), right_inverse.SOLVERS, DAMPING_MODES, GRAM_ROUTES)
 
     PER_GROUP = ("lr",)
+    IGNORE_INDEX = True
     LOSSES = ("mse", "cross_entropy")
     ADD_GROUP_MESSAGE = ("RevGN trains every W and b of its RevMLP from construction on, so there is "
                          "nothing to add; give per-group learning rates at construction")
@@ -101,7 +106,7 @@ class RevGN(GaussNewtonOptimizer):
                  loss=None, *, shares=None, damping_mode: str = "relative",
                  solver: str = "cholesky", rtol: float = 1e-2, atol: float = 1e-5,
                  target_damping: float = 1e-3, distributed: bool = False, process_group=None,
-                 gram_route: str = "auto",
+                 gram_route: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT,
                  model: RevMLP | None = None) -> None:
         params, model = self.split_model(params, model)
         called = model
@@ -109,27 +114,27 @@ class RevGN(GaussNewtonOptimizer):
         model = unwrap_compiled(model)
         if not isinstance(model, RevMLP):
             raise ValueError(f"model must be a revgn_ext.RevMLP, got {type(model).__name__}")
-        self.check_hyperparameters(dict(lr=lr, damping=damping, rtol=rtol, atol=atol,
-                                        target_damping=target_damping))
+        L = model.num_blocks
+        if shares is None:
+            shares = (1.0 / L,) * L
+        elif not isinstance(shares, (tuple, list)) and hasattr(shares, "__iter__"):
+            shares = tuple(s.item() if hasattr(s, "item") else s for s in shares)  # an array or tensor
+        first = next(model.parameters(), None)
+        self.check_hyperparameters(
+            dict(lr=lr, damping=damping, rtol=rtol, atol=atol, target_damping=target_damping, target=target,
+                 damping_mode=damping_mode, solver=solver, gram_route=gram_route, shares=shares,
+                 memory_limit=memory_limit),
+            Context(num_blocks=L, dtype=first.dtype if first is not None and first.dtype in (torch.float32, torch.float64) else None))
+        shares = tuple(float(s) for s in shares)
         spec = resolve_loss(loss, "RevGN", self.LOSSES)
         self.check_loss(spec, shards)
-        for name, value, allowed in (("target", target, targets.TARGETS),
-                                     ("damping_mode", damping_mode, DAMPING_MODES),
-                                     ("solver", solver, right_inverse.SOLVERS), ("gram_route", gram_route, GRAM_ROUTES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        L = model.num_blocks
-        shares = (1.0 / L,) * L if shares is None else tuple(float(s) for s in shares)
-        if len(shares) != L or not all(math.isfinite(s) and s >= 0 for s in shares) \
-                or abs(sum(shares) - 1.0) > 1e-6:
-            raise ValueError(f"shares must be {L} non-negative numbers summing to 1, got {shares}")
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         if frozen:
             raise ValueError(f"model has frozen parameters {frozen}; RevGN updates every W and b")
         params = self.model_params(params, model, list(model.parameters()))
         defaults = dict(lr=lr, damping=damping, target=target, **self.loss_options(spec), shares=shares,
                         damping_mode=damping_mode, solver=solver, rtol=rtol, atol=atol,
-                        target_damping=target_damping, gram_route=gram_route)
+                        target_damping=target_damping, gram_route=gram_route, memory_limit=memory_limit)
         super().__init__(params, defaults)
         covered = {id(p) for g in self.param_groups for p in g["params"]}
         missing = [n for n, p in model.named_parameters() if id(p) not in covered]
@@ -175,28 +180,42 @@ class RevGN(GaussNewtonOptimizer):
         if y.dtype not in _LABEL_DTYPES or y.dim() != 1 or y.shape[0] != n:
             raise ValueError(f"y must be integer labels of shape ({n},) (batch size of x) with dtype int64, "
                              f"int32, int16, int8 or uint8, got {y.dtype} {tuple(y.shape)}")
-        if bool(((y < 0) | (y >= c)).any()):
-            raise ValueError(f"y has labels outside [0, {c}) (num_classes={c}): "
-                             f"min {int(y.min())}, max {int(y.max())}")
+        ignore = self.param_groups[0].get("ignore_index", -100) if loss == "cross_entropy" else None
+        bad = ((y < 0) | (y >= c)) if ignore is None else ((y < 0) | (y >= c)) & (y != ignore)
+        if bool(bad.any()):
+            where = y[bad]
+            pad = (f"; labels equal to ignore_index={ignore} (padding) are dropped from the step" if ignore is not None
+                   else "; padding labels need loss=nn.CrossEntropyLoss(ignore_index=...) or 'cross_entropy' "
+                        "(ignore_index -100)")
+            raise ValueError(f"y has labels outside [0, {c}) (num_classes={c}): min {int(where.min())}, max "
+                             f"{int(where.max())}{pad}")
 
     def _direction(self, x, y):
         """(loss, [BlockDelta per block], report); the direction is not yet scaled by -lr."""
         shards = self.shards
-        if shards is None:
+        kept = []
+
+        def check():
             self._check_batch(x, y)
+            kept.append(self._drop_ignored(x, y))
+            return kept[0]
+
+        if shards is None:
+            x, y = check()
             n = x.shape[0]
         else:
-            shards.agree(lambda: self._check_batch(x, y), lambda: x.shape[0], like=x)
+            x, y = shards.agree(check, lambda: kept[0][0].shape[0], like=x)
             n = shards.total
         if not y.is_floating_point():
             y = y.long()  # class labels of any accepted integer dtype; cross_entropy and one_hot need int64
         group = self.checked_group()
         model = self.model
         M = model.width
+        self._check_memory(x, n, group)
         if n > M:
             warnings.warn(f"RevGN: batch size n={n} exceeds the bottleneck width M={M}; the Grams are "
                           "rank-deficient, so the step is a damped least-squares fit, not exact "
-                          "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=3)
+                          "(J Delta != dZ). Use hidden >= batch size.", UserWarning, stacklevel=user_stacklevel())
         trace = model.forward_with_trace(x)
         loss = targets.loss_value(trace.logits, y, group["loss"])
         if shards is not None:
@@ -205,8 +224,40 @@ class RevGN(GaussNewtonOptimizer):
         dZ = right_inverse.LowRankTarget(E, model.Q)  # E Q^T, kept in factors (rank c, see right_inverse)
         deltas, report = right_inverse.right_inverse(model.blocks, trace.blocks, dZ, group["shares"], group["damping"],
                                           group["damping_mode"] == "relative", group["solver"],
-                                          group["rtol"], group["atol"], shards, group["gram_route"])
+                                          group["rtol"], group["atol"], shards, group["gram_route"],
+                                          residual=group["damping"] == 0)
         return loss, n, deltas, report
+
+    def _drop_ignored(self, x, y):
+        """(x, y) without the samples whose cross-entropy label is ``ignore_index``: such a sample has no
+        loss term, so it has no row in the system, and the mean runs over the kept samples, as in
+        torch's loss. A batch (or a rank's shard) with no sample left is refused."""
+        group = self.param_groups[0]
+        if group["loss"] != "cross_entropy" or y.is_floating_point():
+            return x, y
+        keep = y != group["ignore_index"]
+        if bool(keep.all()):
+            return x, y
+        if not bool(keep.any()):
+            raise ValueError(f"every label of y is ignore_index={group['ignore_index']} (padding): no sample "
+                             "has a loss term, so there is no step")
+        return x[keep], y[keep]
+
+    def _check_memory(self, x, n: int, group: dict) -> None:
+        """Refuse, before the forward, a step whose features and Grams exceed ``memory_limit``: per
+        half-layer the n x M features (and, for "svd", its n x (M + 1) right factor) and the n x n Gram
+        and factor, plus one n x n temporary."""
+        model, L = self.model, self.model.num_blocks
+        M, item = model.width, x.element_size() if x.is_floating_point() else 8
+        halves = 2 * L
+        per_half = n * M * (2 if group["solver"] == "svd" else 1) + 2 * n * n
+        need = (halves * per_half + n * n) * item
+        limit = group["memory_limit"]
+        if need > limit:
+            raise UnsupportedModelError(
+                f"RevGN: a step on a batch of {n} needs about {need / 2**30:.2f} GiB ({halves} half-layers, "
+                f"each {n} x {M} features and {n} x {n} Grams) > memory_limit {limit / 2**30:.2f} GiB; use a "
+                f"smaller batch (the step is exact only for a batch <= hidden = {M}) or raise memory_limit")
 
     def _batch_and_loss(self, closure, y):
         batch = self.batch(closure, y)
@@ -248,28 +299,64 @@ class RevGN(GaussNewtonOptimizer):
         loss, n, deltas, report = self._direction(x, y)  # checks the hyper-parameters with the batch
         groups = self.checked_groups()
         flat = [t for d in deltas for t in d]
+        params = list(self.model.parameters())
         # One read of each tensor: a norm is finite iff the tensor is (barring overflow of a huge one).
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(flat)))
+        biggest = torch.stack(torch._foreach_norm(params, math.inf)).max()
         # A single host sync for the decision and every statistic.
-        values = torch.cat([torch.stack([loss, norm]).double()]
+        values = torch.cat([torch.stack([loss, norm, biggest]).double()]
                            + [v.double() for v in report.values()]).tolist()
-        loss_value, norm_value = values[:2]
+        loss_value, norm_value, biggest_value = values[:3]
         finite = math.isfinite(norm_value)
-        if finite:
-            by_param = dict(zip(self.model.parameters(), flat))
-            for group in groups:
-                for p in group["params"]:
-                    p.add_(by_param[p], alpha=-group["lr"])
-                    state = self.state[p]
-                    state["step"] = state.get("step", 0) + 1
-        per_gram = len(self.model.blocks) * 2
         stats = {"loss": loss_value, "refused": False, "reason": None, "lr": groups[0]["lr"],
                  "direction_norm": norm_value, "batch_size": n}
-        if not finite:
+        if finite and not self._update(groups, flat, norm_value, biggest_value):
+            refuse(stats, "the updated parameters would not be finite", "RevGN")
+        elif not finite:
             refuse(stats, "the update is not finite", "RevGN")
+        per_gram = len(self.model.blocks) * 2
         for k, key in enumerate(report):
-            chunk = values[2 + k * per_gram: 2 + (k + 1) * per_gram]
+            chunk = values[3 + k * per_gram: 3 + (k + 1) * per_gram]
             stats[key] = [int(v) for v in chunk] if key in ("info", "rank") else chunk
-        clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
-        stats["exact"] = bool(groups[0]["damping"] == 0 and n <= self.model.width and clean)
+        stats["exact"] = self._exact(stats, n, groups[0])
         return stats
+
+    def _update(self, groups: list, flat: list, norm: float, biggest: float) -> bool:
+        """theta <- theta - lr Delta for every parameter, or for none (False) when a new value would not
+        be finite. When max|theta| + lr ||Delta|| is far below the dtype's largest value no entry can
+        overflow, and the update runs in place; otherwise the new values are formed and checked first."""
+        by_param = dict(zip(self.model.parameters(), flat))
+        pairs = [(p, by_param[p], float(group["lr"])) for group in groups for p in group["params"]]
+        top = max(lr for _, _, lr in pairs)
+        if not (math.isfinite(biggest) and biggest + top * norm < 0.5 * torch.finfo(flat[0].dtype).max):
+            new = [torch.add(p, d, alpha=-lr) for p, d, lr in pairs]
+            if not bool(torch.stack([torch.isfinite(t).all() for t in new]).all()):
+                return False
+            torch._foreach_copy_([p for p, _, _ in pairs], new)
+        else:
+            for p, d, lr in pairs:
+                p.add_(d, alpha=-lr)
+        for p, _, _ in pairs:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+        return True
+
+    def _exact(self, stats: dict, n: int, group: dict) -> bool:
+        """True when J Delta = dZ holds: damping 0, n <= M, every Gram factored cleanly at full rank, and
+        every half-layer's solve fits its right-hand side (the sketched relative residual, see
+        :func:`revgn_ext.revgn.right_inverse.right_inverse`, within sqrt(eps) of the dtype). A
+        rank-deficient Gram whose Cholesky happens to succeed fails the residual test. When damping is
+        0 and the step is not exact, a UserWarning says why."""
+        if group["damping"] != 0:
+            return False
+        dtype = next(self.model.parameters()).dtype
+        tol = math.sqrt(torch.finfo(dtype).eps)
+        clean = all(i == 0 for i in stats.get("info", [0])) and all(r == n for r in stats.get("rank", [n]))
+        worst = max(stats.get("residual", [math.inf]))
+        exact = n <= self.model.width and clean and worst <= tol
+        if not exact and n <= self.model.width:
+            why = ("a Gram needed jitter or was truncated (rank-deficient)" if not clean else
+                   f"a half-layer's solve misses its target by {worst:.2g} (relative; a rank-deficient Gram)")
+            warnings.warn(f"RevGN: damping=0 but the step is not exact: {why}; J Delta != dZ", UserWarning,
+                          stacklevel=user_stacklevel())
+        return exact

@@ -325,7 +325,7 @@ class _ShardedSVDSolver(_SVDSolver):
 def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float],
                   damping: float = 0.0, relative_damping: bool = True, solver: str = "cholesky",
                   rtol: float = 1e-2, atol: float = 1e-5, shards=None,
-                  gram_route: str = "auto") -> tuple[list, dict]:
+                  gram_route: str = "auto", residual: bool = False) -> tuple[list, dict]:
     """Delta with J Delta = dZ for a stack of coupling blocks (formulas in the module docstring).
 
     Args:
@@ -340,6 +340,8 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
         gram_route: with ``shards`` and the Cholesky solver, how the global Grams are assembled:
             "gather_rows" (all_gather of the feature rows), "reduce_gram" (column all_to_all and an
             all_reduce of partial Grams) or "auto" (fewer bytes, :func:`revgn_ext.distributed.gram_route_bytes`).
+        residual: also report "residual", per half-layer the relative miss ||A Theta - R|| / ||R|| of its
+            solve, measured through a Gaussian sketch (:func:`_sketch_residuals`).
     Returns:
         ([BlockDelta per block], report) where report holds per-Gram tensors in the order
         F_1, G_1, F_2, G_2, ...: "damping" (absolute lambda) and "info", "jitter" (Cholesky retries,
@@ -391,7 +393,7 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
         else:
             solve = _ShardedSVDSolver(A, lam, rtol, atol, shards)
 
-    deltas = []
+    deltas, sketched = [], []
     last = len(blocks) - 1
     for l, (b, t, (D1, D2), s) in enumerate(zip(blocks, traces, D, shares)):
         width = t.hF.shape[1]
@@ -406,8 +408,38 @@ def right_inverse(blocks: Sequence, traces: Sequence, dZ, shares: Sequence[float
             theta_F, dY1 = solve(2 * l, s * D1)  # dY1 = A_F Theta_F, how F's update moves Y1
             cross = _cross_term(b, t, dY1)
         theta_G, _ = solve(2 * l + 1, s * D2 - cross)
+        if residual:
+            sketched += _sketch(t.hF, s * D1, shards) + _sketch(t.hG, s * D2 - cross, shards)
         deltas.append(BlockDelta(theta_F[:width].mT, theta_F[width], theta_G[:width].mT, theta_G[width]))
     if shards is not None:  # the one all_reduce: sum_r of every rank's shares [A_r, 1]^T U_r
-        summed = iter(shards.sum_tensors([t for d in deltas for t in d]))
+        summed = iter(shards.sum_tensors([t for d in deltas for t in d] + sketched))
         deltas = [BlockDelta(*(next(summed) for _ in d)) for d in deltas]
-    return deltas, {"damping": lam, **solve.report()}
+        sketched = list(summed)
+    report = {"damping": lam, **solve.report()}
+    if residual:
+        report["residual"] = _sketch_residuals(deltas, sketched)
+    return deltas, report
+
+
+SKETCH_PROBES = 4
+
+
+def _sketch(A: torch.Tensor, R: torch.Tensor, shards) -> list:
+    """[S^T [A, 1], S^T R] for a Gaussian S (n x SKETCH_PROBES), drawn from a fixed seed (per rank, so
+    that the ranks' rows are independent): p n M + p n k multiply-adds, against the solve's k n M."""
+    g = torch.Generator(device=A.device).manual_seed(0 if shards is None else 1 + shards.rank)
+    S = torch.randn(A.shape[0], SKETCH_PROBES, generator=g, dtype=A.dtype, device=A.device)
+    return [torch.cat([S.mT @ A, S.sum(0)[:, None]], 1), S.mT @ R]
+
+
+def _sketch_residuals(deltas: list, sketched: list) -> torch.Tensor:
+    """Per half-layer ||S^T (A Theta - R)|| / ||S^T R|| (the absolute miss where R = 0). For a Gaussian S
+    the squared sketch norm of a matrix X has mean p ||X||^2 and is a chi-square of >= p degrees of
+    freedom times ||X||_2^2, so a miss of a few percent cannot show as a residual near rounding."""
+    out = []
+    for d, (PF, QF, PG, QG) in zip(deltas, zip(*[iter(sketched)] * 4)):
+        for W, b, P, Q in ((d.WF, d.bF, PF, QF), (d.WG, d.bG, PG, QG)):
+            miss = torch.linalg.matrix_norm(P[:, :-1] @ W.mT + P[:, -1:] * b - Q)
+            scale = torch.linalg.matrix_norm(Q)
+            out.append(torch.where(scale > 0, miss / scale, miss))
+    return torch.stack(out)

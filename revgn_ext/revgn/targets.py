@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 LOSSES = ("cross_entropy", "mse")
-TARGETS = ("identity", "newton", "damped")
+TARGETS = ("identity", "newton", "damped", "damped-batch")
 
 __all__ = ["LOSSES", "TARGETS", "loss_value", "one_hot", "identity_target", "newton_target",
-           "damped_target", "function_space_target"]
+           "damped_target", "damped_batch_target", "function_space_target"]
 
 
 def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -76,13 +76,34 @@ def damped_target(logits: torch.Tensor, y: torch.Tensor, loss: str, mu: float) -
     return Dg - Dp * Dg.sum(1, keepdim=True) / Dp.sum(1, keepdim=True)
 
 
+def damped_batch_target(logits: torch.Tensor, y: torch.Tensor, loss: str, mu: float) -> torch.Tensor:
+    """E_i = Hbar^{-1} g_i with the batch average Hbar^{-1} = (1/n) sum_j (H_j + mu I)^{-1}: the official
+    code's damped target, one averaged inverse for every sample (``damped_target`` is per sample).
+
+    Cross-entropy: with r_j = 1 / (p_j + mu), v_j = p_j r_j and 1^T g_i = 0, the Sherman-Morrison form
+    of :func:`damped_target` gives (H_j + mu I)^{-1} g_i = r_j * g_i - v_j (r_j . g_i) / (1^T v_j), so
+    E = G * mean_j(r_j) - (G R^T) (V / (1^T v)) / n, n^2 c multiply-adds and no 1/mu. MSE: H_j = I, so
+    the average is (1 + mu)^{-1} I, the same as the per-sample target.
+    """
+    g = identity_target(logits, y, loss)
+    if loss == "mse":
+        return g / (1.0 + mu)
+    p = torch.softmax(logits, dim=1)
+    r = 1.0 / (p + mu)
+    v = p * r
+    n = logits.shape[0]
+    return g * r.mean(0) - (g @ r.mT) @ (v / v.sum(1, keepdim=True)) / n
+
+
 def function_space_target(logits: torch.Tensor, y: torch.Tensor, loss: str, target: str,
                           mu: float = 1e-3) -> torch.Tensor:
-    """Dispatch on ``target`` in ("identity", "newton", "damped"); ``mu`` is the damped target's mu."""
+    """Dispatch on ``target`` in :data:`TARGETS`; ``mu`` is the damped targets' mu."""
     if target == "identity":
         return identity_target(logits, y, loss)
     if target == "newton":
         return newton_target(logits, y, loss)
     if target == "damped":
         return damped_target(logits, y, loss, mu)
+    if target == "damped-batch":
+        return damped_batch_target(logits, y, loss, mu)
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(kThreads) fused_gram_kernel(FusedGramArgs<T> a
 
   __shared__ T scale_s;
   __shared__ int status_s;  // attempt that succeeded, -1 when all failed
+  __shared__ int nonfinite_s;  // a non-finite entry of the damped Gram (either triangle): no retries
 
   if (a.L_in == nullptr) {
     const T* gram = a.gram + static_cast<size_t>(b) * n * n;
@@ -55,7 +56,14 @@ __global__ void __launch_bounds__(kThreads) fused_gram_kernel(FusedGramArgs<T> a
         if (j <= i) S[i * ld + j] = (i == j) ? (gram[idx] + ones) + lambda + added : gram[idx] + ones;
       }
     };
+    if (tid == 0) nonfinite_s = 0;
+    __syncthreads();
     assemble(T(0));
+    for (int idx = tid; idx < n * n; idx += kThreads) {
+      const int i = idx / n, j = idx - i * n;
+      const T v = (i == j) ? (gram[idx] + ones) + lambda : gram[idx] + ones;
+      if (!isfinite(v)) nonfinite_s = 1;
+    }
     __syncthreads();
     if (warp == 0) {
       T s = 0;
@@ -67,7 +75,8 @@ __global__ void __launch_bounds__(kThreads) fused_gram_kernel(FusedGramArgs<T> a
     __syncthreads();
     const T scale = scale_s;
     const T floor = static_cast<T>(schedule.pivot_floor) * scale;
-    int attempt = 0;
+    const bool nonfinite = nonfinite_s != 0;
+    int attempt = nonfinite ? schedule.count + 1 : 0;
     for (; attempt <= schedule.count; ++attempt) {
       if (attempt > 0) {
         assemble(static_cast<T>(schedule.rel[attempt - 1]) * scale);

@@ -33,6 +33,7 @@ __global__ void verify_or_retry_kernel(const T* __restrict__ G_all, T* __restric
   __shared__ T pivot;
   __shared__ T scale;
   __shared__ int failed;
+  __shared__ int nonfinite;
 
   if (warp == 0) {
     T s = 0;
@@ -41,13 +42,22 @@ __global__ void verify_or_retry_kernel(const T* __restrict__ G_all, T* __restric
     // An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
     if (lane == 0) scale = (fabs(s / n) > T(0) && isfinite(s)) ? fabs(s / n) : T(1);
   }
-  if (threadIdx.x == 0) failed = status[b] != 0;
+  if (threadIdx.x == 0) {
+    failed = status[b] != 0;
+    nonfinite = 0;
+  }
   __syncthreads();
   const T floor = static_cast<T>(schedule.pivot_floor) * scale;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
     const T p = L[static_cast<size_t>(j) * n + j];
-    if (!(p * p > floor)) failed = 1;  // also catches NaN pivots
+    if (!(p * p > floor) || !isfinite(p)) failed = 1;  // also catches NaN pivots
   }
+  // A non-finite entry anywhere in G (either triangle) fails outright, without retries, as on the CPU.
+  for (size_t idx = threadIdx.x; idx < static_cast<size_t>(n) * n; idx += blockDim.x) {
+    if (!isfinite(G[idx])) nonfinite = 1;
+  }
+  __syncthreads();
+  if (nonfinite && threadIdx.x == 0) failed = 1;
   __syncthreads();
   if (!failed) {
     if (threadIdx.x == 0) {
@@ -59,7 +69,7 @@ __global__ void verify_or_retry_kernel(const T* __restrict__ G_all, T* __restric
 
   int attempt = 1;
   T added = 0;
-  for (; attempt <= schedule.count; ++attempt) {
+  for (; attempt <= schedule.count && !nonfinite; ++attempt) {
     added = static_cast<T>(schedule.rel[attempt - 1]) * scale;
     __syncthreads();
     if (threadIdx.x == 0) failed = 0;
@@ -95,7 +105,7 @@ __global__ void verify_or_retry_kernel(const T* __restrict__ G_all, T* __restric
     if (!failed) break;
   }
 
-  const bool ok = attempt <= schedule.count;
+  const bool ok = !nonfinite && attempt <= schedule.count;
   for (int idx = threadIdx.x; idx < n * n; idx += blockDim.x) {
     const int i = idx / n, k = idx % n;
     if (!ok) {

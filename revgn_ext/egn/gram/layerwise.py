@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..._warn import user_stacklevel
 from ..capture import LinearCall, LinearCapture, resolve_layouts
 from ..rules import KronInput, kron_per_sample, rule_for
 from ..rules.functional_linear import FunctionalLinearRule
@@ -248,7 +249,8 @@ class LayerwiseGram:
         if new:
             self._warned.update(new)
             warnings.warn(f"EGN: parameter(s) {new} of {type(self.model).__name__}: {why}; their per-sample "
-                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning, stacklevel=5)
+                          "Jacobian now comes from torch.func (vmap of jacrev)", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         self.fallback.update(pids)
         self.functional.update(pids)
         self._plans.clear()

@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from ..._checks import check_tensor
+from ..._warn import load_jvp_decompositions
 
 __all__ = ["trainable_params", "ntk_matvec", "ntk_similarity", "NTKSimilarity", "linear_cka", "weight_change"]
 
@@ -26,6 +27,7 @@ def _kv_functorch(f, primals, v):
     if v.shape != out.shape:
         raise ValueError(f"v must have the model output's shape {tuple(out.shape)}, got {tuple(v.shape)}")
     u = pullback(v.to(out.dtype))
+    load_jvp_decompositions()
     return jvp(f, primals, u)[1]
 
 

@@ -22,6 +22,7 @@ from torch.func import functional_call, jvp, vjp
 from torch.optim import Optimizer
 
 from ..._checks import check_number, check_tensor
+from ..._warn import load_jvp_decompositions
 
 __all__ = ["SGN", "loss_terms"]
 
@@ -103,6 +104,7 @@ class SGN(Optimizer):
         self._check(x, y)
         params = tuple(p.detach() for p in group["params"])
         f = self._forward_fn(x)
+        load_jvp_decompositions()
         out, pullback = vjp(f, params)
         b = out.shape[0]
         yy = y if group["loss"] == "cross_entropy" else y.reshape(out.shape).to(out.dtype)
