@@ -374,6 +374,27 @@ def run_timing(args, tmp):
     return results, loads
 
 
+def parse_log(args, path):
+    """(checks, timing, loads, first load, last load) from the lines a run printed (a run cut short
+    gives the rounds it finished; ``--rounds`` is set to the most rounds any case got)."""
+    import ast
+    import re
+    checks, timing, loads = [], {(n, m): [] for n in args.cases for m in args.methods}, []
+    rounds = 0
+    for line in open(path):
+        m = re.match(r"check (\S+) (\d+) (\S+) (\{.*\})$", line.strip())
+        if m and m.group(1) in args.cases:
+            checks.append((m.group(1), int(m.group(2)), float(m.group(3)), ast.literal_eval(m.group(4))))
+        m = re.match(r"round (\d+) (\S+) (\S+): (\{.*?\}) \(load (.*)\)$", line.strip())
+        if m and (m.group(2), m.group(3)) in timing:
+            timing[(m.group(2), m.group(3))].append(ast.literal_eval(m.group(4)))
+            loads.append(m.group(5))
+            rounds = max(rounds, int(m.group(1)) + 1)
+    args.rounds = rounds
+    first, last = (f"load average {loads[0]}", f"load average {loads[-1]}") if loads else ("?", "?")
+    return checks or None, timing, [], first, last
+
+
 def cell(runs, key):
     ok = [x[key] for x in runs if key in x]
     if not ok:
@@ -431,6 +452,8 @@ def main():
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "egn_peers.md"))
+    parser.add_argument("--from-log", default=None,
+                        help="write the results file from the printed lines of an earlier run (its log)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -455,11 +478,14 @@ def main():
                f"jax {version([args.jax_python, '-c', 'import jax; print(jax.__version__)'])}, "
                f"somax {version(['git', '-C', args.somax, 'rev-parse', '--short', 'HEAD'])}, "
                f"torch-levenberg-marquardt {tlm_version}")
-    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as tmp:
-        checks = None if args.no_check else run_check(args, tmp)
-        timing, loads = (None, []) if args.no_timing else run_timing(args, tmp)
-    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    if args.from_log:
+        checks, timing, loads, uptime_before, uptime_after = parse_log(args, args.from_log)
+    else:
+        uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        with tempfile.TemporaryDirectory() as tmp:
+            checks = None if args.no_check else run_check(args, tmp)
+            timing, loads = (None, []) if args.no_timing else run_timing(args, tmp)
+        uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = markdown(args, timing, loads, checks, machine, uptime_before, uptime_after)
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
