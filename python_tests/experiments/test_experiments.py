@@ -241,7 +241,7 @@ def test_findings_use_every_seed():
     bad = history([2.0, 1.2, 0.9, 0.85, 0.84], [2.0, 1.2, 1.0, 0.99, 0.99], -3.0, 0.6, (0.8, 0.5))
     one_bad[("adam", "mini")] = runs[("adam", "mini")][:2] + [bad]
     f2 = report.findings(one_bad)[1]
-    assert f2.verdict == "MIXED" and "within noise" in f2.evidence
+    assert f2.verdict == "MIXED" and "inside the noise" in f2.evidence
     rows = report.summary_rows(runs, {k: RunConfig(optimizer=k[0], setting=k[1]) for k in runs})
     assert all(r["seeds"] == 3 and r["train loss"].n == 3 for r in rows)
     assert rows[0]["train loss"].mean == pytest.approx(sum(h[-1]["train_loss"] for h in runs[("gn", "full")]) / 3)

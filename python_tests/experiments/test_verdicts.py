@@ -230,3 +230,11 @@ def test_lstd_draws_the_same_transitions_as_the_td_runs():
     z, _, _ = b.transitions()
     assert np.allclose(phi.double().numpy(), lqr.quadratic_features(__import__("torch").from_numpy(z)).numpy(),
                        rtol=1e-6)
+
+
+def test_c1_counts_a_task_where_every_baseline_diverged():
+    egn = [history([50.0, 49.0, 48.0]) for _ in range(2)]
+    bad = [history([math.nan])[:1] + [{"step": 10, "time_s": 1.0, "cpu_s": 0.1, "metric": math.nan, "diverged": 1}]
+           for _ in range(2)]
+    c = c1(results_for(egn, bad))
+    assert [t.outcome for t in c.tests] == [True] and "diverged" in c.tests[0].detail

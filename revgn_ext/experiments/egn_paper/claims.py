@@ -132,9 +132,17 @@ def claims(results: dict, tasks, study: dict | None, c4_task: str) -> list:
     tests, ev = [], []
     for t in sup:
         base = best_baseline(results, t)
-        if (t, "egn") not in results or base is None:
+        if (t, "egn") not in results:
             continue
         why = c1_exclusion(t, results)
+        if why is None and base is None:
+            fine = protocol.finite(results[(t, "egn")]["final"].mean)
+            if any((t, o) in results for o in ("sgd", "adam")):
+                tests.append(Test(t, "final metric not worse than SGD and Adam", True if fine else None,
+                                  "every SGD and Adam run diverged; EGN " + ("finished" if fine else "diverged too")))
+            else:
+                ev.append(f"{t}: no SGD or Adam run to compare with")
+            continue
         if why:
             ev.append(why)
             continue

@@ -30,6 +30,13 @@ def c4_length(given: int | None) -> tuple:
     return steps, note
 
 
+def step_clock(device):
+    """The clock of the step and phase times: process CPU time on CPU (at one thread it does not depend on
+    what else the machine runs, and the phases and the whole step use the same clock), wall time with
+    synchronisation on CUDA (the GPU's work is not the process's CPU time)."""
+    return time.perf_counter if torch.device(device).type == "cuda" else time.process_time
+
+
 def proc_status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -61,7 +68,7 @@ def peak_bytes(fn, device) -> float:
 
 
 def phase_times(model, x, y, damping: float, repeats: int = 3) -> dict:
-    """Median seconds of EGN's phases on (x, y) for MSE, timed from outside the optimizer with the same
+    """Median seconds (:func:`step_clock`) of EGN's phases on (x, y) for MSE, timed from outside the optimizer with the same
     public pieces it uses: forward + Jacobian/Gram K = J J^T (layerwise, J never formed), Cholesky of
     K + b lambda I, and back-projection (triangular solves for u, then the VJP dir = -J^T u)."""
     from ...egn.gram import gram_matrix
@@ -69,22 +76,23 @@ def phase_times(model, x, y, damping: float, repeats: int = 3) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     b = x.shape[0]
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.device.type == "cuda" else (lambda: None)
+    clock = step_clock(x.device)
     out = {"gram": [], "factor": [], "back": []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         K = gram_matrix(model, x)
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         K.diagonal().add_(b * damping)
         chol = ops.gram_factor_from_gram(K[None], 0.0)
         sync()
-        t2 = time.perf_counter()
+        t2 = clock()
         f = model(x).reshape(b, -1)
-        t3 = time.perf_counter()
+        t3 = clock()
         u = torch.cholesky_solve((f - y).detach().reshape(-1, 1), chol.L[0]).reshape(f.shape)
         torch.autograd.grad(f, params, grad_outputs=u)
         sync()
-        t4 = time.perf_counter()
+        t4 = clock()
         out["gram"].append(t1 - t0)
         out["factor"].append(t2 - t1)
         out["back"].append(t4 - t3)
@@ -113,10 +121,13 @@ def batch_size_study(task: str, batches, lr: float, seeds, steps: int, dtype: st
             warnings.simplefilter("ignore", RuntimeWarning)
             opt.step(x, y)  # warm-up
             steps_t = []
-            for _ in range(3):    # process CPU time: at one thread it does not depend on the machine's load
-                t0 = time.process_time()
+            clock = step_clock(dev)
+            for _ in range(3):    # CPU: process CPU time, which at one thread does not depend on the load
+                t0 = clock()
                 opt.step(x, y)
-                steps_t.append(time.process_time() - t0)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                steps_t.append(clock() - t0)
             phases = phase_times(model, x, y, damping_for(task)) if problem.loss == "mse" else {}
             peak = peak_bytes(lambda: opt.step(x, y), dev)
         c = problem.data.outputs if isinstance(problem, Supervised) else 1

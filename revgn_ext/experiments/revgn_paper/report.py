@@ -3,8 +3,9 @@
 ``runs`` maps ``(optimizer, setting)`` to a list of history rows per seed (a single history is taken
 as one seed); ``configs`` maps the same keys to the runs' :class:`~.config.RunConfig`. Every number is
 a mean ± std over the seeds (:mod:`..common.protocol`), and each finding of the paper (section 5) is a test on
-those numbers, written next to its verdict. A comparison counts only beyond one std of the difference
-of the means; evidence inside the noise gives MIXED.
+those numbers, written next to its verdict, decided by the one rule of :mod:`..common.verdicts`
+(shared with the EGN claims): REPRODUCED when every check holds beyond the noise, NOT REPRODUCED when
+any fails beyond it, MIXED only when some check is inside the noise.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from ..common import protocol as P
 from ..common.markdown import markdown_table
+from ..common.verdicts import RULE, outcome_text
 from .config import OPTIMIZERS, SETTINGS
 from .plots import LABELS, SETTING_TITLES, series
 
@@ -127,7 +129,7 @@ def _pm(s: P.Stat, missing: str = "diverged") -> str:
 
 
 def _outcome_text(o) -> str:
-    return {True: "holds", False: "fails", None: "within noise"}[o]
+    return outcome_text(o)
 
 
 def _at_least(s: P.Stat, threshold: float):
@@ -276,7 +278,7 @@ def write_report(runs: dict, configs: dict, out_dir: str, figures: dict, command
               f"over {'/'.join(map(str, seeds))} seeds.", ""]
     if extra:
         lines += [extra, ""]
-    lines += ["## Final numbers", "", markdown_table(summary_rows(runs, configs)), "## Paper findings", ""]
+    lines += ["## Final numbers", "", markdown_table(summary_rows(runs, configs)), "## Paper findings", "", RULE, ""]
     lines += findings_markdown(runs)
     if sections:
         lines += [""] + list(sections)
