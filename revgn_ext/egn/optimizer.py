@@ -217,9 +217,6 @@ class EGN(GaussNewtonOptimizer):
         if len(dtypes) > 1:
             raise ValueError(f"EGN: the model's parameters mix {sorted(map(str, dtypes))}; its forward, Gram and "
                              "solve need one dtype: convert the model with model.double() or model.float()")
-        if lr > torch.finfo(params[0].dtype).max:
-            raise ValueError(f"lr={lr} exceeds the largest {params[0].dtype} ({torch.finfo(params[0].dtype).max:.3g}), "
-                             "the parameters' dtype; use a smaller lr")
         self.model = model
         self._per_sample_checked: set = set()   # input shapes whose forward passed _check_per_sample
         self._assembler = gram_assembler(model, params, gram, memory_limit, gram_block_rows)
