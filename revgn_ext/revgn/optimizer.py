@@ -281,6 +281,13 @@ class RevGN(GaussNewtonOptimizer):
                 f"each {n} x {M} features and {n} x {n} Grams) > memory_limit {_size(limit)}; use a "
                 f"smaller batch (the step is exact only for a batch <= hidden = {M}) or raise memory_limit")
 
+    def _agreed_batch_and_loss(self, closure, y):
+        """The batch and its loss, on every rank together when distributed: a refusal on one rank (a NaN
+        lr in the loss entries' check, a closure computing another loss) raises on every rank."""
+        if self.shards is None:
+            return self._batch_and_loss(closure, y)
+        return self.shards.agree(lambda: self._batch_and_loss(closure, y), lambda: 0)
+
     def _batch_and_loss(self, closure, y):
         batch = self.batch(closure, y)
         spec = self.adopt_loss(batch)
@@ -291,7 +298,7 @@ class RevGN(GaussNewtonOptimizer):
         """Delta with J Delta = E Q^T, one tensor per parameter in ``model.parameters()`` order
         (the step would be ``theta - lr * Delta``), on the batch of ``direction(closure)`` or
         ``direction(x, y)`` (see :meth:`step`). Not finite when the forward pass overflows at x."""
-        batch, _ = self._batch_and_loss(closure, y)
+        batch, _ = self._agreed_batch_and_loss(closure, y)
         with torch.no_grad(), self.no_autocast():
             _, _, deltas, _ = self._direction(batch.x, batch.y)
         return [t for d in deltas for t in d]
@@ -310,7 +317,7 @@ class RevGN(GaussNewtonOptimizer):
         """
         if self.shards is not None:
             self.shards.begin_step(self)   # counted before anything can raise (docs/distributed.md)
-        batch, spec = self._batch_and_loss(closure, y)
+        batch, spec = self._agreed_batch_and_loss(closure, y)
         with torch.no_grad(), self.no_autocast():
             stats = self._step(batch.x, batch.y)
         stats["loss"] *= spec.scale(stats["batch_size"], self.model.num_classes)
