@@ -32,6 +32,7 @@ large cases are checked at b = 16 (their float64 Jacobians at b = 128 would take
 
 Usage: python benchmarks/bench_egn_peers.py --jax-python /tmp/jaxenv/bin/python --somax /tmp/somax
        --tlm-path /tmp/tlmpkg [--rounds 2] [--cases ...] [--methods ...] [--core 1]
+       [--from-log LOG]   (the results file from the lines an earlier run printed, e.g. a run cut short)
 """
 from __future__ import annotations
 
