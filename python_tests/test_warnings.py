@@ -6,9 +6,11 @@
   closure's loss recorder steps aside while the model runs).
 * The library's jvp calls do not show torch's "torch.jit.script is deprecated" about its internals.
 """
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,6 +220,7 @@ def test_library_jvp_hides_torchs_jit_script_deprecation():
             "from revgn_ext._warn import load_jvp_decompositions\n"
             "load_jvp_decompositions()\n"
             "print(torch.func.jvp(torch.sin, (torch.zeros(3),), (torch.ones(3),))[1].tolist())\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(Path(rg.__file__).resolve().parents[1])}  # the package under test
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[1.0, 1.0, 1.0]"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import revgn_ext
 import torch
 
 from revgn_ext.experiments import cli
@@ -27,6 +29,9 @@ from revgn_ext.experiments.revgn_paper.runner import run
 from test_experiments import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
+# The folder holding the revgn_ext this test imported (the installed package under `make test`, whose
+# kernels are built; the source tree holds none), for the subprocesses.
+PACKAGE_PARENT = Path(revgn_ext.__file__).resolve().parents[1]
 GN = ["train", *TINY, "--optimizer", "gn", "--setting", "mini", "--epochs", "2"]
 
 
@@ -123,7 +128,7 @@ sys.exit(main({argv!r}))
 
 
 def run_blocked(blocked, argv, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = BLOCK.format(blocked=tuple(blocked), argv=list(argv))
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
