@@ -127,11 +127,14 @@ test: check-build pytest cmake-check
 # EGN: the rates stored in revgn_ext/experiments/egn_paper/tuned/egn_tasks.json (re-derive them with
 # `egn --tune`), 3 seeds, every task but fashion-mnist at demo length; L-BFGS (10 line-searched
 # iterations per batch, the slowest baseline) is left out for time: add it with --optimizers.
+# Each part prints its wall time and the machine's load (the README's demo times come from these lines).
 demo: install
-	$(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo/revgn
-	$(RUN) -m revgn_ext.experiments egn --no-tune --tasks diabetes,breast-cancer,wine,diamonds,lqr \
+	@t0=$$(date +%s); $(RUN) -m revgn_ext.experiments reproduce --dataset digits --out runs/demo/revgn && \
+	  echo "make demo: RevGN part took $$(( $$(date +%s) - t0 )) s wall; $$(uptime | sed 's/.*load/load/')"
+	@t0=$$(date +%s); $(RUN) -m revgn_ext.experiments egn --no-tune --tasks diabetes,breast-cancer,wine,diamonds,lqr \
 	  --optimizers egn,egn-ls,egn-ad,egn-mom,sgd,adam,sgn --seeds 3 --steps 100 --c4-steps 20 \
-	  --out runs/demo/egn
+	  --out runs/demo/egn && \
+	  echo "make demo: EGN part took $$(( $$(date +%s) - t0 )) s wall; $$(uptime | sed 's/.*load/load/')"
 
 # Fresh tables go to build/bench/; the recorded ones live in benchmarks/results/ and benchmarks/RESULTS.md.
 bench: install
