@@ -214,13 +214,15 @@ def test_plain_revgn_steps_raise_no_warning(kw):
         opt.direction(x, y)
 
 
-def test_library_jvp_hides_torchs_jit_script_deprecation():
+def test_library_jvp_hides_torchs_jit_script_deprecation(tmp_path):
     """In a fresh process (torch loads its jvp decompositions once), with every warning an error."""
     code = ("import torch, warnings; warnings.simplefilter('error')\n"
             "from revgn_ext._warn import load_jvp_decompositions\n"
             "load_jvp_decompositions()\n"
             "print(torch.func.jvp(torch.sin, (torch.zeros(3),), (torch.ones(3),))[1].tolist())\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(rg.__file__).resolve().parents[1])}  # the package under test
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    # The package under test, from a folder that holds no other revgn_ext (python -c puts its cwd first).
+    env = {**os.environ, "PYTHONPATH": str(Path(rg.__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[1.0, 1.0, 1.0]"
