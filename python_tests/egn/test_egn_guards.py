@@ -369,3 +369,18 @@ def test_gru_lstm_refused_naming_the_module_or_exact_when_frozen(cls):
     model = Recurrent(cls, frozen=True).double()
     ref = dense_direction(model, x, y, "cross_entropy", 0.3)
     assert_directions_close([flat(EGN(model, damping=0.3, loss="cross_entropy").direction(x, y))], [ref])
+
+
+def test_line_search_after_a_step_at_lr_zero_starts_again_from_lr():
+    # A warm-up schedule that starts at lr = 0 stores alpha = 0; min(1.5 alpha, lr) would then keep every
+    # later step at 0 for ever, silently. After lr = 0 the search starts at lr, as a fresh optimizer's.
+    x, y = torch.randn(8, 5, dtype=f64), torch.randn(8, 4, dtype=f64)
+    model, fresh_model = mlp(), mlp()
+    opt = EGN(model, loss="mse", lr=0.0, line_search=True)
+    opt.step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
+    opt.param_groups[0]["lr"] = 0.5
+    stats = opt.step(x, y)
+    fresh = EGN(fresh_model, loss="mse", lr=0.5, line_search=True).step(x, y)
+    assert stats["accepted"] and stats["alpha"] > 0 and stats["alpha"] == fresh["alpha"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))

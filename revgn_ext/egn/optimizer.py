@@ -440,7 +440,7 @@ class EGN(GaussNewtonOptimizer):
         if gTd is None:
             _set_params(params, backup, d_step, alpha)
             return True, alpha, self._loss_at(x, sol.y) if group["adaptive_damping"] else None
-        if "alpha" in state:
+        if state.get("alpha", 0.0) > 0:   # a step at lr = 0 stores alpha 0: the next search starts at lr
             alpha = min(1.5 * state["alpha"], alpha)
         for tries in range(1, group["max_tries"] + 1):
             _set_params(params, backup, d_step, alpha)
