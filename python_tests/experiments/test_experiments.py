@@ -383,3 +383,43 @@ def test_combined_report_over_reproduce_folders_with_a_robustness_row(tmp_path):
     assert "under `per-pixel` standardisation" in text
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         report.read_runs(str(tmp_path))
+
+
+def test_eval_every_evaluates_on_its_epochs_and_the_last(tmp_path, monkeypatch):
+    """Held-out and train evaluations only every eval_every epochs and at the end; checkpoints at every
+    evaluation (and at least every CHECKPOINT_SECONDS between); a resumed run continues identically,
+    and the readers take the rows that hold each key."""
+    from revgn_ext.experiments.revgn_paper import runner
+
+    saved = []
+    real_save = runner.checkpoint.save
+    monkeypatch.setattr(runner.checkpoint, "save", lambda path, payload: (saved.append(payload["epoch"]),
+                                                                          real_save(path, payload)))
+    whole = str(tmp_path / "whole")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h = run(tiny_config(optimizer="adam", epochs=7, eval_every=3), whole, progress=False)
+    evaluated = [r["epoch"] for r in h if "test_loss" in r]
+    assert evaluated == [0, 3, 6, 7] and saved == [3, 6, 7]
+    assert all(("train_eval_loss" in r) == (r["epoch"] in evaluated) for r in h)
+    assert all(math.isfinite(r["train_loss"]) for r in h[1:])
+    assert report.final(h, "test_loss") == h[-1]["test_loss"]
+    assert [r["epoch"] for r in load_history(whole)] == list(range(8))
+    # Between evaluations a checkpoint is written once CHECKPOINT_SECONDS have passed (here: always).
+    saved.clear()
+    monkeypatch.setattr(runner, "CHECKPOINT_SECONDS", 0.0)
+    split = str(tmp_path / "split")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(tiny_config(optimizer="adam", epochs=2, eval_every=3), split, progress=False)
+        assert saved == [1, 2] and load_checkpoint(os.path.join(split, CHECKPOINT))["epoch"] == 2
+        h2 = run(tiny_config(optimizer="adam", epochs=7, eval_every=3), split, resume=True, progress=False)
+    assert [r["epoch"] for r in h2 if "test_loss" in r] == [0, 2, 3, 6, 7]
+    assert [r["train_loss"] for r in h2] == [r["train_loss"] for r in h]
+    assert h2[-1]["test_loss"] == h[-1]["test_loss"]
+
+
+def test_eval_every_is_refused_below_one_and_may_change_on_resume():
+    with pytest.raises(ValueError, match="eval_every must be a positive int"):
+        tiny_config(eval_every=0)
+    tiny_config(eval_every=5).check_resumable(tiny_config(eval_every=1))

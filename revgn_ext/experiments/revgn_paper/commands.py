@@ -28,6 +28,7 @@ from ..common.markdown import markdown_table
 from ..common.options import (HelpFormatter, command_line, csv_choices, distinct_ints, plain, positive_int,
                               seconds)
 from ..common.records import CHECKPOINT, resolve_device
+from ...revgn.targets import TARGETS
 from .config import OPTIMIZERS, PRESETS, SETTINGS, STANDARDIZE, RunConfig
 
 
@@ -101,8 +102,9 @@ def common_options() -> argparse.ArgumentParser:
                         "paper's (MNIST full GN 0.5 / Adam 1e-4 / SGD 0.1, mini GN 0.1 / Adam 1e-4 / SGD 0.1; "
                         "CIFAR full GN 1.0 / Adam 1e-5 / SGD 0.01, mini GN 0.1 / Adam 1e-4 / SGD 0.01), "
                         "GN's times L for this package's target-share convention")
-    g.add_argument("--target", default="identity", choices=("identity", "newton", "damped"),
-                   help="RevGN function-space target")
+    g.add_argument("--target", default="identity", choices=TARGETS,
+                   help="RevGN function-space target: 'damped' is per sample, (H_i + mu I)^-1 g_i; "
+                        "'damped-batch' the official code's form, the batch mean of (H_i + mu I)^-1 applied to g_i")
     g.add_argument("--damping", type=float, default=None, help="RevGN damping (relative; default RevGN's)")
     g.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"))
     g.add_argument("--seed", type=int, default=0)
@@ -111,6 +113,9 @@ def common_options() -> argparse.ArgumentParser:
     g = common.add_argument_group("diagnostics and output")
     g.add_argument("--diag-every", type=positive_int, default=None,
                    help="NTK/CKA/weight diagnostics every N epochs (default: train 1, reproduce epochs / 25)")
+    g.add_argument("--eval-every", type=positive_int, default=None,
+                   help="held-out and train evaluations every N epochs, and at the last (default: train 1, "
+                        "reproduce epochs / 25; tuning runs evaluate at their end only)")
     g.add_argument("--diag-samples", type=int, default=256, help="training samples for CKA")
     g.add_argument("--ntk-samples", type=int, default=64, help="training samples for the NTK")
     g.add_argument("--ntk-probes", type=int, default=4, help="random output-space probes for the NTK")
@@ -215,7 +220,8 @@ def make_config(args, optimizer: str, setting: str) -> RunConfig:
                      lr=pick_lr(args.lr, optimizer, setting, allow_bare=args.command == "train"),
                      target=args.target, damping=args.damping, loss=args.loss, seed=args.seed,
                      dtype=args.dtype, max_train=args.max_train, max_test=args.max_test,
-                     diag_every=1 if args.diag_every is None else args.diag_every, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
+                     diag_every=1 if args.diag_every is None else args.diag_every,
+                     eval_every=1 if getattr(args, "eval_every", None) is None else args.eval_every, diag_samples=args.diag_samples, ntk_samples=args.ntk_samples,
                      ntk_probes=args.ntk_probes)
 
 

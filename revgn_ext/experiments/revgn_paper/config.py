@@ -91,12 +91,13 @@ class RunConfig:
     max_train: int | None = None
     max_test: int | None = None
     diag_every: int = 1
+    eval_every: int = 1               # epochs between evaluations (held-out and train); the last always
     diag_samples: int = 256           # samples for CKA; NTK uses the first ntk_samples of them
     ntk_samples: int = 64
     ntk_probes: int = 4
 
     # Fields that may change between a run and its resumption.
-    RESUMABLE_CHANGES = ("epochs", "data_dir")
+    RESUMABLE_CHANGES = ("epochs", "data_dir", "eval_every")
     SPLIT_SEED = 0                    # one validation split for every run and seed
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ class RunConfig:
             raise ValueError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        for name in ("blocks", "batch_size", "full_batch_size", "diag_every", "diag_samples", "ntk_samples",
+        for name in ("blocks", "batch_size", "full_batch_size", "diag_every", "eval_every", "diag_samples", "ntk_samples",
                      "ntk_probes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -187,7 +187,7 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
     """Tune every config, find the mini-batch length from Adam's plateau (re-tuning the mini-batch
     rates once at that length when it differs from the tuning budget by more than half), and return
     ``{"rates": {name: lr}, "epochs": {name: epochs}, "details": {...}}`` for :func:`.protocol.save_tuned`."""
-    tuning = {k: replace(c, diag_every=10 ** 6) for k, c in configs.items()}
+    tuning = {k: replace(c, diag_every=10 ** 6, eval_every=10 ** 6) for k, c in configs.items()}
     log(f"tuning {len(tuning)} runs x {grid_size}+ rates x {len(seeds)} seed(s) on a validation split "
         f"({int(100 * next(iter(configs.values())).val_fraction)}% of the training set)")
     rates, records = tune(tuning, seeds, grid_size, os.path.join(out_dir, "tune"), cache, progress, device, log=log,
@@ -199,7 +199,7 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
     mini = {k: c for k, c in configs.items() if c.setting == "mini"}
     if ("adam", "mini") in configs:
         length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
-                                             diag_every=10 ** 6), max_epochs, os.path.join(out_dir, "adam-length"),
+                                             diag_every=10 ** 6, eval_every=10 ** 6), max_epochs, os.path.join(out_dir, "adam-length"),
                                      window, abs_tol, cache, progress, device, reuse)
         log(f"Adam's mini-batch train loss stopped improving after {length['epochs']} epochs"
             + ("" if length["stopped"] else f" (cap {max_epochs} reached)"))
@@ -217,7 +217,7 @@ def derive(configs: dict, seeds, grid_size: int, max_epochs: int, out_dir: str, 
             details["budget_epochs"] |= {key_name(k): length["epochs"] for k in mini}
             if rates[("adam", "mini")] != adam_before:  # the length belongs to Adam's final rate
                 length = adam_plateau_epochs(replace(configs[("adam", "mini")], lr=rates[("adam", "mini")],
-                                                     diag_every=10 ** 6), max_epochs,
+                                                     diag_every=10 ** 6, eval_every=10 ** 6), max_epochs,
                                              os.path.join(out_dir, "adam-length-retuned"), window, abs_tol, cache,
                                              progress, device, reuse)
                 log(f"at Adam's re-tuned rate its train loss stopped improving after {length['epochs']} epochs")
@@ -275,6 +275,8 @@ def reproduce(args, configs: dict, explicit: set, command_line: str, log=print) 
         cfg = replace(cfg, **changes)
         if args.diag_every is None:
             cfg = replace(cfg, diag_every=max(1, cfg.epochs // 25))
+        if getattr(args, "eval_every", None) is None:
+            cfg = replace(cfg, eval_every=max(1, cfg.epochs // 25))
         final[key] = cfg
 
     runs = {}

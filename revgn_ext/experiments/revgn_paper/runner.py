@@ -95,6 +95,7 @@ def build_model(cfg: RunConfig, in_features: int, num_classes: int, device: torc
                   dtype=getattr(torch, cfg.dtype), device=device)
 
 
+CHECKPOINT_SECONDS = 300.0  # between evaluations, a checkpoint at least this often (wall seconds)
 EGN_DAMPING = 1e-3  # EGN's lambda when cfg.damping is unset (its own default, 1.0, is meant for MSE)
 
 
@@ -336,6 +337,7 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
     if history[-1].get("diverged") or (stop is not None and len(history) > 1 and stop(history)):
         epochs.close()
         return history
+    last_save = time.perf_counter()
     try:
         for epoch in epochs:
             batches = epoch_batches(cfg, len(x_tr), epoch)
@@ -357,13 +359,18 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
                     stat_sums[k] = stat_sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{before:.4f}")
             elapsed += time.perf_counter() - t0
-            test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
-            train_eval = evaluate(cfg, model, *train_set)
-            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, f"{ev}_loss": test_loss,
-                   f"{ev}_acc": test_acc, "train_eval_loss": train_eval[0], "train_eval_acc": train_eval[1],
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / count,
                    "loss_change_pct": sum(changes) / len(changes)}
             diverged = not math.isfinite(row["train_loss"])
             ending = diverged or epoch == cfg.epochs or (stop is not None and stop(history + [row]))
+            # Held-out and train evaluations every eval_every epochs and at the end; rows in between
+            # hold only the training loss (readers take the rows that hold a key: plots.series).
+            evaluated = epoch % cfg.eval_every == 0 or ending
+            if evaluated:
+                test_loss, test_acc = evaluate(cfg, model, x_te, y_te)
+                train_eval = evaluate(cfg, model, *train_set)
+                row.update({f"{ev}_loss": test_loss, f"{ev}_acc": test_acc, "train_eval_loss": train_eval[0],
+                            "train_eval_acc": train_eval[1]})
             if epoch % cfg.diag_every == 0 or ending:
                 row.update(tracker())
             row["time_s"] = elapsed
@@ -371,14 +378,20 @@ def run(cfg: RunConfig, out_dir: str, device: str | None = "cpu", resume: bool =
                 row["diverged"] = True
             row.update({f"opt_{k}": v / len(batches) for k, v in stat_sums.items() if k != "loss"})
             history.append(row)
-            epochs.set_postfix(train=f"{row['train_loss']:.4f}", **{ev: f"{test_loss:.4f}"}, acc=f"{test_acc:.3f}")
-            if writer:
+            if evaluated:
+                epochs.set_postfix(train=f"{row['train_loss']:.4f}", **{ev: f"{test_loss:.4f}"}, acc=f"{test_acc:.3f}")
+            else:
+                epochs.set_postfix(train=f"{row['train_loss']:.4f}")
+            # A checkpoint at every evaluation, at the end, and at least every CHECKPOINT_SECONDS between.
+            if writer and (evaluated or time.perf_counter() - last_save >= CHECKPOINT_SECONDS):
                 write_metrics(out_dir, history)
                 saving = epoch
                 checkpoint.save(ckpt_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "rng": _rng_state(dev),
                                             "tracker": tracker.state(), "history": history})
-            saved, saving = epoch, None
+                saved, saving, last_save = epoch, None, time.perf_counter()
+            elif writer:
+                write_metrics(out_dir, history)
             if ending:
                 break
     except KeyboardInterrupt:
