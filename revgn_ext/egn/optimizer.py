@@ -44,7 +44,7 @@ from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
-from .inputs import check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
+from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
     forward_naming_x, targets
 from .linearisation import jvp, vjp
 from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
@@ -164,6 +164,7 @@ class EGN(GaussNewtonOptimizer):
 
     PER_GROUP = ()
     IGNORE_INDEX = True   # samples labelled ignore_index are dropped (inputs.drop_ignored)
+    SEVERAL_INPUTS = True  # model(*args, **kwargs): the closure's call is recorded whole (ModelInputs)
     ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
                          "Gram assembler hooks their layers); build a new EGN with every parameter to train")
 
@@ -307,6 +308,7 @@ class EGN(GaussNewtonOptimizer):
         parameters to the torch.func route (or raised, for gram="layerwise") and is redone. Each retry
         moves at least one parameter for good, so the loop ends after at most one retry per parameter.
         """
+        x = ModelInputs.of(x)
         while True:
             sol = self._solve_once(x, y, lam)
             if sol is not None:
@@ -322,7 +324,7 @@ class EGN(GaussNewtonOptimizer):
         In both, S^T J dir = -Ku and g^T dir = -tKu / b (the quadratic model's terms).
         """
         params = self.param_groups[0]["params"]
-        clock = Clock(x)
+        clock = Clock(x.first)
         assembly = self._assembler.assemble(x, lambda forward: self._linearise(x, y, lam, forward, clock),
                                             self._ranks)
         sol = assembly.payload
@@ -381,7 +383,7 @@ class EGN(GaussNewtonOptimizer):
             self._check_per_sample(x, f)
             return f, targets(y, f, group)
 
-        f, y = ranks.agree(check, lambda: x.shape[0], like=x)
+        f, y = ranks.agree(check, lambda: x.batch_size, like=x.first)
         clock.lap("forward")
         if group.get("curvature", "exact") == "sampled":   # before the draws are made: (b k)^2 Gram entries
             check_memory(ranks.total * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
@@ -404,8 +406,9 @@ class EGN(GaussNewtonOptimizer):
         return factor_matrix(factor).permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
 
     def _check_per_sample(self, x, f) -> None:
-        """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing)."""
-        key = (tuple(x.shape), x.dtype)
+        """Once per input signature (shapes, dtypes, constants), :func:`.inputs.check_per_sample` (a
+        repeatable forward, no sample mixing)."""
+        key = x.signature()
         if key not in self._per_sample_checked:
             check_per_sample(self.model, x, f)
             self._per_sample_checked.add(key)
@@ -454,7 +457,7 @@ class EGN(GaussNewtonOptimizer):
 
     @torch.no_grad()
     def _loss_at(self, x, y) -> torch.Tensor:
-        f = outputs_of(self.model, self.model(x), x.shape[0])
+        f = outputs_of(self.model, x.call(self.model), x.batch_size)
         loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
         return self._ranks.mean(loss)
 
@@ -505,7 +508,7 @@ class EGN(GaussNewtonOptimizer):
             batch = self.batch(closure, y)
             spec = self.adopt_loss(batch)
             self.checked_group()
-            x, kept = drop_ignored(self.param_groups[0], batch.x, batch.y)
+            x, kept = drop_ignored(self.param_groups[0], ModelInputs.of(batch.x), batch.y)
             return batch, x, kept, self._loss_scale(spec, x, kept)
         if self._ranks.world == 1:
             return prepare()
@@ -514,10 +517,9 @@ class EGN(GaussNewtonOptimizer):
     @staticmethod
     def _loss_scale(spec: LossSpec, x, y) -> float:
         """s with (user's loss) = s * L: the damping of the user's loss is lambda, that of L lambda / s."""
-        if spec.reduction == "batch_mean" or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
-                or x.dim() == 0 or y.dim() == 0:
+        if spec.reduction == "batch_mean" or not isinstance(y, torch.Tensor) or y.dim() == 0:
             return 1.0
-        return spec.scale(x.shape[0], y[0].numel() if y.dim() > 1 else 1)
+        return spec.scale(x.batch_size, y[0].numel() if y.dim() > 1 else 1)
 
 
 def _set_params(params, base, direction, alpha: float) -> None:
