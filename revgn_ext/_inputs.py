@@ -119,16 +119,16 @@ class ModelInputs:
         return model(*self.args, **self.kwargs)
 
     def signature(self) -> tuple:
-        """What the forward's behaviour may depend on beyond the values: the tensors' shapes and dtypes
-        (constants by identity, too) and the plain values of the non-tensor entries."""
+        """The call pattern: the tensors' shapes and dtypes (per-sample or constant), the plain values
+        of the non-tensor entries (``is_causal=True``) and the types of the others."""
         out = []
         for k, v in self.items():
             if isinstance(v, torch.Tensor):
-                out.append((k, tuple(v.shape), v.dtype, k in self.per_sample or id(v)))
+                out.append((k, tuple(v.shape), v.dtype, k in self.per_sample))
             elif v is None or isinstance(v, (bool, int, float, str)):
                 out.append((k, type(v).__name__, v))
             else:
-                out.append((k, type(v).__name__, id(v)))
+                out.append((k, type(v).__name__))
         return tuple(out)
 
     def describe(self) -> str:
