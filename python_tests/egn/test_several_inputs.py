@@ -362,3 +362,26 @@ def test_revgn_keeps_one_input():
     opt = rg.RevGN(model, lr=0.1)
     with pytest.raises(ValueError, match="x must be a torch.Tensor"):
         opt.step((x, x), y)
+
+
+class HeadMasks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, attn_mask):
+        return self.head(self.attn(x, x, x, attn_mask=attn_mask, need_weights=False)[0].mean(1))
+
+
+def test_a_per_sample_mask_without_the_batch_first_is_refused():
+    """A 3-d attn_mask (b * heads, T, T) has no batch-size first dimension: it passes as a constant, the
+    forward on half of the batch fails, and the refusal lists the classification."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = HeadMasks().double()
+    x, y = torch.randn(6, 3, 4, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    mask = torch.rand(12, 3, 3, generator=g) < 0.3
+    mask[..., 0] = False
+    with pytest.raises(UnsupportedModelError, match=r"half of the batch failed.*constants: x\[1\] \(12, 3, 3\)"):
+        EGN(model, loss="mse").step((x, mask), y)

@@ -58,8 +58,6 @@ def _check_input(x: ModelInputs, key, t: torch.Tensor, model: nn.Module, p0: tor
     name, batched = x.names[key], key in x.per_sample
     if x.single:
         check_x_dtype(t, model)
-        if t.dim() == 0:
-            raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(t.shape)}")
     elif t.is_complex():
         raise ValueError(f"{name} is complex ({t.dtype}); the model's inputs must be real")
     elif t.is_floating_point():
@@ -184,8 +182,9 @@ def check_per_sample(model: nn.Module, x: ModelInputs, f) -> None:
     tol = math.sqrt(torch.finfo(f.dtype).eps)
     scale = float(f.detach().abs().max()) if f.numel() else 0.0
     inputs = "" if not x.ambiguous() else (
-        f"; the inputs were classified as {x.classification()}: a constant whose first dimension equals "
-        "the batch size by coincidence is sliced with the batch, so pass such a constant as a module buffer")
+        f"; the inputs were classified as {x.classification()}: a tensor whose first dimension equals the "
+        "batch size is sliced with the batch and any other passes unchanged, so pass a constant whose first "
+        "dimension equals the batch size as a module buffer, and give every per-sample input the batch first")
 
     def differs(a):
         return not bool(((a - f.detach()).abs() <= tol * (1.0 + scale)).all())

@@ -91,8 +91,9 @@ class EGN(GaussNewtonOptimizer):
     Args:
         params: the parameters to train, all of them parameters of ``model`` (default: its trainable
             ones, in ``model.parameters()`` order). One group: the step solves one system for all.
-        model: the network, called as ``model(x)``; may be ``torch.compile``-d or DDP-wrapped. Samples
-            must not interact (no BatchNorm in training mode).
+        model: the network, called as ``model(x)`` or with several inputs (``step((a, mask), y)``,
+            ``step(dict(...), y)`` or any call in a closure; :mod:`revgn_ext._inputs`); may be
+            ``torch.compile``-d or DDP-wrapped. Samples must not interact (no BatchNorm in training mode).
         loss: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (``label_smoothing``, probability targets) or
             ``nn.BCEWithLogitsLoss`` with reduction "mean" or "sum"; or "mse" (0.5 ||f - y||^2 per
             sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (one logit,
@@ -153,7 +154,7 @@ class EGN(GaussNewtonOptimizer):
     ``x`` may hold integer token ids when the model starts with an ``nn.Embedding``. The model must
     be deterministic during the step: train-mode dropout (modules or ``F.dropout``) is refused, like
     train-mode BatchNorm; call ``model.eval()`` around EGN steps. Once per input shape the forward is
-    run again on x and on each half of the batch: a model whose outputs change (noise from its own
+    run again on x and on each half of the batch (every per-sample input halved): a model whose outputs change (noise from its own
     generator, numpy) or depend on other samples (``h - h.mean(0)``) is refused, naming the cause.
     Cross-entropy's ``ignore_index`` (default -100) drops the samples with that label: they contribute
     no row, and the mean runs over the kept ones, as torch's loss does.
@@ -237,12 +238,15 @@ class EGN(GaussNewtonOptimizer):
         """One EGN step, as torch.optim steps, or on a batch given directly.
 
         * ``step(closure)``: ``closure()`` runs the model on a batch and computes the loss, as for
-          ``torch.optim.LBFGS``; EGN reads the input x from the model's call and the targets from the
+          ``torch.optim.LBFGS``; EGN reads the inputs from the model's call (every positional and
+          keyword argument) and the targets from the
           loss call (an ``nn.MSELoss``/``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` or its
           ``torch.nn.functional`` form), or from an ``(output, target)`` pair the closure returns. EGN
           then runs its own forward on x (the closure's backward is not needed, but harmless). Returns
           what the closure returned (for a pair, the pre-step loss), as torch.optim does.
-        * ``step(x, y)``: the batch itself; returns the statistics dict.
+        * ``step(x, y)``: the batch itself, x a tensor (``model(x)``), a tuple or list (``model(*x)``)
+          or a dict (``model(**x)``); returns the statistics dict. Tensors whose first dimension is
+          the batch size are per-sample inputs, everything else passes unchanged (docs/api.md).
 
         The statistics (``"loss"``: the pre-step loss, in the user's reduction) are also kept in
         ``last_stats``. The step runs with autocast off, in the parameters' dtype.
