@@ -154,8 +154,9 @@ class EGN(GaussNewtonOptimizer):
     ``x`` may hold integer token ids when the model starts with an ``nn.Embedding``. The model must
     be deterministic during the step: train-mode dropout (modules or ``F.dropout``) is refused, like
     train-mode BatchNorm; call ``model.eval()`` around EGN steps. Once per input shape the forward is
-    run again on x and on each half of the batch (every per-sample input halved): a model whose outputs change (noise from its own
-    generator, numpy) or depend on other samples (``h - h.mean(0)``) is refused, naming the cause.
+    run again on x and on each half of the batch (every per-sample input halved): a model whose
+    outputs change (noise from its own generator, numpy) or depend on other samples
+    (``h - h.mean(0)``) is refused, naming the cause.
     Cross-entropy's ``ignore_index`` (default -100) drops the samples with that label: they contribute
     no row, and the mean runs over the kept ones, as torch's loss does.
     """
@@ -239,10 +240,10 @@ class EGN(GaussNewtonOptimizer):
 
         * ``step(closure)``: ``closure()`` runs the model on a batch and computes the loss, as for
           ``torch.optim.LBFGS``; EGN reads the inputs from the model's call (every positional and
-          keyword argument) and the targets from the
-          loss call (an ``nn.MSELoss``/``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` or its
-          ``torch.nn.functional`` form), or from an ``(output, target)`` pair the closure returns. EGN
-          then runs its own forward on x (the closure's backward is not needed, but harmless). Returns
+          keyword argument) and the targets from the loss call (an ``nn.MSELoss``/
+          ``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` or its ``torch.nn.functional`` form), or
+          from an ``(output, target)`` pair the closure returns. EGN then runs its own forward on
+          those inputs (the closure's backward is not needed, but harmless). Returns
           what the closure returned (for a pair, the pre-step loss), as torch.optim does.
         * ``step(x, y)``: the batch itself, x a tensor (``model(x)``), a tuple or list (``model(*x)``)
           or a dict (``model(**x)``); returns the statistics dict. Tensors whose first dimension is
