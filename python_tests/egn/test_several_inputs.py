@@ -385,3 +385,29 @@ def test_a_per_sample_mask_without_the_batch_first_is_refused():
     mask[..., 0] = False
     with pytest.raises(UnsupportedModelError, match=r"half of the batch failed.*constants: x\[1\] \(12, 3, 3\)"):
         EGN(model, loss="mse").step((x, mask), y)
+
+
+class ProjectedTable(nn.Module):
+    """A trainable layer applied to a constant input (no batch dimension): its rows are not per sample,
+    so its parameters take the torch.func route, which passes the constant to every sample's call."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.proj, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x, table):
+        return self.head(torch.tanh(x + self.proj(table))).mean(1)
+
+
+def test_a_layer_on_a_constant_input_equals_dense_solve():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    model = ProjectedTable().double()
+    x, table = torch.randn(6, 4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    ref = flat(dense_lm_direction(model, nn.MSELoss(), (x, table), y, 0.5))
+    opt = EGN(model, loss=nn.MSELoss(), damping=0.5)
+    with pytest.warns(RuntimeWarning, match="without the batch"):
+        ours = flat(opt.direction((x, table), y))
+    assert close(ours, ref) <= TOL
+    assert close(flat(opt.direction(lambda: F.mse_loss(model(x, table=table), y))), ref) <= TOL
