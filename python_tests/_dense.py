@@ -11,6 +11,9 @@ loss Hessian by ``torch.func.hessian``) and solves with ``torch.linalg``; use fl
 * :func:`dense_problem`: J, Q, g and L of a problem for the per-sample loss :func:`per_sample_loss`;
 * :func:`revmlp_forward`: a RevMLP's output Z (and logits) from SPEC section 2, with its parameters
   given as a flat list, so that torch.func can differentiate it.
+
+The model's input ``x`` is a tensor (``model(x)``), a tuple / list (``model(*x)``), a dict
+(``model(**x)``) or a :class:`Call` holding both (``model(*args, **kwargs)``).
 """
 from __future__ import annotations
 
@@ -18,9 +21,36 @@ import math
 
 import torch
 import torch.nn.functional as F
+from typing import NamedTuple
+
 from torch.func import functional_call, hessian, jacrev
 
 from revgn_ext.egn import loss_factors
+
+
+class Call(NamedTuple):
+    """The arguments of a model call with both positional and keyword inputs."""
+    args: tuple
+    kwargs: dict
+
+
+def call_args(x) -> tuple[tuple, dict]:
+    """(args, kwargs) of ``model(x)``, ``model(*x)``, ``model(**x)`` or a :class:`Call`."""
+    if isinstance(x, Call):
+        return tuple(x.args), dict(x.kwargs)
+    if isinstance(x, torch.Tensor):
+        return (x,), {}
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (), dict(x)
+
+
+def call_model(model, x, params=None):
+    """model on the inputs x, at ``params`` (a dict of name -> tensor, by functional_call) if given."""
+    args, kwargs = call_args(x)
+    if params is None:
+        return model(*args, **kwargs)
+    return functional_call(model, params, args, kwargs)
 
 
 def flat(tensors) -> torch.Tensor:
@@ -35,8 +65,8 @@ def _trainable(model):
 def jacobian(model, x) -> torch.Tensor:
     """J (b, c, d) of the flattened outputs with respect to the trainable parameters (in order)."""
     names, params = _trainable(model)
-    b = x.shape[0]
-    jac = jacrev(lambda p: functional_call(model, p, (x,)).reshape(b, -1))(params)
+    b = call_model(model, x).shape[0]
+    jac = jacrev(lambda p: call_model(model, x, p).reshape(b, -1))(params)
     return torch.cat([jac[n].reshape(b, jac[n].shape[1], -1) for n in names], -1)
 
 
@@ -55,7 +85,7 @@ def dense_direction(model, x, y, loss: str, damping: float, S=None) -> torch.Ten
     loss Hessian) and g = J^T e / b its gradient."""
     J = jacobian(model, x)
     b, c, d = J.shape
-    f = model(x).detach().reshape(b, c)
+    f = call_model(model, x).detach().reshape(b, c)
     exact = loss_factors.LOSS_FACTORS[loss](f, y)
     if S is None:
         S = loss_factors.factor_matrix(exact)
@@ -81,7 +111,7 @@ def dense_lm_direction(model, loss_fn, x, y, damping: float) -> list[torch.Tenso
         return out
 
     def f_of_w(w):
-        return functional_call(model, unflat(w), (x,))
+        return call_model(model, x, unflat(w))
 
     f = f_of_w(w0)
     shape = f.shape

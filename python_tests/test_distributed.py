@@ -66,6 +66,15 @@ def _egn_problem(loss, seed=0):
     return model, x, y
 
 
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.la, self.lb, self.out = torch.nn.Linear(4, 5), torch.nn.Linear(2, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, a, b, scale=1.0):
+        return self.out(torch.tanh(self.la(a) + scale * self.lb(b)))
+
+
 def _case_exact(rank):
     """Residuals of distributed versus single-process directions, steps and losses."""
     sl, out = SHARDS[rank], {}
@@ -105,6 +114,15 @@ def _case_exact(rank):
         out[f"egn_{loss}_options_step"] = _relative(list(model.parameters()), list(single.model.parameters()))
         out[f"egn_{loss}_options_loss"] = abs(stats["loss"] - ref_stats["loss"])
         out[f"egn_{loss}_options_damping"] = abs(stats["next_damping"] - ref_stats["next_damping"])
+    # Several inputs: each rank holds its rows of both per-sample inputs; the option passes as it is.
+    torch.manual_seed(0)
+    model = _TwoInputs().to(f64)
+    a, b, y = torch.randn(8, 4, dtype=f64), torch.randn(8, 2, dtype=f64), torch.randint(0, 3, (8,))
+    single = rg.EGN(copy.deepcopy(model), lr=0.3, damping=0.1, loss="cross_entropy")
+    opt = rg.EGN(model, lr=0.3, damping=0.1, loss="cross_entropy", distributed=True)
+    ref = single.direction(dict(a=a, b=b, scale=2.0), y)
+    out["egn_several_inputs_direction"] = _relative(opt.direction(dict(a=a[sl], b=b[sl], scale=2.0), y[sl]), ref)
+    out["egn_several_inputs_norm"] = max(float(d.abs().max()) for d in ref)
     return out
 
 

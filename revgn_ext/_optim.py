@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from ._checks import check_number
 from ._warn import user_stacklevel
 from ._hyper import Context, Fixed, Spec
+from ._inputs import ModelInputs, single_input
 
 __all__ = ["GaussNewtonOptimizer", "COMMON_STATS", "refuse", "LossSpec", "resolve_loss", "infer_loss",
            "unwrap_compiled", "Batch"]
@@ -182,7 +183,8 @@ def _spec_from_call(func, args: dict, who: str, allowed) -> LossSpec:
 
 @dataclass
 class Batch:
-    """One batch for a step: inputs ``x``, targets ``y``, the loss the closure computed (or None), and
+    """One batch for a step: inputs ``x`` (a tensor, or a ModelInputs read off a closure's model call
+    for an optimizer with ``SEVERAL_INPUTS``), targets ``y``, the loss the closure computed (or None), and
     what ``step`` returns (``returned``: the closure's value; None for ``step(x, y)``)."""
     x: Any
     y: Any
@@ -272,6 +274,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     LOSSES: tuple[str, ...] = LOSS_NAMES
     ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
     IGNORE_INDEX = False   # whether cross-entropy samples labelled ignore_index are dropped from the step
+    SEVERAL_INPUTS = False  # whether the model may take several inputs (revgn_ext._inputs.ModelInputs)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -484,7 +487,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError(f"{who}.step needs a closure that runs the model and computes the loss (as "
                              f"for torch.optim.LBFGS), or a batch: step(x, y)")
-        if isinstance(closure, torch.Tensor):
+        if isinstance(closure, (torch.Tensor, tuple, list, dict)):
             raise ValueError(f"{who}.step(x) needs the targets as well: step(x, y)")
         if not callable(closure):
             raise ValueError(f"closure must be callable, got {type(closure).__name__}")
@@ -492,8 +495,8 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
 
     def capture(self, closure: Callable) -> Batch:
         """Run ``closure`` (with grad enabled, as torch.optim does) and read off the batch: the model's
-        input x from its call, and the target from the loss the closure computed, or from the
-        ``(output, target)`` pair it returned."""
+        inputs from its call (every argument, with ``SEVERAL_INPUTS``), and the target from the loss
+        the closure computed, or from the ``(output, target)`` pair it returned."""
         who = type(self).__name__
         calls: list = []
 
@@ -515,33 +518,30 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{who}.step(closure): the closure never called the model ({type(self._hook_module).__name__}) "
                              f"given to {who}; call it in the closure, e.g. loss = loss_fn(model(x), y)")
 
-        def model_input(output):
-            for args, kwargs, out in reversed(calls):
-                if _same_tensor(out, output):
-                    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-                        raise ValueError(f"{who} needs a model called with one input tensor, model(x); "
-                                         f"it was called with {len(args)} positional and {len(kwargs)} "
-                                         f"keyword arguments")
-                    return args[0]
-            raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
-                             f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
-                             f"needs loss(model(x), target)")
+        def model_call(output):   # (args, kwargs) of the model call that returned ``output``, or None
+            return next(((args, kwargs) for args, kwargs, out in reversed(calls) if _same_tensor(out, output)), None)
+
+        def model_input(call):   # every argument of the call (EGN), or its one input tensor
+            return ModelInputs(*call) if self.SEVERAL_INPUTS else single_input(*call, who)
 
         if isinstance(returned, (tuple, list)) and len(returned) == 2 \
                 and all(isinstance(t, torch.Tensor) for t in returned):
             output, target = returned
-            return Batch(model_input(output), target.detach(), None, None, True)
+            call = model_call(output)
+            if call is None:
+                raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
+                                 f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
+                                 f"needs loss(model(x), target)")
+            return Batch(model_input(call), target.detach(), None, None, True)
         if not recorder.calls:
             raise ValueError(f"{who}.step(closure): no loss the optimizer knows was computed in the "
                              f"closure; compute it with {[NN_LOSSES_NAMES[n] for n in self.LOSSES]} (or "
                              f"their torch.nn.functional forms), or return (output, target)")
         on_output = []
         for func, args in recorder.calls:
-            try:
-                x = model_input(args.get("input"))
-            except ValueError:
-                continue
-            on_output.append((func, args, x))
+            call = model_call(args.get("input"))
+            if call is not None:
+                on_output.append((func, args, call))
         if not on_output:
             seen = sorted({f"F.{func.__name__}" for func, _ in recorder.calls})
             raise ValueError(f"{who}.step(closure): the loss ({', '.join(seen)}) was not computed on the "
@@ -551,11 +551,11 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         if len(on_output) != 1:
             raise ValueError(f"{who}.step(closure): the closure computed {len(on_output)} losses on the "
                              f"model's output; with more than one, return (output, target) to say which")
-        func, args, x = on_output[0]
+        func, args, call = on_output[0]
         spec = _spec_from_call(func, args, who, self.LOSSES)
         _check_elementwise_shapes(spec, args, who)
         target = args["target"].detach()
-        return Batch(x, target, spec, returned, True)
+        return Batch(model_input(call), target, spec, returned, True)
 
     @staticmethod
     def step_result(batch: Batch, stats: dict):

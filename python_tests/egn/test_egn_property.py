@@ -5,6 +5,9 @@ of layers (Linear on any rank, Conv1d/Conv2d with random stride/padding/dilation
 LayerNorm/GroupNorm/BatchNorm-eval, pooling, custom parameters no rule covers), tied weights (two
 modules sharing a weight, and a weight reused outside any module through F.linear(h, W.t())), frozen
 parameters, activations, a loss, a curvature (exact or true-class) and a dtype (float32 or float64).
+About a third of the cases call the model with several inputs (:class:`MultiInput`: a second per-sample
+input, a per-sample float gate and bool mask, a constant without a batch dimension and a non-tensor
+option), passed as a tuple or a dict.
 The reference is the parameter-space solve -(J^T S S^T J / b + lambda I)^{-1} g with J from
 torch.func.jacrev in float64. A silent wrong answer on any of these shows up as a mismatch.
 
@@ -26,7 +29,7 @@ with warnings.catch_warnings():
 from revgn_ext.egn import EGN
 from revgn_ext.egn import loss_factors as lf
 
-from _dense import dense_direction
+from _dense import call_model, dense_direction
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -69,6 +72,38 @@ class RandomNet(nn.Module):
             elif op[0] == "pool":
                 h = F.avg_pool2d(h, 2) if h.dim() == 4 else F.max_pool1d(h, 2)
         return h
+
+
+class MultiInput(nn.Module):
+    """The drawn net on x plus a branch on a second per-sample input, gated per sample by a float and a
+    bool mask, with a constant (1, c) offset and a non-tensor scale: model(x, side, gate, offset, scale, keep)."""
+
+    def __init__(self, net, width, c):
+        super().__init__()
+        self.net, self.side = net, nn.Linear(width, c)
+
+    def forward(self, x, side, gate, offset=None, scale=1.0, keep=None):
+        out = (self.net(x) + scale * self.side(torch.tanh(side))) * gate[:, None] + offset
+        return torch.where(keep[:, None], out, -out)
+
+
+def several_inputs(rng, net, x, c):
+    """net wrapped in :class:`MultiInput` and its inputs, as a tuple or a dict."""
+    b, width = x.shape[0], rng.choice([1, 2, 3])
+    model = MultiInput(net, width, c).double()
+    inputs = dict(x=x, side=torch.randn(b, width, dtype=torch.float64),
+                  gate=torch.rand(b, dtype=torch.float64) + 0.5, offset=torch.randn(1, c, dtype=torch.float64),
+                  scale=rng.choice([0.5, 2.0]), keep=torch.rand(b) < 0.7)
+    return model, (tuple(inputs.values()) if rng.random() < 0.5 else inputs)
+
+
+def cast(x, dtype):
+    """The float tensors of the inputs x in ``dtype``."""
+    def one(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    if isinstance(x, dict):
+        return {k: one(v) for k, v in x.items()}
+    return tuple(one(t) for t in x) if isinstance(x, tuple) else one(x)
 
 
 def build_case(seed):
@@ -183,6 +218,8 @@ def build_case(seed):
     curvature = "exact" if rng.random() < 0.7 else "true-class"
     dtype = rng.choice([torch.float32, torch.float64])
     damping = rng.choice([0.3, 1.0])
+    if rng.random() < 0.35:
+        net, x = several_inputs(rng, net, x, c)
     return net, x, y, loss, curvature, dtype, damping
 
 
@@ -196,7 +233,8 @@ def _single(net, op):
 
 def true_class_S(model, x, y, loss):
     """The observed-label factor S_i = e_i (b, c, 1) at the model's outputs."""
-    f = model(x).detach().reshape(x.shape[0], -1)
+    f = call_model(model, x).detach()
+    f = f.reshape(f.shape[0], -1)
     return lf.factor_matrix(lf.true_class_factor(loss, f, y))
 
 
@@ -205,7 +243,7 @@ def test_random_model_direction_equals_dense_solve(seed):
     net, x, y, loss, curvature, dtype, damping = build_case(seed)
     ref = dense_direction(net, x, y, loss, damping, S=None if curvature == "exact" else true_class_S(net, x, y, loss))
     model = copy.deepcopy(net).to(dtype)
-    xs = x.to(dtype) if x.is_floating_point() else x
+    xs = cast(x, dtype)
     ys = y.to(dtype) if y.is_floating_point() else y
     opt = EGN(model, lr=0.1, damping=damping, loss=loss, curvature=curvature)
     d = torch.cat([t.double().reshape(-1) for t in opt.direction(xs, ys)])
@@ -214,4 +252,4 @@ def test_random_model_direction_equals_dense_solve(seed):
     tol = 1e-9 if dtype == torch.float64 else 2e-3
     assert err <= tol * max(scale, 1e-3), (
         f"case {seed}: relative error {err / scale:.3g} ({dtype}, {loss}, {curvature}, gram route "
-        f"{opt._assembler.method}, fallback {opt._assembler.fallback_names}); model {net.ops} {net.mods}")
+        f"{opt._assembler.method}, fallback {opt._assembler.fallback_names}); model {net}")

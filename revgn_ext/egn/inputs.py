@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor
+from .._inputs import ModelInputs
 from .gram import UnsupportedModelError, outputs_of
 from .loss_factors import CURVATURES
 
 __all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options",
-           "drop_ignored", "check_per_sample"]
+           "drop_ignored", "check_per_sample", "ModelInputs"]
 
 _SHAPE_ERROR = re.compile(r"shape|size|dimension|channel", re.IGNORECASE)
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -28,33 +29,65 @@ def check_x_dtype(x, model: nn.Module) -> None:
     check_tensor("x", x)
 
 
-def check_inputs(x, y, model: nn.Module, p0: torch.Tensor) -> None:
+def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor) -> None:
     """x and y against each other and against the model's parameters (dtype, device, batch)."""
-    check_x_dtype(x, model)
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if x.is_floating_point() and x.dtype != p0.dtype:
-        raise ValueError(f"x has dtype {x.dtype} but the model's parameters have {p0.dtype}")
-    if x.device != p0.device:
-        raise ValueError(f"x is on {x.device} but the model's parameters are on {p0.device}")
+    for key, value in x.items():
+        if isinstance(value, torch.Tensor):
+            _check_input(x, key, value, model, p0)
+    first, b = x.first, x.batch_size
+    if b == 0:
+        raise ValueError(f"{x.names[x.per_sample[0]]} must have a non-empty batch dimension, got shape "
+                         f"{tuple(first.shape)}")
     check_tensor("y", y, float_only=False, finite=False)
-    if y.device != x.device:
-        raise ValueError(f"y is on {y.device} but x is on {x.device}")
-    if y.dim() == 0 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must have the batch size of x ({x.shape[0]}), got shape {tuple(y.shape)}")
+    if y.device != first.device:
+        raise ValueError(f"y is on {y.device} but {x.names[x.per_sample[0]]} is on {first.device}")
+    if y.dim() == 0 or y.shape[0] != b:
+        raise ValueError(f"y must have the batch size of {_batch_of(x)}, got shape {tuple(y.shape)}")
     check_tensor("y", y, float_only=False)
 
 
-def forward_naming_x(forward, x: torch.Tensor) -> torch.Tensor:
+def _batch_of(x: ModelInputs) -> str:
+    return f"x ({x.batch_size})" if x.single else \
+        f"the inputs ({x.batch_size}, the first dimension of {x.names[x.per_sample[0]]})"
+
+
+def _check_input(x: ModelInputs, key, t: torch.Tensor, model: nn.Module, p0: torch.Tensor) -> None:
+    """One tensor input: on the parameters' device; a per-sample float input in their dtype; no NaN
+    in a float input, and the first input finite (the others may hold -inf, as additive attention
+    masks do). A lone input ``model(x)`` is float features or token ids for an nn.Embedding."""
+    name, batched = x.names[key], key in x.per_sample
+    if x.single:
+        check_x_dtype(t, model)
+    elif t.is_complex():
+        raise ValueError(f"{name} is complex ({t.dtype}); the model's inputs must be real")
+    elif t.is_floating_point():
+        if batched and t.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
+        if key == x.per_sample[0]:
+            check_tensor(name, t, float_only=False)
+        elif bool(torch.isnan(t).any()):
+            raise ValueError(f"{name} contains NaN")
+    if batched and t.is_floating_point() and t.dtype != p0.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but the model's parameters have {p0.dtype}")
+    if t.device != p0.device:
+        raise ValueError(f"{name} is on {t.device} but the model's parameters are on {p0.device}")
+
+
+def forward_naming_x(forward, x: ModelInputs) -> torch.Tensor:
     """``forward(x)``, with torch's shape errors ("mat1 and mat2 shapes cannot be multiplied") turned
-    into one that names x."""
+    into one that names x (for several inputs: how each was classified)."""
     try:
         return forward(x)
     except RuntimeError as err:
         if isinstance(err, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(err)):
             raise
-        raise ValueError(f"x of shape {tuple(x.shape)} does not fit the model (check the number of "
-                         f"features per sample); its forward pass failed with: {err}") from err
+        if x.single:
+            raise ValueError(f"x of shape {tuple(x.first.shape)} does not fit the model (check the number of "
+                             f"features per sample); its forward pass failed with: {err}") from err
+        raise ValueError(f"the inputs ({x.describe()}) do not fit the model; they were classified as "
+                         f"{x.classification()} (a tensor whose first dimension differs from the batch size "
+                         f"passes unchanged: if it is a per-sample input, the inputs' batch sizes disagree); "
+                         f"the forward pass failed with: {err}") from err
 
 
 def targets(y: torch.Tensor, f: torch.Tensor, group: dict) -> torch.Tensor:
@@ -124,11 +157,11 @@ def check_curvature_options(curvature, samples, block_rows, damping) -> None:
         raise ValueError(f"gram_block_rows must be a positive int or None, got {block_rows!r}")
 
 
-def drop_ignored(group: dict, x, y):
+def drop_ignored(group: dict, x: ModelInputs, y):
     """For cross-entropy with class labels, the samples whose label is ``ignore_index`` removed: they
     contribute no row to the system, and the mean runs over the kept samples, as torch's loss does."""
-    if group["loss"] != "cross_entropy" or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
-            or y.is_floating_point() or y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0]:
+    if group["loss"] != "cross_entropy" or not isinstance(y, torch.Tensor) \
+            or y.is_floating_point() or y.dim() != 1 or x.batch_size != y.shape[0]:
         return x, y
     keep = y != group.get("ignore_index", -100)
     if bool(keep.all()):
@@ -136,29 +169,44 @@ def drop_ignored(group: dict, x, y):
     if not bool(keep.any()):
         raise ValueError(f"every label of the batch equals ignore_index={group.get('ignore_index', -100)}, so "
                          "the loss has no sample to average over (torch's loss is NaN); skip this batch")
-    return x[keep], y[keep]
+    return x.slice(keep), y[keep]
 
 
-def check_per_sample(model: nn.Module, x, f) -> None:
+def check_per_sample(model: nn.Module, x: ModelInputs, f) -> None:
     """The forward is repeatable (the same outputs again) and sample i's output
     depends on x_i only (the two halves of the batch alone give the same outputs); else the model is
-    refused naming the cause, since no per-sample Jacobian describes it."""
-    b = x.shape[0]
+    refused naming the cause, since no per-sample Jacobian describes it. With several inputs, each half
+    slices every per-sample input and keeps the constants (:class:`ModelInputs`); a refusal then names
+    how they were classified, since a misclassified constant makes the halves disagree too."""
+    b = x.batch_size
     tol = math.sqrt(torch.finfo(f.dtype).eps)
     scale = float(f.detach().abs().max()) if f.numel() else 0.0
+    inputs = "" if not x.ambiguous() else (
+        f"; the inputs were classified as {x.classification()}: a tensor whose first dimension equals the "
+        "batch size is sliced with the batch and any other passes unchanged, so pass a constant whose first "
+        "dimension equals the batch size as a module buffer, and give every per-sample input the batch first")
 
     def differs(a):
         return not bool(((a - f.detach()).abs() <= tol * (1.0 + scale)).all())
 
     with torch.no_grad():
-        if differs(outputs_of(model, model(x), b)):
+        if differs(outputs_of(model, x.call(model), b)):
             raise UnsupportedModelError(
                 f"the forward of {type(model).__name__} gave different outputs for the same x: it draws random "
                 "numbers (from a generator of its own, numpy or Python's random), so no Gauss-Newton direction "
                 "describes it; make the forward deterministic for the EGN steps")
-        if b > 1 and differs(torch.cat([outputs_of(model, model(x[:b // 2]), b // 2),
-                                        outputs_of(model, model(x[b // 2:]), b - b // 2)])):
+        if b < 2:
+            return
+        try:
+            halves = torch.cat([outputs_of(model, x.slice(slice(0, b // 2)).call(model), b // 2),
+                                outputs_of(model, x.slice(slice(b // 2, b)).call(model), b - b // 2)])
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError) or not inputs:
+                raise
+            raise UnsupportedModelError(f"the forward of {type(model).__name__} on half of the batch failed "
+                                        f"({err}){inputs}") from err
+        if differs(halves):
             raise UnsupportedModelError(
                 f"{type(model).__name__} mixes the samples of a batch (sample i's output depends on other "
                 "samples, e.g. h - h.mean(0) or attention across the batch dimension), so EGN's per-sample "
-                "Jacobian does not apply; normalise per sample instead")
+                f"Jacobian does not apply; normalise per sample instead{inputs}")

@@ -44,7 +44,7 @@ from ..distributed import SingleProcess, resolve
 from ..ops.gram import gram_factor_from_gram_unchecked
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
-from .inputs import check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
+from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
     forward_naming_x, targets
 from .linearisation import jvp, vjp
 from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
@@ -91,8 +91,9 @@ class EGN(GaussNewtonOptimizer):
     Args:
         params: the parameters to train, all of them parameters of ``model`` (default: its trainable
             ones, in ``model.parameters()`` order). One group: the step solves one system for all.
-        model: the network, called as ``model(x)``; may be ``torch.compile``-d or DDP-wrapped. Samples
-            must not interact (no BatchNorm in training mode).
+        model: the network, called as ``model(x)`` or with several inputs (``step((a, mask), y)``,
+            ``step(dict(...), y)`` or any call in a closure; :mod:`revgn_ext._inputs`); may be
+            ``torch.compile``-d or DDP-wrapped. Samples must not interact (no BatchNorm in training mode).
         loss: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (``label_smoothing``, probability targets) or
             ``nn.BCEWithLogitsLoss`` with reduction "mean" or "sum"; or "mse" (0.5 ||f - y||^2 per
             sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (one logit,
@@ -153,8 +154,9 @@ class EGN(GaussNewtonOptimizer):
     ``x`` may hold integer token ids when the model starts with an ``nn.Embedding``. The model must
     be deterministic during the step: train-mode dropout (modules or ``F.dropout``) is refused, like
     train-mode BatchNorm; call ``model.eval()`` around EGN steps. Once per input shape the forward is
-    run again on x and on each half of the batch: a model whose outputs change (noise from its own
-    generator, numpy) or depend on other samples (``h - h.mean(0)``) is refused, naming the cause.
+    run again on x and on each half of the batch (every per-sample input halved): a model whose
+    outputs change (noise from its own generator, numpy) or depend on other samples
+    (``h - h.mean(0)``) is refused, naming the cause.
     Cross-entropy's ``ignore_index`` (default -100) drops the samples with that label: they contribute
     no row, and the mean runs over the kept ones, as torch's loss does.
     """
@@ -164,6 +166,7 @@ class EGN(GaussNewtonOptimizer):
 
     PER_GROUP = ()
     IGNORE_INDEX = True   # samples labelled ignore_index are dropped (inputs.drop_ignored)
+    SEVERAL_INPUTS = True  # model(*args, **kwargs): the closure's call is recorded whole (ModelInputs)
     ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
                          "Gram assembler hooks their layers); build a new EGN with every parameter to train")
 
@@ -236,12 +239,15 @@ class EGN(GaussNewtonOptimizer):
         """One EGN step, as torch.optim steps, or on a batch given directly.
 
         * ``step(closure)``: ``closure()`` runs the model on a batch and computes the loss, as for
-          ``torch.optim.LBFGS``; EGN reads the input x from the model's call and the targets from the
-          loss call (an ``nn.MSELoss``/``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` or its
-          ``torch.nn.functional`` form), or from an ``(output, target)`` pair the closure returns. EGN
-          then runs its own forward on x (the closure's backward is not needed, but harmless). Returns
+          ``torch.optim.LBFGS``; EGN reads the inputs from the model's call (every positional and
+          keyword argument) and the targets from the loss call (an ``nn.MSELoss``/
+          ``nn.CrossEntropyLoss``/``nn.BCEWithLogitsLoss`` or its ``torch.nn.functional`` form), or
+          from an ``(output, target)`` pair the closure returns. EGN then runs its own forward on
+          those inputs (the closure's backward is not needed, but harmless). Returns
           what the closure returned (for a pair, the pre-step loss), as torch.optim does.
-        * ``step(x, y)``: the batch itself; returns the statistics dict.
+        * ``step(x, y)``: the batch itself, x a tensor (``model(x)``), a tuple or list (``model(*x)``)
+          or a dict (``model(**x)``); returns the statistics dict. Tensors whose first dimension is
+          the batch size are per-sample inputs, everything else passes unchanged (docs/api.md).
 
         The statistics (``"loss"``: the pre-step loss, in the user's reduction) are also kept in
         ``last_stats``. The step runs with autocast off, in the parameters' dtype.
@@ -307,6 +313,7 @@ class EGN(GaussNewtonOptimizer):
         parameters to the torch.func route (or raised, for gram="layerwise") and is redone. Each retry
         moves at least one parameter for good, so the loop ends after at most one retry per parameter.
         """
+        x = ModelInputs.of(x)
         while True:
             sol = self._solve_once(x, y, lam)
             if sol is not None:
@@ -322,7 +329,7 @@ class EGN(GaussNewtonOptimizer):
         In both, S^T J dir = -Ku and g^T dir = -tKu / b (the quadratic model's terms).
         """
         params = self.param_groups[0]["params"]
-        clock = Clock(x)
+        clock = Clock(x.first)
         assembly = self._assembler.assemble(x, lambda forward: self._linearise(x, y, lam, forward, clock),
                                             self._ranks)
         sol = assembly.payload
@@ -381,7 +388,7 @@ class EGN(GaussNewtonOptimizer):
             self._check_per_sample(x, f)
             return f, targets(y, f, group)
 
-        f, y = ranks.agree(check, lambda: x.shape[0], like=x)
+        f, y = ranks.agree(check, lambda: x.batch_size, like=x.first)
         clock.lap("forward")
         if group.get("curvature", "exact") == "sampled":   # before the draws are made: (b k)^2 Gram entries
             check_memory(ranks.total * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
@@ -404,8 +411,9 @@ class EGN(GaussNewtonOptimizer):
         return factor_matrix(factor).permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
 
     def _check_per_sample(self, x, f) -> None:
-        """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing)."""
-        key = (tuple(x.shape), x.dtype)
+        """Once per input signature (shapes, dtypes, constants), :func:`.inputs.check_per_sample` (a
+        repeatable forward, no sample mixing)."""
+        key = x.signature()
         if key not in self._per_sample_checked:
             check_per_sample(self.model, x, f)
             self._per_sample_checked.add(key)
@@ -454,7 +462,7 @@ class EGN(GaussNewtonOptimizer):
 
     @torch.no_grad()
     def _loss_at(self, x, y) -> torch.Tensor:
-        f = outputs_of(self.model, self.model(x), x.shape[0])
+        f = outputs_of(self.model, x.call(self.model), x.batch_size)
         loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
         return self._ranks.mean(loss)
 
@@ -505,7 +513,7 @@ class EGN(GaussNewtonOptimizer):
             batch = self.batch(closure, y)
             spec = self.adopt_loss(batch)
             self.checked_group()
-            x, kept = drop_ignored(self.param_groups[0], batch.x, batch.y)
+            x, kept = drop_ignored(self.param_groups[0], ModelInputs.of(batch.x), batch.y)
             return batch, x, kept, self._loss_scale(spec, x, kept)
         if self._ranks.world == 1:
             return prepare()
@@ -514,10 +522,9 @@ class EGN(GaussNewtonOptimizer):
     @staticmethod
     def _loss_scale(spec: LossSpec, x, y) -> float:
         """s with (user's loss) = s * L: the damping of the user's loss is lambda, that of L lambda / s."""
-        if spec.reduction == "batch_mean" or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
-                or x.dim() == 0 or y.dim() == 0:
+        if spec.reduction == "batch_mean" or not isinstance(y, torch.Tensor) or y.dim() == 0:
             return 1.0
-        return spec.scale(x.shape[0], y[0].numel() if y.dim() > 1 else 1)
+        return spec.scale(x.batch_size, y[0].numel() if y.dim() > 1 else 1)
 
 
 def _set_params(params, base, direction, alpha: float) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..._inputs import ModelInputs
 from ...distributed import SingleProcess
 from .assembly import Assembly
 from .checks import DEFAULT_MEMORY_LIMIT, UnsupportedModelError, check_memory, check_recurrent, check_samplewise, \
@@ -47,16 +48,18 @@ def gram_assembler(model: nn.Module, params, method: str = "auto", memory_limit:
     return LayerwiseGram(model, params, memory_limit, fallback=(method == "auto"), block_rows=block_rows)
 
 
-def gram_matrix(model: nn.Module, x: torch.Tensor, columns: torch.Tensor | None = None, method: str = "auto",
+def gram_matrix(model: nn.Module, x, columns: torch.Tensor | None = None, method: str = "auto",
                 memory_limit: int = DEFAULT_MEMORY_LIMIT, block_rows: int | None = None) -> torch.Tensor:
-    """K = S^T J J^T S for the model's trainable parameters at x (columns None: K = J J^T)."""
+    """K = S^T J J^T S for the model's trainable parameters at x (columns None: K = J J^T); x a tensor,
+    a tuple / dict of the model's inputs or a :class:`ModelInputs`."""
     check_samplewise(model)
+    x = ModelInputs.of(x)
     params = [p for p in model.parameters() if p.requires_grad]
     assembler = gram_assembler(model, params, method, memory_limit, block_rows)
     ranks = SingleProcess()
 
     def system(forward):
-        f = ranks.agree(lambda: forward(x), lambda: x.shape[0])
+        f = ranks.agree(lambda: forward(x), lambda: x.batch_size)
         if columns is not None:
             return columns, None
         b, c = f.shape

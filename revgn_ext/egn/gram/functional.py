@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from ..._inputs import ModelInputs
 from .assembly import Assembly
 from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory, check_recurrent, \
     outputs_of
@@ -13,20 +14,25 @@ from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, 
 __all__ = ["FunctionalGram", "per_sample_jacobian_rows"]
 
 
-def per_sample_jacobian_rows(model: nn.Module, x: torch.Tensor, names: list[str],
+def per_sample_jacobian_rows(model: nn.Module, x, names: list[str],
                              columns: torch.Tensor) -> dict[str, torch.Tensor]:
-    """V_p (b, m, d_p) = S_i^T J_i,p for the named parameters only, by vmap of jacrev (torch.func)."""
+    """V_p (b, m, d_p) = S_i^T J_i,p for the named parameters only, by vmap of jacrev (torch.func).
+    ``x``: the inputs (a tensor or :class:`ModelInputs`); vmap maps over the per-sample ones, each
+    sample called as a batch of one, and passes the constants unchanged."""
     m, b, c = columns.shape
     check_recurrent(model, [], whole_model=True)   # vmap runs the whole forward
     current = dict(model.named_parameters())
     chosen = {n: current[n].detach() for n in names}
+    inputs = ModelInputs.of(x)
+    keys = inputs.per_sample
 
-    def f_single(weights, xi):
-        return functional_call(model, weights, (xi.unsqueeze(0),), strict=False).reshape(-1)
+    def f_single(weights, *xi):
+        one = inputs.replace({k: t.unsqueeze(0) for k, t in zip(keys, xi)})
+        return functional_call(model, weights, one.args, one.kwargs, strict=False).reshape(-1)
 
     try:
         with torch.no_grad():   # torch.func differentiates inside; no graph back to the other parameters
-            jac = vmap(jacrev(f_single), in_dims=(None, 0))(chosen, x)
+            jac = vmap(jacrev(f_single), in_dims=(None,) + (0,) * len(keys))(chosen, *inputs.tensors())
     except Exception as err:  # torch.func raises many error types for unsupported modules
         raise UnsupportedModelError(
             f"torch.func could not form per-sample Jacobians of {type(model).__name__} for {names}: {err}") from err
@@ -52,14 +58,15 @@ class FunctionalGram:
     def route_to_functional(self, pids) -> None:
         """Every parameter is on the torch.func route already."""
 
-    def assemble(self, x: torch.Tensor, system, ranks) -> Assembly:
-        """One solve's K (see :mod:`.assembly`); the rows of S^T J ((P-1)/P b m d numbers) are
-        all_gathered across ``ranks``."""
+    def assemble(self, x, system, ranks) -> Assembly:
+        """One solve's K (see :mod:`.assembly`) at the inputs x (a tensor or :class:`ModelInputs`); the
+        rows of S^T J ((P-1)/P b m d numbers) are all_gathered across ``ranks``."""
         outputs = []
+        x = ModelInputs.of(x)
 
         def forward(inputs):
-            with RandomForward(self.model, inputs):
-                outputs.append(outputs_of(self.model, self.model(inputs), inputs.shape[0]))
+            with RandomForward(self.model, inputs.first):
+                outputs.append(outputs_of(self.model, inputs.call(self.model), inputs.batch_size))
             return outputs[-1]
 
         columns, payload = system(forward)

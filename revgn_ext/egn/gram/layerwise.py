@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..._inputs import ModelInputs
 from ..._warn import user_stacklevel
 from ..capture import LinearCall, LinearCapture, resolve_layouts
 from ..rules import KronInput, kron_per_sample, rule_for
@@ -127,11 +128,13 @@ class LayerwiseGram:
 
     # -- the one call ------------------------------------------------------------------------------
 
-    def assemble(self, x: torch.Tensor, system, ranks) -> Assembly:
-        """One solve's K (see :mod:`.assembly`): the recorded forward, the caller's columns, the m
-        backward passes into the factors, their verification, then K in row blocks."""
+    def assemble(self, x, system, ranks) -> Assembly:
+        """One solve's K (see :mod:`.assembly`) at the inputs x (a tensor or :class:`ModelInputs`): the
+        recorded forward, the caller's columns, the m backward passes into the factors, their
+        verification, then K in row blocks."""
         tape: list[_Use] = []
         outputs = []
+        x = ModelInputs.of(x)
 
         def forward(inputs):
             outputs.append(self._recorded_forward(inputs, tape))
@@ -192,8 +195,9 @@ class LayerwiseGram:
                     out.append((mname, module))
         return out
 
-    def _recorded_forward(self, x: torch.Tensor, tape: list) -> torch.Tensor:
-        """f = model(x) reshaped to (b, c), recording every call of a covered module on ``tape``."""
+    def _recorded_forward(self, x: ModelInputs, tape: list) -> torch.Tensor:
+        """f = model(*x.args, **x.kwargs) reshaped to (b, c), recording every call of a covered module
+        on ``tape``."""
         def hook(name, module, rule):
             def record(mod, inputs, output):
                 if not (inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor)):
@@ -208,12 +212,12 @@ class LayerwiseGram:
         capturable = [p for p in self.params if id(p) in self.capturable]
         capture = LinearCapture(capturable, self.names) if capturable else None
         try:
-            with RandomForward(self.model, x), (capture if capture is not None else contextlib.nullcontext()):
-                f = self.model(x)
+            with RandomForward(self.model, x.first), (capture if capture is not None else contextlib.nullcontext()):
+                f = x.call(self.model)
         finally:
             for h in handles:
                 h.remove()
-        f = outputs_of(self.model, f, x.shape[0])
+        f = outputs_of(self.model, f, x.batch_size)
         captured = self._captured_calls(f, capture.calls) if capture is not None else []
         tape.extend(_Use(call.name, call, _CALL_RULE, call.inp, call.out) for call in captured)
         # This solve's torch.func route: the uncovered parameters that no laid-out call covered.
