@@ -182,7 +182,8 @@ def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1
         cdf = p.cumsum(1)
         u = torch.rand(b, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
         draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max_(c - 1)        # (b, k)
-        G = p[:, :, None] - F.one_hot(draws, c).to(f.dtype).transpose(1, 2)                  # (b, c, k)
+        G = p[:, :, None].repeat(1, 1, samples).scatter_add_(                                 # (b, c, k)
+            1, draws[:, None, :], p.new_full((b, 1, samples), -1.0))
     else:
         base = LOSS_FACTORS[loss](f, y)
         e = base.residual   # at the observed targets; the draws need none
@@ -192,7 +193,7 @@ def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1
             G = (q - (u < q).to(f.dtype))[:, None, :]                                         # (b, 1, k)
         else:
             G = -torch.randn(b, c, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
-    return LossFactor(base.loss, e, None, None, None, G / math.sqrt(samples))
+    return LossFactor(base.loss, e, None, None, None, G / math.sqrt(samples) if samples > 1 else G)
 
 
 def true_class_factor(loss: str, f: torch.Tensor, y: torch.Tensor) -> LossFactor:

@@ -20,8 +20,9 @@ from ..rules import KronInput, kron_per_sample
 __all__ = ["KronFactor", "DenseFactor", "kron_cost", "dense_cost", "assemble", "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20
-# From this many rows on, K is formed in at least SPLIT_BLOCKS row blocks: only the lower block triangle is
-# computed, (k + 1) / (2k) of the full product for k blocks (5/8 for 4), as a symmetric rank-k update would.
+# From SPLIT_ROWS rows on, K is formed in at least SPLIT_BLOCKS row blocks (one more per SPLIT_ROWS / 2
+# rows, up to 2 SPLIT_BLOCKS): only the lower block triangle is computed, (k + 1) / (2k) of the full
+# product for k blocks (5/8 for 4), as a symmetric rank-k update would.
 SPLIT_ROWS = 512
 SPLIT_BLOCKS = 4
 
@@ -155,7 +156,8 @@ def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_lim
         per_sample = max([fa.row_bytes(b) for fa in factors] + [m * b * like.element_size()])
         block = max(1, budget // max(per_sample, 1))
         if n >= SPLIT_ROWS:
-            block = min(block, -(-b // SPLIT_BLOCKS))
+            blocks = min(2 * SPLIT_BLOCKS, max(SPLIT_BLOCKS, 2 * n // SPLIT_ROWS))
+            block = min(block, -(-b // blocks))
     else:
         block = max(1, block_rows // m)
     starts = list(range(0, b, block))
