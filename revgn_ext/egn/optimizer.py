@@ -332,6 +332,7 @@ class EGN(GaussNewtonOptimizer):
         sampled = factor.target is None
         if sampled:
             rhs, g, gg = self._sampled_rhs(f, factor, params, b, assembly if self._ranks.world == 1 else None)
+        assembly.rows = None   # only S^T J g needs them: free the torch.func rows before the factorisation
         clock.lap("gram")
         damped = assembly.gram
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
