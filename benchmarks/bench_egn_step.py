@@ -27,8 +27,12 @@ Suites (``--suite``, default ``mlp``; ``models`` runs the rest, single thread, o
   memory limit or would take minutes per step on this machine (said in the table).
 * ``batch``: the CNN at b in {32, 128, 512, 2048}: the step's time split (``stats["time"]``) and peak
   memory per b, for curvature exact (up to ``--max-exact-batch``) and sampled.
+* ``gram``: the Gram's cost, every case in fresh interpreters alternating round by round between the
+  trees of ``--trees`` (label:path, empty path = the installed package) and the methods: the exact CE
+  b = 1024 Gram's peak memory, the sampled k = 1 step on MLP 64-256-1000 (b = 256) against Adam, and the
+  CNN (b = 128, exact) against the naive step, time and memory (``--rounds``, ``--repeat``).
 
-Usage: python benchmarks/bench_egn_step.py [--suite mlp|models|cnn|transformer|classes|batch]
+Usage: python benchmarks/bench_egn_step.py [--suite mlp|models|cnn|transformer|classes|batch|gram]
        [--repeat 10] [--out benchmarks/results/egn.md] [--threads 1]
 """
 from __future__ import annotations
@@ -235,6 +239,14 @@ def case(name, b=None, curvature="exact"):
     if name == "cnn":
         b = b or 128
         return cnn(), torch.randn(b, 1, 28, 28, generator=g), torch.randint(0, 10, (b,), generator=g), "cross_entropy"
+    if name == "mlp-ce":   # MLP 64-32-64-32-10, cross-entropy: an exact (10 b)^2 Gram (400 MiB at b = 1024)
+        b = b or 1024
+        return (mlp([64, 32, 64, 32, 10]), torch.randn(b, 64, generator=g), torch.randint(0, 10, (b,), generator=g),
+                "cross_entropy")
+    if name == "mlp-1000":   # MLP 64-256-1000, cross-entropy (many classes), b = 256
+        b = b or 256
+        return (mlp([64, 256, 1000]), torch.randn(b, 64, generator=g), torch.randint(0, 1000, (b,), generator=g),
+                "cross_entropy")
     if name.startswith("transformer"):
         b = b or 64
         vocab = 1000 if name.endswith("v1000") else 64
@@ -277,7 +289,86 @@ def _measure_memory(spec: list) -> None:
                       "time": stats.get("time") if isinstance(stats, dict) else None}))
 
 
+def _time_step(spec: list, repeat: int) -> None:
+    """One case in this fresh interpreter: the median CPU ms of ``repeat`` steps after one warm-up step."""
+    method, name, b, curvature = spec
+    torch.set_num_threads(1)
+    model, x, y, loss = case(name, b)
+    step = _step_fn(method, model, x, y, loss, curvature)
+    print(json.dumps({"ms": time_it(step, repeat, warmup=1)}))
+
+
+def _fresh(flag: str, spec: list, tree: str, repeat: int = 1) -> dict:
+    """Run ``--time-step`` / ``--measure-memory`` in a fresh interpreter importing revgn_ext from ``tree``
+    ("" = the installed package)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    if tree:
+        env["PYTHONPATH"] = tree
+    cmd = [sys.executable, os.path.abspath(__file__), flag, json.dumps(spec), "--repeat", str(repeat)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def run_gram_suite(trees: list[tuple[str, str]], rounds: int, repeat: int) -> list[str]:
+    """The Gram's cost, side by side: every case in fresh interpreters, alternating over the trees and the
+    methods round by round (CPU time of one thread; memory as peak growth over the set-up).
+
+    * memory: exact CE b = 1024 on MLP 64-32-64-32-10 (a 10240^2 Gram), growth / the Gram's bytes;
+    * sampled: MLP 64-256-1000, CE, b = 256, curvature="sampled" (k = 1): EGN step / Adam step;
+    * cnn: the paper's CNN, CE, b = 128, exact: naive step / EGN step and EGN growth / naive growth."""
+    load = [f"{os.getloadavg()[0]:.1f}"]
+    times: dict = {}
+    mems: dict = {}
+    jobs = [("sampled", ["EGN", "mlp-1000", 256, "sampled"]), ("sampled", ["Adam", "mlp-1000", 256, "exact"]),
+            ("cnn", ["EGN", "cnn", 128, "exact"]), ("cnn", ["naive", "cnn", 128, "exact"])]
+    for r in range(rounds):
+        for label, tree in (trees if r % 2 == 0 else trees[::-1]):
+            for group, spec in (jobs if r % 2 == 0 else jobs[::-1]):
+                key = (label, group, spec[0])
+                if spec[0] == "naive" and key in times and len(times[key]) >= 2:
+                    continue   # seconds per step: two rounds suffice
+                res = _fresh("--time-step", spec, tree, repeat if spec[0] != "naive" else 1)
+                times.setdefault(key, []).append(res.get("ms", float("nan")))
+                print(label, spec, res, flush=True)
+            for spec in (["EGN", "mlp-ce", 1024, "exact"], ["EGN", "cnn", 128, "exact"], ["naive", "cnn", 128, "exact"]):
+                key = (label, spec[1], spec[0])
+                if r < 2 and (spec[0] != "naive" or key not in mems):
+                    res = _fresh("--measure-memory", spec, tree)
+                    mems.setdefault(key, []).append(res.get("growth_mib", float("nan")))
+                    print(label, spec, res, flush=True)
+        load.append(f"{os.getloadavg()[0]:.1f}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem = {k: min(v) for k, v in mems.items()}
+    gram_mib = (10 * 1024) ** 2 * 4 / 2**20
+    lines = ["", f"Load average (1 min) at the start and after each round: {', '.join(load)}.", "",
+             "| tree | exact CE b=1024: growth / Gram | sampled EGN ms | Adam ms | EGN / Adam | CNN EGN ms | "
+             "naive ms | naive / EGN | CNN EGN MiB | naive MiB | EGN / naive memory |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, _ in trees:
+        g = mem.get((label, "mlp-ce", "EGN"), float("nan"))
+        se, sa = med.get((label, "sampled", "EGN")), med.get((label, "sampled", "Adam"))
+        ce, cn = med.get((label, "cnn", "EGN")), med.get((label, "cnn", "naive"))
+        me, mn = mem.get((label, "cnn", "EGN"), float("nan")), mem.get((label, "cnn", "naive"), float("nan"))
+        lines.append(f"| {label} | {g / gram_mib:.2f} ({g:.0f} MiB) | {se:.1f} | {sa:.1f} | {se / sa:.2f}x | "
+                     f"{ce:.0f} | {cn:.0f} | {cn / ce:.2f}x | {me:.0f} | {mn:.0f} | {me / mn:.2f} |")
+    return lines
+
+
 def _step_fn(method, model, x, y, loss, curvature="exact"):
+    if method == "Adam":
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def adam_step():
+            adam.zero_grad()
+            out = model(x)
+            obj = F.cross_entropy(out, y) if loss == "cross_entropy" else 0.5 * (out - y).square().sum(1).mean()
+            obj.backward()
+            adam.step()
+        return adam_step
     if method == "EGN":
         opt = rg.EGN(model, lr=0.1, damping=1.0, loss=loss, curvature=curvature)
         return lambda: opt.step(x, y)
@@ -422,13 +513,28 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "egn.md"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--append", action="store_true", help="add a section to --out instead of rewriting it")
-    parser.add_argument("--suite", default="mlp", choices=["mlp", "models", "cnn", "transformer", "classes", "batch"])
+    parser.add_argument("--suite", default="mlp", choices=["mlp", "models", "cnn", "transformer", "classes", "batch", "gram"])
     parser.add_argument("--steps", type=int, default=20, help="steps of the many-class runs")
     parser.add_argument("--max-exact-batch", type=int, default=2048, help="largest b for the exact CNN batch rows")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--time-step", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--trees", default="branch:",
+                        help="gram suite: label:path pairs, comma-separated (empty path: the installed package)")
+    parser.add_argument("--rounds", type=int, default=3, help="gram suite: rounds of fresh processes")
     args = parser.parse_args()
     if args.measure_memory:
         _measure_memory(json.loads(args.measure_memory))
+        return
+    if args.time_step:
+        _time_step(json.loads(args.time_step), args.repeat)
+        return
+    if args.suite == "gram":
+        trees = [tuple(t.split(":", 1)) for t in args.trees.split(",")]
+        lines = run_gram_suite(trees, args.rounds, args.repeat)
+        print("\n".join(lines))
+        with open(args.out, "a" if args.append else "w") as fh:
+            fh.write("\n".join([f"## gram suite, cpu: {machine()}"] + lines) + "\n")
+        print(f"wrote {args.out}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,6 +18,9 @@ TORCH_LIBRARY(revgn, m) {
   m.def("gram_factor(Tensor A, Tensor damping, bool append_ones) -> (Tensor, Tensor, Tensor)");
   // The same factorisation for a Gram formed elsewhere: L L^T = G + (damping + jitter) I.
   m.def("gram_factor_from_gram(Tensor G, Tensor damping) -> (Tensor, Tensor, Tensor)");
+  // The same, written into G: its lower triangle then holds L, its strict upper one still holds G's.
+  // Returns (info, jitter).
+  m.def("gram_factor_from_gram_inplace(Tensor(a!) G, Tensor damping) -> (Tensor, Tensor)");
   // A^T (L L^T)^{-1} R, with the extra row 1^T (L L^T)^{-1} R when append_ones.
   m.def("gram_solve(Tensor A, Tensor L, Tensor R, bool append_ones) -> Tensor");
   // gram_factor followed by gram_solve. Returns (out, info, jitter).

@@ -25,6 +25,12 @@ at::Tensor damped_gram(const at::Tensor& A, const at::Tensor& damping, bool appe
 // A^T (L L^T)^{-1} R (+ the ones row); device-generic, built from ATen's BLAS/LAPACK calls.
 at::Tensor gram_solve(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R, bool append_ones);
 
+// gram_factor_from_gram written into G (B, n, n, contiguous): afterwards G's lower triangle (with the
+// diagonal) holds L and its strict upper triangle still holds G's; failed matrices are retried from that
+// triangle and the damped diagonal, so no n x n temporary is made. Device-generic (ATen calls); returns
+// (info, jitter) as gram_factor_from_gram.
+std::tuple<at::Tensor, at::Tensor> gram_factor_from_gram_inplace(const at::Tensor& G, const at::Tensor& damping);
+
 void check_gram_args(const at::Tensor& A, const at::Tensor& damping);
 void check_from_gram_args(const at::Tensor& G, const at::Tensor& damping);
 void check_solve_args(const at::Tensor& A, const at::Tensor& L, const at::Tensor& R);

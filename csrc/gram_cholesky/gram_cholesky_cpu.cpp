@@ -72,6 +72,55 @@ at::Tensor gram_solve(const at::Tensor& A, const at::Tensor& L, const at::Tensor
 
 namespace {
 
+// Block width of the in-place factorisation (mirrors revgn_ext.ops.gram.IN_PLACE_BLOCK).
+constexpr int64_t kInPlaceBlock = 256;
+
+// Left-looking blocked Cholesky of the symmetric matrix in G's lower triangle (G: (n, n), row-major), in
+// place: afterwards the lower triangle (with the diagonal) holds L and the strict upper one is untouched.
+// false when a block fails or a pivot L_jj^2 is at or below floor. On the CPU it stops at the first
+// failed block; on a GPU the verdict is read once at the end.
+bool factor_lower_in_place(const at::Tensor& G, double floor) {
+  const int64_t n = G.size(0);
+  const bool host = G.is_cpu();
+  at::Tensor verdict;
+  for (int64_t j0 = 0; j0 < n; j0 += kInPlaceBlock) {
+    const int64_t w = std::min(kInPlaceBlock, n - j0);
+    at::Tensor D = G.narrow(0, j0, w).narrow(1, j0, w);
+    const at::Tensor upper = D.triu(1);  // the update below also writes D's strict upper: restored after
+    if (j0 > 0) {
+      at::Tensor column = G.narrow(0, j0, n - j0).narrow(1, j0, w);
+      column.addmm_(G.narrow(0, j0, n - j0).narrow(1, 0, j0), G.narrow(0, j0, w).narrow(1, 0, j0).t(), 1, -1);
+    }
+    auto [Lb, status] = at::linalg_cholesky_ex(D, /*upper=*/false, /*check_errors=*/false);  // reads D's lower
+    const at::Tensor pivots = Lb.diagonal();
+    const at::Tensor ok = status.eq(0).logical_and((pivots * pivots).gt(floor).logical_and(pivots.isfinite()).all());
+    if (host) {
+      if (!ok.item<bool>()) return false;
+    } else {
+      verdict = verdict.defined() ? verdict.logical_and(ok) : ok;
+    }
+    D.copy_(Lb + upper);
+    if (j0 + w < n) {
+      at::Tensor panel = G.narrow(0, j0 + w, n - j0 - w).narrow(1, j0, w);
+      panel.copy_(at::linalg_solve_triangular(Lb.t(), panel, /*upper=*/true, /*left=*/false));
+    }
+  }
+  return host || verdict.item<bool>();
+}
+
+// G's lower triangle rebuilt from its strict upper one, the diagonal from `diagonal`.
+void lower_from_upper(const at::Tensor& G, const at::Tensor& diagonal) {
+  const int64_t n = G.size(0);
+  for (int64_t i0 = 0; i0 < n; i0 += kInPlaceBlock) {
+    const int64_t w = std::min(kInPlaceBlock, n - i0);
+    if (i0 > 0) G.narrow(0, i0, w).narrow(1, 0, i0).copy_(G.narrow(0, 0, i0).narrow(1, i0, w).t());
+    at::Tensor D = G.narrow(0, i0, w).narrow(1, i0, w);
+    const at::Tensor upper = D.triu(1);
+    D.copy_(upper + upper.t());
+    D.diagonal().copy_(diagonal.narrow(0, i0, w));
+  }
+}
+
 // Below this many rows a single GEMM is as fast as the blocked form.
 constexpr int64_t kBlockedGramMinRows = 192;
 constexpr int64_t kGramRowBlocks = 4;
@@ -187,8 +236,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_cholesky_solve_cpu(const at:
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> gram_factor_from_gram_inplace(const at::Tensor& G, const at::Tensor& damping) {
+  check_from_gram_args(G, damping);
+  TORCH_CHECK(G.is_contiguous(), "revgn: G must be contiguous to be factored in place");
+  const int64_t B = G.size(0), n = G.size(1);
+  at::Tensor info = at::zeros({B}, G.options().dtype(at::kInt));
+  at::Tensor jitter = at::zeros({B}, G.options());
+  if (B == 0 || n == 0) return {info, jitter};
+  G.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
+  const at::Tensor diagonal = G.diagonal(0, -2, -1).clone();  // (B, n): the damped diagonals, for retries
+  at::Tensor scale = diagonal.mean(-1).abs().to(at::kDouble).cpu();
+  // An all-zero Gram: any jitter works. A non-finite one (direct calls only) gets a finite scale.
+  scale.masked_fill_(scale.le(0).logical_or(scale.isfinite().logical_not()), 1.0);
+  auto scale_a = scale.accessor<double, 1>();
+  const std::vector<double> schedule = jitter_schedule(G.scalar_type());
+  const double eps = dtype_eps(G.scalar_type());
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor Gb = G[b];
+    const double floor = kPivotFloor * eps * scale_a[b];
+    // A non-finite entry anywhere (either triangle) fails outright, without retries; checked in row blocks.
+    at::Tensor finite_t = at::ones({}, G.options().dtype(at::kBool));
+    for (int64_t i0 = 0; i0 < n; i0 += kInPlaceBlock) {
+      finite_t.logical_and_(Gb.narrow(0, i0, std::min(kInPlaceBlock, n - i0)).isfinite().all());
+    }
+    const bool finite = finite_t.item<bool>();
+    if (finite && factor_lower_in_place(Gb, floor)) continue;
+    int retries = -1;
+    for (size_t t = 0; finite && t < schedule.size(); ++t) {
+      const double add = schedule[t] * scale_a[b];
+      lower_from_upper(Gb, diagonal[b] + add);
+      if (factor_lower_in_place(Gb, floor)) {
+        retries = static_cast<int>(t + 1);
+        jitter[b].fill_(add);
+        break;
+      }
+    }
+    info[b].fill_(retries);
+    if (retries < 0) {  // non-finite input only: a diagonal factor keeps the result finite
+      for (int64_t i0 = 0; i0 < n; i0 += kInPlaceBlock) {
+        const int64_t w = std::min(kInPlaceBlock, n - i0);
+        Gb.narrow(0, i0, w).narrow(1, 0, i0).zero_();
+        at::Tensor D = Gb.narrow(0, i0, w).narrow(1, i0, w);
+        D.copy_(D.triu(1));
+      }
+      const at::Tensor d = diagonal[b];
+      Gb.diagonal().copy_(at::where(d.isfinite().logical_and(d.gt(0)), d, at::ones_like(d)).sqrt());
+      jitter[b].fill_(scale_a[b]);
+    }
+  }
+  return {info, jitter};
+}
+
 TORCH_LIBRARY_IMPL(revgn, CPU, m) {
   m.impl("gram_factor", &gram_factor_cpu);
+  m.impl("gram_factor_from_gram_inplace", &gram_factor_from_gram_inplace);
   m.impl("gram_factor_from_gram", &gram_factor_from_gram_cpu);
   m.impl("gram_solve", &gram_solve_cpu);
   m.impl("gram_cholesky_solve", &gram_cholesky_solve_cpu);

@@ -41,7 +41,7 @@ from .._hyper import egn_spec
 from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
-from ..ops.gram import gram_factor_from_gram_unchecked
+from ..ops.gram import cholesky_solve_lower, gram_factor_from_gram_inplace_unchecked
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
 from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
@@ -338,11 +338,13 @@ class EGN(GaussNewtonOptimizer):
         factor, b, f = sol.factor, sol.b, sol.f
         sampled = factor.target is None
         if sampled:
-            rhs, g, gg = self._sampled_rhs(f, factor, params, b)
+            rhs, g, gg = self._sampled_rhs(f, factor, params, b, assembly if self._ranks.world == 1 else None)
+        assembly.rows = None   # only S^T J g needs them: free the torch.func rows before the factorisation
         clock.lap("gram")
         damped = assembly.gram
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
-        chol = gram_factor_from_gram_unchecked(damped[None], damped.new_zeros(1))
+        # In place: K's lower triangle becomes L (its strict upper keeps K): no n x n copy.
+        chol = gram_factor_from_gram_inplace_unchecked(damped[None], damped.new_zeros(1))
         info, jitter = torch.stack([chol.info.reshape(()).to(chol.jitter.dtype), chol.jitter.reshape(())]).tolist()
         sol.retries, sol.jitter = int(info), jitter   # one host sync for both
         clock.lap("factor")
@@ -351,15 +353,15 @@ class EGN(GaussNewtonOptimizer):
         mu = b * lam + sol.jitter
         m = damped.shape[0] // b
         if sampled:
-            u = torch.cholesky_solve(rhs.reshape(-1, 1), chol.L[0]).reshape(b, m)
+            u = cholesky_solve_lower(rhs.reshape(-1, 1), chol.L[0]).reshape(b, m)
             grads = vjp(f, params, factor.residual / b - apply_factor(factor, u))
-            back_projection = [gi - gr for gi, gr in zip(g, grads)]   # J^T S u
-            direction = [-gr / lam for gr in grads]
+            back_projection = torch._foreach_sub(g, grads)   # J^T S u
+            direction = torch._foreach_div(grads, -lam)
             # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
             sol.Ku, sol.tKu = mu / lam * u, b / lam * (gg - (rhs * u).sum())
         else:
             t = self._ranks.gather_rows(factor.target).reshape(-1, 1)
-            u = torch.cholesky_solve(t, chol.L[0])
+            u = cholesky_solve_lower(t, chol.L[0])
             # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
             sol.Ku = (t - mu * u).reshape(b, m)
             sol.tKu = (t.reshape(b, m) * sol.Ku).sum()
@@ -419,11 +421,13 @@ class EGN(GaussNewtonOptimizer):
             self._per_sample_checked.add(key)
 
     @staticmethod
-    def _sampled_rhs(f, factor, params, b):
-        """S^T J g, g = J^T e / b (one VJP) and g.g; J g by double backward."""
+    def _sampled_rhs(f, factor, params, b, assembly=None):
+        """S^T J g, g = J^T e / b (one VJP) and g.g; S^T J g from K's factors (the rows of A = S^T J),
+        else J g by double backward."""
         g = vjp(f, params, factor.residual / b)
-        gg = sum((gi * gi).sum() for gi in g)
-        return apply_factor_transpose(factor, jvp(f, params, g)), g, gg
+        gg = torch.stack(torch._foreach_norm(g)).square().sum()
+        Ag = assembly.apply(g) if assembly is not None else None
+        return (apply_factor_transpose(factor, jvp(f, params, g)) if Ag is None else Ag), g, gg
 
     # -- momentum ----------------------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ from .._checks import check_dim, check_same, check_tensor
 from . import _loader
 from ._autocast import float32_under_autocast, register as _register_autocast
 
-__all__ = ["GramFactor", "CholeskyFactor", "gram_factor", "gram_factor_from_gram", "gram_solve",
+__all__ = ["GramFactor", "CholeskyFactor", "gram_factor", "gram_factor_from_gram", "gram_factor_from_gram_",
+           "gram_factor_from_gram_inplace_unchecked", "cholesky_solve_lower", "IN_PLACE_BLOCK", "gram_solve",
            "gram_cholesky_solve", "gram_factor_unchecked", "gram_factor_from_gram_unchecked",
            "gram_solve_unchecked", "damping_tensor", "PIVOT_FLOOR", "JITTER_START", "JITTER_GROWTH",
            "jitter_schedule", "gram", "gram_factor_reference", "gram_factor_from_gram_reference",
-           "gram_solve_reference", "gram_cholesky_solve_reference"]
+           "gram_solve_reference", "gram_cholesky_solve_reference", "gram_factor_from_gram_inplace_reference"]
 
 
 def _use_kernel(op: str, t: torch.Tensor) -> bool:
@@ -105,6 +106,95 @@ def gram_factor_from_gram_reference(G: torch.Tensor, damping: torch.Tensor):
             L[b] = torch.diag(torch.where(d.isfinite() & (d > 0), d, torch.ones_like(d)).sqrt())
             jitter[b] = scale[b]
     return L, info, jitter
+
+
+# Block width of the in-place factorisation (both backends): temporaries are a few (n, BLOCK) panels.
+IN_PLACE_BLOCK = 256
+
+
+def _blocks(n: int):
+    return ((i, min(n, i + IN_PLACE_BLOCK)) for i in range(0, n, IN_PLACE_BLOCK))
+
+
+def _factor_lower_in_place(G: torch.Tensor, floor: torch.Tensor) -> bool:
+    """Left-looking blocked Cholesky of the symmetric matrix in G's lower triangle (G: (n, n)), in place.
+
+    Afterwards the lower triangle (with the diagonal) holds L and the strict upper triangle is untouched.
+    False when a block's factorisation fails or a pivot L_jj^2 is at or below ``floor`` (stops there).
+    """
+    n = G.shape[0]
+    for j0, j1 in _blocks(n):
+        D = G[j0:j1, j0:j1]
+        upper = D.triu(1)                  # the update below also writes D's strict upper: restored after
+        if j0:
+            G[j0:, j0:j1].addmm_(G[j0:, :j0], G[j0:j1, :j0].mT, alpha=-1)
+        Lb, status = torch.linalg.cholesky_ex(D)   # reads D's lower triangle
+        pivots = Lb.diagonal()
+        if not bool((status == 0) & ((pivots * pivots > floor) & pivots.isfinite()).all()):
+            return False
+        D.copy_(Lb + upper)
+        if j1 < n:
+            P = G[j1:, j0:j1]
+            P.copy_(torch.linalg.solve_triangular(Lb.mT, P, upper=True, left=False))
+    return True
+
+
+def _lower_from_upper(G: torch.Tensor, diagonal: torch.Tensor) -> None:
+    """Rebuild G's lower triangle from its strict upper one (a symmetric matrix), the diagonal from ``diagonal``."""
+    for i0, i1 in _blocks(G.shape[0]):
+        if i0:
+            G[i0:i1, :i0].copy_(G[:i0, i0:i1].mT)
+        D = G[i0:i1, i0:i1]
+        upper = D.triu(1)
+        D.copy_(upper + upper.mT)
+        D.diagonal().copy_(diagonal[i0:i1])
+
+
+def gram_factor_from_gram_inplace_reference(G: torch.Tensor, damping: torch.Tensor):
+    """:func:`gram_factor_from_gram_reference` written into G itself: returns ``(info, jitter)``.
+
+    G: (B, n, n) contiguous, symmetric. Afterwards G's lower triangle (with the diagonal) holds L and its
+    strict upper triangle still holds G's. A failed factorisation is retried from that strict upper
+    triangle and the damped diagonal (kept as a vector), so no copy of G is ever made.
+    """
+    B, n, _ = G.shape
+    info = torch.zeros(B, dtype=torch.int32, device=G.device)
+    jitter = torch.zeros(B, dtype=G.dtype, device=G.device)
+    eps = torch.finfo(G.dtype).eps
+    for b in range(B):
+        Gb = G[b]
+        Gb.diagonal().add_(damping[b])
+        diagonal = Gb.diagonal().clone()
+        scale = diagonal.mean().abs()
+        scale = torch.where((scale > 0) & scale.isfinite(), scale, torch.ones_like(scale))
+        floor = PIVOT_FLOOR * eps * scale
+        finite = torch.ones((), dtype=torch.bool, device=G.device)
+        for i0, i1 in _blocks(n):   # row blocks: no n x n temporary
+            finite &= Gb[i0:i1].isfinite().all()
+        finite = bool(finite)
+        if finite and _factor_lower_in_place(Gb, floor):
+            continue
+        info[b] = -1
+        for k, rel in enumerate(jitter_schedule(G.dtype) if finite else ()):
+            _lower_from_upper(Gb, diagonal + rel * scale)
+            if _factor_lower_in_place(Gb, floor):
+                info[b], jitter[b] = k + 1, rel * scale
+                break
+        if info[b] < 0:   # non-finite input only: the diagonal factor keeps the result finite
+            for i0, i1 in _blocks(n):
+                Gb[i0:i1, :i0].zero_()
+                D = Gb[i0:i1, i0:i1]
+                D.copy_(D.triu(1))
+            d = torch.where(diagonal.isfinite() & (diagonal > 0), diagonal, torch.ones_like(diagonal))
+            Gb.diagonal().copy_(d.sqrt())
+            jitter[b] = scale
+    return info, jitter
+
+
+def cholesky_solve_lower(R: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """(L L^T)^{-1} R reading only L's lower triangle, without copying L (``torch.cholesky_solve`` copies
+    its factor). For the factors of :func:`gram_factor_from_gram_`, whose strict upper triangle holds G."""
+    return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, R, upper=False), upper=True)
 
 
 def gram_factor_reference(A: torch.Tensor, damping: torch.Tensor, append_ones: bool = False):
@@ -246,6 +336,31 @@ def gram_factor_from_gram(G: torch.Tensor, damping=0.0, check_finite: bool = Tru
     return gram_factor_from_gram_unchecked(G, damping_tensor(damping, G, check_finite))
 
 
+def gram_factor_from_gram_(G: torch.Tensor, damping=0.0, check_finite: bool = True) -> CholeskyFactor:
+    """:func:`gram_factor_from_gram` in place: the factor is written into G, which must be contiguous.
+
+    Returns a :class:`CholeskyFactor` whose ``L`` is G itself: its lower triangle (with the diagonal) holds
+    the factor of ``G + (lambda + jitter) I``, its strict upper triangle still holds G's (G's diagonal is
+    lost). Solve with :func:`cholesky_solve_lower`, which reads the lower triangle only. Retries and
+    failures follow :func:`gram_factor_from_gram`; no n x n temporary is made.
+    """
+    check_tensor("G", G, ndim=3, finite=check_finite)
+    if G.shape[1] != G.shape[2] or G.shape[0] == 0 or G.shape[1] == 0:
+        raise ValueError(f"G must be a non-empty batch of square matrices (B, n, n), got shape {tuple(G.shape)}")
+    if not G.is_contiguous():
+        raise ValueError("G must be contiguous to be factored in place (pass G.contiguous())")
+    if G.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"G must be float32 or float64 to be factored in place, got {G.dtype}")
+    if check_finite:   # a retry rebuilds G from its strict upper triangle: G must be symmetric
+        blocks = list(_blocks(G.shape[1]))   # row blocks: no n x n temporary
+        tol = math.sqrt(torch.finfo(G.dtype).eps) * max(float(G[:, i0:i1].abs().amax()) for i0, i1 in blocks)
+        for i0, i1 in blocks:
+            if float((G[:, i0:i1] - G[:, :, i0:i1].mT).abs().amax()) > tol:
+                raise ValueError("G must be symmetric (a Gram matrix); it differs from its transpose by more "
+                                 "than sqrt(eps) of its largest entry")
+    return gram_factor_from_gram_inplace_unchecked(G, damping_tensor(damping, G, check_finite))
+
+
 @float32_under_autocast
 def gram_solve(factor: GramFactor, R: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """Solve against new right-hand sides with a stored factor: ``A^T (L L^T)^{-1} R``.
@@ -272,6 +387,15 @@ def gram_factor_from_gram_unchecked(G: torch.Tensor, damping: torch.Tensor) -> C
     if _use_kernel("gram_factor_from_gram", G):
         return CholeskyFactor(*torch.ops.revgn.gram_factor_from_gram(G, damping))
     return CholeskyFactor(*gram_factor_from_gram_reference(G, damping))
+
+
+def gram_factor_from_gram_inplace_unchecked(G: torch.Tensor, damping: torch.Tensor) -> CholeskyFactor:
+    """:func:`gram_factor_from_gram_` for arguments the caller has checked (G contiguous)."""
+    if _use_kernel("gram_factor_from_gram_inplace", G):
+        info, jitter = torch.ops.revgn.gram_factor_from_gram_inplace(G, damping)
+    else:
+        info, jitter = gram_factor_from_gram_inplace_reference(G, damping)
+    return CholeskyFactor(G, info, jitter)
 
 
 def gram_solve_unchecked(factor: GramFactor, R: torch.Tensor) -> torch.Tensor:
@@ -319,6 +443,11 @@ def _register() -> None:
         def _(G, damping):
             B, n, _ = G.shape
             return (G.new_empty(B, n, n), G.new_empty(B, dtype=torch.int32), G.new_empty(B))
+
+    if hasattr(torch.ops.revgn, "gram_factor_from_gram_inplace"):
+        @torch.library.register_fake("revgn::gram_factor_from_gram_inplace")
+        def _(G, damping):
+            return G.new_empty(G.shape[0], dtype=torch.int32), G.new_empty(G.shape[0])
 
     @torch.library.register_fake("revgn::gram_solve")
     def _(A, L, R, append_ones):

@@ -11,7 +11,8 @@
 // gram_factor_from_gram (a Gram formed elsewhere, e.g. EGN's output-space Gram) takes the same two
 // paths with the given Gram in place of A A^T: the fused kernel in factor-only mode (k = 0) for small n,
 // cuSOLVER plus the verify/retry kernel otherwise.
-// No path synchronises with the host.
+// No path synchronises with the host, except gram_factor_from_gram_inplace (device-generic, in
+// gram_cholesky_cpu.cpp): it reads each matrix's finiteness and factorisation verdict to decide on a retry.
 #include "../gram_cholesky.h"
 #include "gram_cholesky_kernels.h"
 
@@ -227,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_cholesky_solve_cuda(const at
 TORCH_LIBRARY_IMPL(revgn, CUDA, m) {
   m.impl("gram_factor", &gram_factor_cuda);
   m.impl("gram_factor_from_gram", &gram_factor_from_gram_cuda);
+  m.impl("gram_factor_from_gram_inplace", &gram_factor_from_gram_inplace);  // device-generic (ATen calls)
   m.impl("gram_solve", &gram_solve_cuda);
   m.impl("gram_cholesky_solve", &gram_cholesky_solve_cuda);
 }

@@ -35,6 +35,18 @@ class Assembly:
     gram: torch.Tensor | None = None     # K (n, n), n = total b * m; None: no columns were given
     params: list = field(default_factory=list)
     checked: list = field(default_factory=list)   # the rules' factors (global rows), for the direction check
+    rows: list | None = None   # every factor of K (rules' and torch.func's); None: the assembler keeps none
+
+    def apply(self, v) -> torch.Tensor | None:
+        """A v = S^T J v (total b, m) from the factors of K, for v one tensor per parameter of ``params``
+        (the rows of K, so as trustworthy as K, which the direction check covers); None without factors."""
+        if not self.rows:
+            return None
+        by_id = {id(p): t for p, t in zip(self.params, v)}
+        out = self.rows[0].apply(by_id)
+        for factor in self.rows[1:]:
+            out += factor.apply(by_id)
+        return out
 
     def disagreeing(self, u: torch.Tensor, products) -> list[int]:
         """ids of the parameters whose rule factors disagree with autograd's back-projection

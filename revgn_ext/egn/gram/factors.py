@@ -20,6 +20,11 @@ from ..rules import KronInput, kron_per_sample
 __all__ = ["KronFactor", "DenseFactor", "kron_cost", "dense_cost", "assemble", "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20
+# From SPLIT_ROWS rows on, K is formed in at least SPLIT_BLOCKS row blocks (one more per SPLIT_ROWS / 2
+# rows, up to 2 SPLIT_BLOCKS): only the lower block triangle is computed, (k + 1) / (2k) of the full
+# product for k blocks (5/8 for 4), as a symmetric rank-k update would.
+SPLIT_ROWS = 512
+SPLIT_BLOCKS = 4
 
 
 def kron_cost(b, m, T, p, q, ids):
@@ -76,10 +81,34 @@ class KronFactor:
             Kg = (self.G[i0:i1].reshape(-1, q) @ self.G[:j1].reshape(-1, q).T).view(i1 - i0, m, T, j1, m, T)
             rows.add_((Kg * Kx[:, None, :, :, None, :]).sum((2, 5)))   # sum_{t,s}; einsum would copy Kg
 
+    def apply(self, v):
+        """(b, m): each row's product with a parameter-space vector v ({id(param): tensor}), that is
+        sum_t G[i, a, t] . (v x_it), without forming the rows."""
+        b, m, T, q = self.G.shape
+        if self.kron.kind == "ids":
+            (p, _, _), = self.parts
+            table = torch.cat([v[id(p)].reshape(self.kron.vocab, q), self.G.new_zeros(1, q)])   # row vocab: id -1
+            H = table[torch.where(self.kron.X < 0, self.kron.vocab, self.kron.X)]                # (b, T, q)
+        else:
+            X = self.kron.X
+            if len(self.parts) == 1 and self.parts[0][1:] == (0, X.shape[2]):
+                W = v[id(self.parts[0][0])].reshape(q, X.shape[2])
+            else:
+                W = X.new_zeros(q, X.shape[2])
+                for p, lo, hi in self.parts:
+                    W[:, lo:hi] = v[id(p)].reshape(q, hi - lo)
+            H = X @ W.T                                                                        # (b, T, q)
+        if m == 1:   # b products of 1-row matrices: elementwise is faster than bmm
+            return (self.G.reshape(b, T * q) * H.reshape(b, T * q)).sum(1, keepdim=True)
+        return torch.bmm(self.G.reshape(b, m, T * q), H.reshape(b, T * q, 1)).view(b, m)
+
     def weighted_gradients(self, w):
         """{param: sum_{i,a} w_ia grad_ia} from the factor (for the verification)."""
         b, m, T, q = self.G.shape
-        Gw = torch.bmm(w.reshape(b, 1, m), self.G.reshape(b, m, T * q)).view(b, T, q)   # sum_a w_ia G[i, a]
+        if m == 1:
+            Gw = (w.reshape(b, 1) * self.G.reshape(b, T * q)).view(b, T, q)
+        else:
+            Gw = torch.bmm(w.reshape(b, 1, m), self.G.reshape(b, m, T * q)).view(b, T, q)   # sum_a w_ia G[i, a]
         if self.kron.kind == "ids":
             (p, _, _), = self.parts
             return {p: kron_per_sample(self.kron, Gw, p.shape).sum(0)}
@@ -88,8 +117,8 @@ class KronFactor:
 
 
 class DenseFactor:
-    """Materialised per-sample gradients V (b, m, d_p) of one parameter (None: torch.func rows, which
-    the verification does not check)."""
+    """Materialised per-sample gradients V (b, m, d_p) of one parameter (the torch.func rows too, which
+    the verification does not check: they are not among the assembly's checked factors)."""
 
     def __init__(self, param, V):
         self.param, self.V = param, V
@@ -107,6 +136,10 @@ class DenseFactor:
         m = self.V.shape[1]
         K[i0 * m:i1 * m, :j1 * m].addmm_(self.V[i0:i1].reshape((i1 - i0) * m, -1), self.V[:j1].reshape(j1 * m, -1).T)
 
+    def apply(self, v):
+        b, m, d = self.V.shape
+        return (self.V.reshape(b * m, d) @ v[id(self.param)].reshape(d)).view(b, m)
+
     def weighted_gradients(self, w):
         b, m, d = self.V.shape
         return {self.param: (w.reshape(1, b * m) @ self.V.reshape(b * m, d)).reshape(self.param.shape)}
@@ -115,13 +148,16 @@ class DenseFactor:
 def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_limit: int) -> torch.Tensor:
     """K = sum of the factors' Grams, in blocks of rows: lower block triangle, then mirrored, so that a
     block's temporaries stay bounded (``block_rows`` rows, or 1/16 of ``memory_limit`` up to
-    :data:`DEFAULT_BLOCK_BYTES`)."""
+    :data:`DEFAULT_BLOCK_BYTES`, and at least :data:`SPLIT_BLOCKS` blocks from :data:`SPLIT_ROWS` rows on)."""
     n = b * m
     K = like.new_zeros(n, n)
     if block_rows is None:
         budget = min(memory_limit // 16, DEFAULT_BLOCK_BYTES)
         per_sample = max([fa.row_bytes(b) for fa in factors] + [m * b * like.element_size()])
         block = max(1, budget // max(per_sample, 1))
+        if n >= SPLIT_ROWS:
+            blocks = min(2 * SPLIT_BLOCKS, max(SPLIT_BLOCKS, 2 * n // SPLIT_ROWS))
+            block = min(block, -(-b // blocks))
     else:
         block = max(1, block_rows // m)
     starts = list(range(0, b, block))

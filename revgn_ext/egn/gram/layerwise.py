@@ -169,12 +169,14 @@ class LayerwiseGram:
         checked = list(factors)
         fallback = [self.names[id(p)] for p in self.params if id(p) in self.fallback]
         if fallback:
-            factors += [DenseFactor(None, V) for V in per_sample_jacobian_rows(self.model, x, fallback, columns).values()]
+            by_name = {self.names[id(p)]: p for p in self.params}
+            factors += [DenseFactor(by_name[n], V) for n, V in per_sample_jacobian_rows(self.model, x, fallback,
+                                                                                         columns).items()]
         for factor in factors:
             factor.gather(ranks)
         tape.clear()   # the layers' inputs, patches and outputs are in the factors now; free the rest
         K = factor_forms.assemble(factors, ranks.total, m, f, self.block_rows, self.memory_limit)
-        return Assembly(f, payload, K, self.params, checked)
+        return Assembly(f, payload, K, self.params, checked, factors)
 
     def route_to_functional(self, pids) -> None:
         """After a failed direction check: these parameters take the torch.func route from now on (or
