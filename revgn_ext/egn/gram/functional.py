@@ -65,6 +65,7 @@ class FunctionalGram:
         x = ModelInputs.of(x)
 
         def forward(inputs):
+            inputs = ModelInputs.of(inputs)
             with RandomForward(self.model, inputs.first):
                 outputs.append(outputs_of(self.model, inputs.call(self.model), inputs.batch_size))
             return outputs[-1]

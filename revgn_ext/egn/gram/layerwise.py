@@ -137,7 +137,7 @@ class LayerwiseGram:
         x = ModelInputs.of(x)
 
         def forward(inputs):
-            outputs.append(self._recorded_forward(inputs, tape))
+            outputs.append(self._recorded_forward(ModelInputs.of(inputs), tape))
             return outputs[-1]
 
         columns, payload = system(forward)
