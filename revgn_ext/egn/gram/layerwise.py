@@ -347,7 +347,10 @@ class LayerwiseGram:
         if use.slots:
             Gp = use.rule.positions(use.module, g)
             for factor, t0 in use.slots:
-                factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
+                if factor.G.shape[1] == 1 and t0 == 0 and Gp.shape[1] == factor.G.shape[2]:
+                    factor.G = Gp[:, None]   # one column, one use holding all positions: G is Gp itself
+                else:
+                    factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
         if use.dense:
             attrs = [attr for attr, _ in use.dense]
             with_kron = [attr for attr in attrs if attr in use.kron]
