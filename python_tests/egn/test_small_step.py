@@ -158,3 +158,21 @@ def test_a_non_finite_update_writes_nothing():
     assert stats["refused"] and not stats["accepted"] and "non-finite parameters" in stats["reason"]
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
     assert "step" not in opt.state.get(next(model.parameters()), {})
+
+
+@pytest.mark.parametrize("b", [32, 64, 128])
+def test_a_small_layer_keeps_weight_and_bias_in_one_factor(b):
+    """The plan of the paper's MLP: one Kronecker factor per layer (weight and bias side by side), not a
+    Kronecker weight beside a dense bias; and the step equals the dense float64 solve."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                          nn.Linear(32, 1)).double()
+    opt = rg.EGN(model, lr=0.1, damping=1.0, loss="mse")
+    x = torch.randn(b, 8, dtype=torch.float64)
+    y = torch.randn(b, 1, dtype=torch.float64)
+    opt.step(x, y)
+    ref = dense_direction(model, x, y, "mse", 1.0)
+    ours = flat(opt.direction(x, y))
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    (plan,) = opt._assembler._plans.values()
+    assert [(spec[0], len(spec[3])) for spec in plan] == [("kron", 2)] * 4

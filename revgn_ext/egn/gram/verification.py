@@ -46,13 +46,12 @@ def mismatches(ours: dict, truth, dtype):
     eps = torch.finfo(dtype).eps
     truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
     # one fused call for ||a - g||, ||a|| and ||g|| of every parameter
-    n = len(mine)
-    norms = torch.stack(torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine, *truth]))
-    errors, scales = norms[:n], norms[n:2 * n] + norms[2 * n:]
+    norms = torch.stack(torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine, *truth])).view(3, -1)
+    errors, scales = norms[0], norms[1:].sum(0)
     # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
     # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
-    limit = math.sqrt(eps) * scales + 100 * eps * scales.norm() + torch.finfo(dtype).tiny
-    return [id(p) for p in checked], ~(errors <= limit)
+    floor = scales.norm().mul_(100 * eps).add_(torch.finfo(dtype).tiny)
+    return [id(p) for p in checked], ~(errors <= torch.add(floor, scales, alpha=math.sqrt(eps)))
 
 
 def disagreeing(factors, params, u: torch.Tensor, products) -> list[int]:
