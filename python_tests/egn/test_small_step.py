@@ -102,7 +102,7 @@ def _op_accepts(G):
 def test_plain_cholesky_is_clean_exactly_when_the_factor_op_needs_no_retry(dtype):
     """The step factors the damped Gram with a plain Cholesky and calls the op (jitter retries) only when
     that factor fails the op's policy; both must agree on every matrix, borderline pivots included."""
-    from revgn_ext.egn.optimizer import _clean, _plain_cholesky
+    from revgn_ext.egn.cholesky import clean as _clean, plain_cholesky as _plain_cholesky
     from revgn_ext.ops.gram import PIVOT_FLOOR
     g = torch.Generator().manual_seed(0)
     eps = torch.finfo(dtype).eps
@@ -176,3 +176,36 @@ def test_a_small_layer_keeps_weight_and_bias_in_one_factor(b):
     assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
     (plan,) = opt._assembler._plans.values()
     assert [(spec[0], len(spec[3])) for spec in plan] == [("kron", 2)] * 4
+
+
+@pytest.mark.parametrize("damping", [0.3, 0.0])
+def test_the_factor_op_path_gives_the_same_step(monkeypatch, damping):
+    """Off the CPU the step factors with the op (retries decided on the device) and reads its retries
+    and jitter in the same one sync: forced here on the CPU, it gives the plain path's step, and the
+    dense solve's direction where the Gram is regular."""
+    import revgn_ext.egn.optimizer as egn_optimizer
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    if damping == 0.0:
+        x[:, 1:] = 0   # rank-deficient Gram: without damping the factor needs jitter
+    y = torch.randn(7, 2, dtype=torch.float64)
+    results = []
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(egn_optimizer, "PLAIN_FACTOR_DEVICES", devices)
+        model = mlp()
+        opt = rg.EGN(model, lr=0.5, damping=damping, loss="mse")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the jitter warning
+            d = flat(opt.direction(x, y))
+            stats = opt.step(x, y)
+        results.append((d, stats, flat(model.parameters())))
+    (d0, s0, w0), (d1, s1, w1) = results
+    assert s0["cholesky_retries"] == s1["cholesky_retries"] and s0["accepted"] and s1["accepted"]
+    assert (d0 - d1).abs().max() <= 1e-12 * d0.abs().max()
+    assert (w0 - w1).abs().max() <= 1e-12 * w0.abs().max()
+    if damping > 0:
+        assert s0["cholesky_retries"] == 0
+        ref = dense_direction(mlp(), x, y, "mse", damping)
+        assert (d1 - ref).abs().max() <= 1e-10 * ref.abs().max()
+    else:
+        assert s0["cholesky_retries"] > 0 and s0["cholesky_jitter"] == s1["cholesky_jitter"]

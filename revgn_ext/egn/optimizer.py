@@ -41,7 +41,7 @@ from .._hyper import egn_spec
 from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
-from ..ops.gram import PIVOT_FLOOR, gram_factor_from_gram_unchecked
+from .cholesky import PLAIN_FACTOR_DEVICES, clean, factor_op, plain_cholesky
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
 from .gram.verification import disagreement
@@ -62,28 +62,6 @@ def _all_finite(tensors) -> bool:
     if not tensors:
         return True
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
-
-
-def _plain_cholesky(damped: torch.Tensor):
-    """(L, summary): the Cholesky factor of the damped Gram, and (LAPACK status, |mean diagonal|, the
-    smallest L_jj^2, sum of the entries and pivots) for :func:`_clean`, without a host sync."""
-    L, status = torch.linalg.cholesky_ex(damped)
-    pivots = L.diagonal()
-    summary = [status.to(damped.dtype), damped.diagonal().mean().abs(), (pivots * pivots).amin(),
-               damped.sum() + pivots.sum()]
-    return L, torch.stack(summary)
-
-
-def _clean(summary, dtype) -> bool:
-    """True exactly when :func:`revgn_ext.ops.gram.gram_factor_from_gram` would accept the plain factor
-    without a retry: LAPACK succeeded, every pivot L_jj^2 above its floor PIVOT_FLOOR * eps * scale
-    (computed in double and rounded to the dtype, as there), every entry and pivot finite (a non-finite
-    one makes the sum inf or NaN)."""
-    status, scale, smallest, total = summary
-    floor = scale * (PIVOT_FLOOR * torch.finfo(dtype).eps)
-    if dtype != torch.float64:
-        floor = torch.tensor(floor, dtype=torch.float64).to(dtype).item()
-    return status == 0 and scale > 0 and math.isfinite(total) and smallest > floor
 
 
 @dataclass
@@ -369,29 +347,32 @@ class EGN(GaussNewtonOptimizer):
         clock.lap("gram")
         damped = assembly.gram
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
-        L, summary = _plain_cholesky(damped)
+        plain = damped.device.type in PLAIN_FACTOR_DEVICES
+        L, summary, mu = plain_cholesky(damped) + (b * lam,) if plain else factor_op(damped, b * lam)
         clock.lap("factor")
-        # One host sync for the factor's summary, the direction check, ||dir|| and the loss; the factor
-        # op with its jitter retries runs only when the plain factor fails the op's policy.
-        for attempt in range(2):
-            mu = b * lam + sol.jitter
+        # One host sync for the factor's verdict, the direction check, ||dir|| and the loss. On the CPU a
+        # plain factor, and the op with its jitter retries only when that one fails the op's policy;
+        # elsewhere the op, which decides its retries on the device.
+        while True:
             u, back_projection, direction = self._back_project(sol, L, mu, lam, rhs if sampled else None,
                                                                g if sampled else None, gg if sampled else None)
             ids, flags = disagreement(assembly.checked, assembly.params, u, back_projection)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)))
             verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
                                  flags.to(f.dtype)]).tolist()
-            if attempt or _clean(verdict[:4], f.dtype):
+            head, verdict = verdict[:len(summary)], verdict[len(summary):]
+            if not plain:
+                sol.retries, sol.jitter = int(head[0]), head[1]
+                if sol.retries < 0:   # only for a non-finite Gram: no step
+                    return sol
                 break
-            chol = gram_factor_from_gram_unchecked(damped[None], damped.new_zeros(1))
-            info, jitter = torch.stack([chol.info.reshape(()).to(chol.jitter.dtype), chol.jitter.reshape(())]).tolist()
-            sol.retries, sol.jitter = int(info), jitter   # one host sync for both
-            if sol.retries < 0:   # only for a non-finite Gram: no step
-                return sol
-            L = chol.L[0]
-        sol.norm, sol.loss_value = verdict[4], verdict[5]
+            if clean(head, f.dtype):
+                break
+            L, summary, mu = factor_op(damped, b * lam)
+            plain = False
+        sol.norm, sol.loss_value = verdict[0], verdict[1]
         # A non-finite direction is refused by the step; its check would compare inf with inf.
-        bad = [pid for pid, flag in zip(ids, verdict[6:]) if flag] if math.isfinite(sol.norm) else []
+        bad = [pid for pid, flag in zip(ids, verdict[2:]) if flag] if math.isfinite(sol.norm) else []
         if bad:
             self._assembler.route_to_functional(bad)
             return None
