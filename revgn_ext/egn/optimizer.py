@@ -41,9 +41,11 @@ from .._hyper import egn_spec
 from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
-from ..ops.gram import cholesky_solve_lower, gram_factor_from_gram_inplace_unchecked
+from ..ops.gram import cholesky_solve_lower
+from .cholesky import factor_op, plain_cholesky, plain_factor, clean
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
+from .gram.verification import disagreement
 from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
     forward_naming_x, targets
 from .linearisation import jvp, vjp
@@ -79,6 +81,8 @@ class Solution:
     direction: list | None = None
     retries: int = 0                  # Cholesky jitter retries (negative: the Gram was not finite)
     jitter: float = 0.0
+    norm: float | None = None         # ||direction||, read with the solve's verdicts
+    loss_value: float | None = None   # float(loss), likewise
     Ku: torch.Tensor | None = None
     tKu: torch.Tensor | None = None
 
@@ -260,7 +264,7 @@ class EGN(GaussNewtonOptimizer):
         return self.step_result(batch, stats)
 
     def _step(self, x, y, scale: float) -> dict:
-        group = self.checked_group()
+        group = self.param_groups[0]   # checked by _prepare
         params = group["params"]
         lam = float(group["damping"])
         state = self.state.get(params[0], {})  # read only: a refused step must leave no state behind
@@ -270,8 +274,7 @@ class EGN(GaussNewtonOptimizer):
         if sol.retries > 0:
             warnings.warn(f"EGN: Cholesky of the damped Gram needed {sol.retries} jitter retries "
                           f"(jitter {sol.jitter:.3g})", RuntimeWarning, stacklevel=user_stacklevel())
-        norm = None if sol.direction is None else float(torch.linalg.vector_norm(
-            torch.stack(torch._foreach_norm(sol.direction))))
+        norm = None if sol.direction is None else sol.norm
         stats["direction_norm"] = norm
         if norm is None or not math.isfinite(norm):
             stats["damping"] = stats["next_damping"] = lam
@@ -280,17 +283,27 @@ class EGN(GaussNewtonOptimizer):
         step_count, buffers, d_step = self._momentum(sol.direction, group, state)
         if group["line_search"] or group["adaptive_damping"]:
             gTd, quad = self._model_terms(sol, d_step, buffers is not None)
-        backup = [p.detach().clone() for p in params]
-        accepted, alpha, new_loss = self._move(x, sol, d_step, gTd if group["line_search"] else None,
-                                               backup, group, state, stats)
-        if accepted and not _all_finite(params):
-            accepted = False
-            refuse(stats, "non-finite parameters after the update", "EGN")
-        if not accepted:
+            backup = [p.detach().clone() for p in params]
+            accepted, alpha, new_loss = self._move(x, sol, d_step, gTd if group["line_search"] else None,
+                                                   backup, group, state, stats)
+            if accepted and not _all_finite(params):
+                accepted = False
+                refuse(stats, "non-finite parameters after the update", "EGN")
+            if not accepted:
+                with torch.no_grad():
+                    for p, w in zip(params, backup):
+                        p.copy_(w)
+        else:   # one step of size lr: the new values are checked before anything is written
+            alpha, new_loss = float(group["lr"]), None
             with torch.no_grad():
-                for p, w in zip(params, backup):
-                    p.copy_(w)
-        else:   # the state changes only with the parameters
+                new = torch._foreach_add(params, d_step, alpha=alpha)
+            accepted = _all_finite(new)
+            if accepted:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, new)
+            else:
+                refuse(stats, "non-finite parameters after the update", "EGN")
+        if accepted:   # the state changes only with the parameters
             self.state[params[0]]["step"] = step_count
             for p, m in zip(params, buffers or ()):
                 self.state[p]["momentum_buffer"] = m
@@ -343,38 +356,60 @@ class EGN(GaussNewtonOptimizer):
         clock.lap("gram")
         damped = assembly.gram
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
-        # In place: K's lower triangle becomes L (its strict upper keeps K): no n x n copy.
-        chol = gram_factor_from_gram_inplace_unchecked(damped[None], damped.new_zeros(1))
-        info, jitter = torch.stack([chol.info.reshape(()).to(chol.jitter.dtype), chol.jitter.reshape(())]).tolist()
-        sol.retries, sol.jitter = int(info), jitter   # one host sync for both
+        plain = plain_factor(damped)
+        L, summary, mu = plain_cholesky(damped) + (b * lam,) if plain else factor_op(damped, b * lam)
         clock.lap("factor")
-        if sol.retries < 0:   # only for a non-finite Gram: no step
-            return sol
-        mu = b * lam + sol.jitter
-        m = damped.shape[0] // b
-        if sampled:
-            u = cholesky_solve_lower(rhs.reshape(-1, 1), chol.L[0]).reshape(b, m)
-            grads = vjp(f, params, factor.residual / b - apply_factor(factor, u))
-            back_projection = torch._foreach_sub(g, grads)   # J^T S u
-            direction = torch._foreach_div(grads, -lam)
-            # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
-            sol.Ku, sol.tKu = mu / lam * u, b / lam * (gg - (rhs * u).sum())
-        else:
-            t = self._ranks.gather_rows(factor.target).reshape(-1, 1)
-            u = cholesky_solve_lower(t, chol.L[0])
-            # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
-            sol.Ku = (t - mu * u).reshape(b, m)
-            sol.tKu = (t.reshape(b, m) * sol.Ku).sum()
-            u = u.reshape(b, m)
-            back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
-            direction = torch._foreach_neg(back_projection)
-        bad = assembly.disagreeing(u, back_projection)
+        # One host sync for the factor's verdict, the direction check, ||dir|| and the loss. On the CPU a
+        # plain factor, and the op with its jitter retries only when that one fails the op's policy;
+        # elsewhere the op, which decides its retries on the device.
+        while True:
+            u, back_projection, direction = self._back_project(sol, L, mu, lam, rhs if sampled else None,
+                                                               g if sampled else None, gg if sampled else None)
+            ids, flags = disagreement(assembly.checked, assembly.params, u, back_projection)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)))
+            verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
+                                 flags.to(f.dtype)]).tolist()
+            head, verdict = verdict[:len(summary)], verdict[len(summary):]
+            if not plain:
+                sol.retries, sol.jitter = int(head[0]), head[1]
+                if sol.retries < 0:   # only for a non-finite Gram: no step
+                    return sol
+                break
+            if clean(head, f.dtype):
+                break
+            L, summary, mu = factor_op(damped, b * lam)
+            plain = False
+        sol.norm, sol.loss_value = verdict[0], verdict[1]
+        # A non-finite direction is refused by the step; its check would compare inf with inf.
+        bad = [pid for pid, flag in zip(ids, verdict[2:]) if flag] if math.isfinite(sol.norm) else []
         if bad:
             self._assembler.route_to_functional(bad)
             return None
         sol.direction = direction
         clock.lap("backproject")
         return sol
+
+    def _back_project(self, sol: Solution, L, mu: float, lam: float, rhs, g, gg):
+        """(u, J^T S u, dir) from the factor L of K + mu I (mu = b lambda + jitter); sets Ku and tKu."""
+        params = self.param_groups[0]["params"]
+        factor, b, f = sol.factor, sol.b, sol.f
+        m = L.shape[0] // b
+        if rhs is not None:   # sampled
+            u = cholesky_solve_lower(rhs.reshape(-1, 1), L).reshape(b, m)
+            grads = vjp(f, params, factor.residual / b - apply_factor(factor, u))
+            back_projection = torch._foreach_sub(g, grads)   # J^T S u
+            direction = torch._foreach_div(grads, -lam)
+            # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
+            sol.Ku, sol.tKu = mu / lam * u, b / lam * (gg - (rhs * u).sum())
+            return u, back_projection, direction
+        t = self._ranks.gather_rows(factor.target).reshape(-1, 1)
+        u = cholesky_solve_lower(t, L)
+        # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
+        sol.Ku = (t - mu * u).reshape(b, m)
+        sol.tKu = (t.reshape(b, m) * sol.Ku).sum()
+        u = u.reshape(b, m)
+        back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
+        return u, back_projection, torch._foreach_neg(back_projection)
 
     def _linearise(self, x, y, lam: float, forward, clock: Clock):
         """Inside the assembler's call: the checked forward (on every rank together), the loss factor,
@@ -516,7 +551,8 @@ class EGN(GaussNewtonOptimizer):
         def prepare():
             batch = self.batch(closure, y)
             spec = self.adopt_loss(batch)
-            self.checked_group()
+            if self.shards is not None:   # (a single process: adopt_loss has checked every group)
+                self.checked_group()
             x, kept = drop_ignored(self.param_groups[0], ModelInputs.of(batch.x), batch.y)
             return batch, x, kept, self._loss_scale(spec, x, kept)
         if self._ranks.world == 1:

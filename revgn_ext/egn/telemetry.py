@@ -35,7 +35,8 @@ class Clock:
 
 def step_record(sol, group: dict, lam: float, scale: float, method: str) -> dict:
     """The stats of a step before its update (docs/api.md); the update fills in the rest."""
-    return {"loss": float(sol.loss) * scale, "refused": False, "reason": None, "lr": float(group["lr"]),
+    loss = float(sol.loss) if sol.loss_value is None else sol.loss_value   # read with the solve's verdicts
+    return {"loss": loss * scale, "refused": False, "reason": None, "lr": float(group["lr"]),
             "direction_norm": None, "batch_size": sol.b, "new_loss": None, "damping": lam, "alpha": 0.0,
             "line_search_tries": 0, "accepted": False, "cholesky_retries": sol.retries,
             "cholesky_jitter": sol.jitter, "rho": None, "gram": method, "time": sol.time}

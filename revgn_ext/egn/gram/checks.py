@@ -11,6 +11,7 @@ __all__ = ["UnsupportedModelError", "check_samplewise", "check_recurrent", "outp
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_SAMPLE_MIXING = (nn.modules.batchnorm._BatchNorm,) + _DROPOUT   # the types check_samplewise looks at
 
 
 class UnsupportedModelError(ValueError):
@@ -20,6 +21,8 @@ class UnsupportedModelError(ValueError):
 def check_samplewise(model: nn.Module) -> None:
     """Refuse modules that mix the samples of a batch or make the forward random."""
     for name, module in model.named_modules():
+        if not isinstance(module, _SAMPLE_MIXING):
+            continue
         label = f"module '{name or type(model).__name__}' ({type(module).__name__})"
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
             raise UnsupportedModelError(

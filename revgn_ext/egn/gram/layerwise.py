@@ -40,6 +40,7 @@ from .verification import MISMATCH, random_weight_check
 __all__ = ["LayerwiseGram", "layerwise_obstacle"]
 
 _CALL_RULE = FunctionalLinearRule()
+_MERGE_SLACK = 1.1   # a shared Kronecker factor is kept up to this factor above the dense ones' cost
 
 
 def _coverage(model: nn.Module, params):
@@ -285,6 +286,7 @@ class LayerwiseGram:
             self._demote([pid], why)
         factors = []
         merged: dict[int, list] = {}   # id(use) -> [(param, KronInput)] of single-use Kronecker parameters
+        candidates: dict[int, list] = {}   # id(use) -> [(param, KronInput, T, q)] that may share one factor
         for pid, uses in uses_of.items():
             if pid in self.fallback:
                 continue
@@ -296,11 +298,11 @@ class LayerwiseGram:
                 same = len({q for _, q in dims}) == 1
             if same:
                 T, q, p_width = sum(t for t, _ in dims), dims[0][1], krons[0].width
+            if same and len(uses) == 1 and krons[0].kind == "features":   # decided per use, below
+                candidates.setdefault(id(uses[0][0]), []).append((p, krons[0], T, q))
+                continue
             if same and factor_forms.kron_cost(b, m, T, p_width, q, krons[0].kind == "ids") \
                     <= factor_forms.dense_cost(b, m, T, p.numel() // q, q):
-                if len(uses) == 1 and krons[0].kind == "features":
-                    merged.setdefault(id(uses[0][0]), []).append((p, krons[0]))
-                    continue
                 X = torch.cat([k.X for k in krons], 1)
                 factor = KronFactor(KronInput(X, krons[0].vocab), [(p, 0, p_width)], like.new_zeros(b, m, T, q))
                 t0 = 0
@@ -312,6 +314,21 @@ class LayerwiseGram:
                 factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
                 for u, a in uses:
                     u.dense.append((a, factor))
+                factors.append(factor)
+        # One use's parameters (a weight and its bias) share one Kronecker factor (X side by side) or are
+        # all dense: the shared factor's cost against the sum of the dense ones, with a slack for the
+        # fixed cost of each factor beyond one (its fill, Gram block and check: ~10 small operations).
+        for use in tape:
+            group = candidates.get(id(use), [])
+            T, q = (group[0][2], group[0][3]) if group else (0, 0)
+            dense = sum(factor_forms.dense_cost(b, m, T, p.numel() // q, q) for p, _, _, _ in group)
+            if group and factor_forms.kron_cost(b, m, T, sum(k.width for _, k, _, _ in group), q, False) \
+                    <= dense * (_MERGE_SLACK if len(group) > 1 else 1.0):
+                merged[id(use)] = [(p, k) for p, k, _, _ in group]
+                continue
+            for p, _, _, _ in group:
+                factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
+                use.dense.append((next(a for a in use.kron if getattr(use.module, a) is p), factor))
                 factors.append(factor)
         for use in tape:
             group = merged.get(id(use))
@@ -353,7 +370,10 @@ class LayerwiseGram:
         if use.slots:
             Gp = use.rule.positions(use.module, g)
             for factor, t0 in use.slots:
-                factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
+                if factor.G.shape[1] == 1 and t0 == 0 and Gp.shape[1] == factor.G.shape[2]:
+                    factor.G = Gp[:, None]   # one column, one use holding all positions: G is Gp itself
+                else:
+                    factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
         if use.dense:
             attrs = [attr for attr, _ in use.dense]
             with_kron = [attr for attr in attrs if attr in use.kron]

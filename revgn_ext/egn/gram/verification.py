@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["MISMATCH", "weighted", "disagreeing", "random_weight_check"]
+__all__ = ["MISMATCH", "weighted", "disagreeing", "disagreement", "random_weight_check"]
 
 MISMATCH = ("its hooked per-layer gradient differs from autograd's (a use no layer rule sees, such as "
             "F.linear(h, layer.weight.t()), or a layer whose dim 0 is not the sample)")
@@ -35,28 +35,40 @@ def weighted(factors, w) -> dict:
 
 def compare(ours: dict, truth, dtype) -> list[int]:
     """ids of the parameters whose factor sums differ from autograd's ``truth`` (aligned with ``ours``)."""
+    checked, flags = mismatches(ours, truth, dtype)
+    return [pid for pid, flag in zip(checked, flags.tolist()) if flag]
+
+
+def mismatches(ours: dict, truth, dtype):
+    """(ids, flags): :func:`compare`'s verdict per parameter as a bool tensor, without a host sync."""
     checked = [p for p, _ in ours.values()]
     mine = [g for _, g in ours.values()]
     eps = torch.finfo(dtype).eps
     truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
-    # fused over the parameters (one call each): ||a - g||, ||a|| + ||g||
-    errors = torch.stack(torch._foreach_norm(torch._foreach_sub(mine, truth)))
-    scales = torch.stack(torch._foreach_norm(mine)) + torch.stack(torch._foreach_norm(truth))
+    # one fused call for ||a - g||, ||a|| and ||g|| of every parameter
+    norms = torch.stack(torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine, *truth])).view(3, -1)
+    errors, scales = norms[0], norms[1:].sum(0)
     # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
     # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
-    limit = math.sqrt(eps) * scales + 100 * eps * scales.norm() + torch.finfo(dtype).tiny
-    flags = (~(errors <= limit)).tolist()
-    return [id(p) for p, flag in zip(checked, flags) if flag]
+    floor = scales.norm().mul_(100 * eps).add_(torch.finfo(dtype).tiny)
+    return [id(p) for p in checked], ~(errors <= torch.add(floor, scales, alpha=math.sqrt(eps)))
 
 
 def disagreeing(factors, params, u: torch.Tensor, products) -> list[int]:
     """ids of the parameters whose ``sum_{i,a} u_ia V_p[(i, a)]`` differs from autograd's J^T S u
     (``products``: one tensor per parameter of ``params``, summed over ranks)."""
+    ids, flags = disagreement(factors, params, u, products)
+    return [pid for pid, flag in zip(ids, flags.tolist()) if flag]
+
+
+def disagreement(factors, params, u: torch.Tensor, products):
+    """(ids, flags): :func:`disagreeing`'s verdict per parameter as a bool tensor (no host sync), for
+    a caller that reads it together with other values."""
     ours = weighted(factors, u)
     if not ours:
-        return []
+        return [], torch.zeros(0, dtype=torch.bool, device=u.device)
     index = {id(p): k for k, p in enumerate(params)}
-    return compare(ours, [products[index[pid]] for pid in ours], u.dtype)
+    return mismatches(ours, [products[index[pid]] for pid in ours], u.dtype)
 
 
 def random_weight_check(f: torch.Tensor, columns: torch.Tensor, factors, generator: torch.Generator) -> list[int]:
