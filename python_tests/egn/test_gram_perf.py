@@ -57,11 +57,15 @@ def test_sampled_step_across_factor_blocks_equals_dense_solve():
     assert float((d - ref).abs().max()) < 1e-10 * max(1.0, float(ref.abs().max()))
 
 
-def test_step_allocates_one_gram_sized_matrix():
-    # K is the only allocation of n x n scale in a step: the factor is written into it and the solve
-    # reads it uncopied (before: a damped copy, an identity, L, and cholesky_solve's copy of L)
+def test_step_allocates_one_gram_sized_matrix(monkeypatch):
+    # K is the only allocation of n x n scale in a step above PLAIN_MAX_ROWS rows: the factor is written
+    # into it and the solve reads it uncopied (before: a damped copy, an identity, L, and
+    # cholesky_solve's copy of L). Up to PLAIN_MAX_ROWS rows the CPU step factors a copy (a plain LAPACK
+    # factor, checked in the step's one host sync); lowered here so that a small system takes the big path.
+    import revgn_ext.egn.cholesky as egn_cholesky
     b, c = 80, 10
     n = b * c
+    monkeypatch.setattr(egn_cholesky, "PLAIN_MAX_ROWS", n - 1)
     model = mlp(6, 9, c)
     x, y = batch(b, 6, c)
     opt = EGN(model, lr=1.0, damping=0.2, loss="cross_entropy", gram_block_rows=n // 8)
@@ -170,3 +174,11 @@ def test_sampled_hidden_use_appearing_later_is_caught():
     S = loss_factors.sampled_factor("cross_entropy", f, y, 1).S
     ref = dense_direction(model, x, y, "cross_entropy", 0.4, S=S)
     assert float((d - ref).abs().max()) < 1e-10 * max(1.0, float(ref.abs().max()))
+
+
+def test_large_systems_are_factored_in_place():
+    # Above PLAIN_MAX_ROWS rows the step never takes the copying plain factor (one Gram in memory).
+    from revgn_ext.egn.cholesky import PLAIN_MAX_ROWS, plain_factor
+    assert plain_factor(torch.zeros(PLAIN_MAX_ROWS, PLAIN_MAX_ROWS))
+    assert not plain_factor(torch.zeros(PLAIN_MAX_ROWS + 1, PLAIN_MAX_ROWS + 1))
+    assert not plain_factor(torch.zeros(4, 4, device="meta"))

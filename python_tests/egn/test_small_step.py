@@ -183,7 +183,7 @@ def test_the_factor_op_path_gives_the_same_step(monkeypatch, damping):
     """Off the CPU the step factors with the op (retries decided on the device) and reads its retries
     and jitter in the same one sync: forced here on the CPU, it gives the plain path's step, and the
     dense solve's direction where the Gram is regular."""
-    import revgn_ext.egn.optimizer as egn_optimizer
+    import revgn_ext.egn.cholesky as egn_cholesky
     torch.manual_seed(0)
     x = torch.randn(7, 5, dtype=torch.float64)
     if damping == 0.0:
@@ -191,7 +191,7 @@ def test_the_factor_op_path_gives_the_same_step(monkeypatch, damping):
     y = torch.randn(7, 2, dtype=torch.float64)
     results = []
     for devices in (("cpu",), ()):
-        monkeypatch.setattr(egn_optimizer, "PLAIN_FACTOR_DEVICES", devices)
+        monkeypatch.setattr(egn_cholesky, "PLAIN_FACTOR_DEVICES", devices)
         model = mlp()
         opt = rg.EGN(model, lr=0.5, damping=damping, loss="mse")
         with warnings.catch_warnings():
