@@ -189,6 +189,8 @@ class Batch:
     spec: LossSpec | None = None
     returned: Any = None
     from_closure: bool = False
+    output: Any = None       # the model's output the loss read (closures), and the tensor the loss got:
+    loss_input: Any = None   # that output or a view of it (reshape, transpose; with LOSS_VIEWS only)
 
 
 class _LossRecorder(TorchFunctionMode):
@@ -272,6 +274,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     LOSSES: tuple[str, ...] = LOSS_NAMES
     ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
     IGNORE_INDEX = False   # whether cross-entropy samples labelled ignore_index are dropped from the step
+    LOSS_VIEWS = None      # a function (output, loss input) -> index or None: losses on views of the output
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -498,6 +501,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         calls: list = []
 
         recorder = _LossRecorder()
+        matched: dict = {}   # id(loss input) -> the model output it is (a view of)
 
         def record(module, args, kwargs, output):
             calls.append((args, kwargs, output))
@@ -517,7 +521,8 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
 
         def model_input(output):
             for args, kwargs, out in reversed(calls):
-                if _same_tensor(out, output):
+                if _same_tensor(out, output) or (self.LOSS_VIEWS and self.LOSS_VIEWS(out, output) is not None):
+                    matched[id(output)] = out
                     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
                         raise ValueError(f"{who} needs a model called with one input tensor, model(x); "
                                          f"it was called with {len(args)} positional and {len(kwargs)} "
@@ -530,7 +535,8 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         if isinstance(returned, (tuple, list)) and len(returned) == 2 \
                 and all(isinstance(t, torch.Tensor) for t in returned):
             output, target = returned
-            return Batch(model_input(output), target.detach(), None, None, True)
+            x = model_input(output)
+            return Batch(x, target.detach(), None, None, True, matched[id(output)], output)
         if not recorder.calls:
             raise ValueError(f"{who}.step(closure): no loss the optimizer knows was computed in the "
                              f"closure; compute it with {[NN_LOSSES_NAMES[n] for n in self.LOSSES]} (or "
@@ -555,7 +561,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         spec = _spec_from_call(func, args, who, self.LOSSES)
         _check_elementwise_shapes(spec, args, who)
         target = args["target"].detach()
-        return Batch(x, target, spec, returned, True)
+        return Batch(x, target, spec, returned, True, matched[id(args["input"])], args["input"])
 
     @staticmethod
     def step_result(batch: Batch, stats: dict):

@@ -28,8 +28,9 @@ def check_x_dtype(x, model: nn.Module) -> None:
     check_tensor("x", x)
 
 
-def check_inputs(x, y, model: nn.Module, p0: torch.Tensor) -> None:
-    """x and y against each other and against the model's parameters (dtype, device, batch)."""
+def check_inputs(x, y, model: nn.Module, p0: torch.Tensor, batch_y: bool = True) -> None:
+    """x and y against each other and against the model's parameters (dtype, device, batch; the batch
+    only with ``batch_y``: a loss on a view of the output, such as output.reshape(-1, C), has its own)."""
     check_x_dtype(x, model)
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
@@ -40,7 +41,7 @@ def check_inputs(x, y, model: nn.Module, p0: torch.Tensor) -> None:
     check_tensor("y", y, float_only=False, finite=False)
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
-    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+    if batch_y and (y.dim() == 0 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must have the batch size of x ({x.shape[0]}), got shape {tuple(y.shape)}")
     check_tensor("y", y, float_only=False)
 
@@ -76,9 +77,7 @@ def targets(y: torch.Tensor, f: torch.Tensor, group: dict) -> torch.Tensor:
         raise ValueError(f"y must hold {c} value(s) per sample to match the model output {tuple(f.shape)}, "
                          f"got shape {tuple(y.shape)}")
     y = y.reshape(b, c).to(f.dtype)
-    if loss == "binary_cross_entropy":
-        if c != 1:
-            raise ValueError(f"binary_cross_entropy needs one model output (logit), got {c}")
+    if loss == "binary_cross_entropy":   # one logit per output element
         if bool(((y < 0) | (y > 1)).any()):
             raise ValueError("y must lie in [0, 1] for binary_cross_entropy")
     return y
@@ -139,8 +138,8 @@ def drop_ignored(group: dict, x, y):
     return x[keep], y[keep]
 
 
-def check_per_sample(model: nn.Module, x, f) -> None:
-    """The forward is repeatable (the same outputs again) and sample i's output
+def check_per_sample(model: nn.Module, x, f) -> tuple:
+    """The model's output shape (before flattening to (b, c)), after checking that the forward is repeatable (the same outputs again) and sample i's output
     depends on x_i only (the two halves of the batch alone give the same outputs); else the model is
     refused naming the cause, since no per-sample Jacobian describes it."""
     b = x.shape[0]
@@ -151,7 +150,8 @@ def check_per_sample(model: nn.Module, x, f) -> None:
         return not bool(((a - f.detach()).abs() <= tol * (1.0 + scale)).all())
 
     with torch.no_grad():
-        if differs(outputs_of(model, model(x), b)):
+        out = model(x)
+        if differs(outputs_of(model, out, b)):
             raise UnsupportedModelError(
                 f"the forward of {type(model).__name__} gave different outputs for the same x: it draws random "
                 "numbers (from a generator of its own, numpy or Python's random), so no Gauss-Newton direction "
@@ -162,3 +162,4 @@ def check_per_sample(model: nn.Module, x, f) -> None:
                 f"{type(model).__name__} mixes the samples of a batch (sample i's output depends on other "
                 "samples, e.g. h - h.mean(0) or attention across the batch dimension), so EGN's per-sample "
                 "Jacobian does not apply; normalise per sample instead")
+    return tuple(out.shape)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from .inputs import check_curvature_options, check_inputs, check_per_sample, dro
 from .linearisation import jvp, vjp
 from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
+from .sequence import SequenceTargets, build_layout, loss_targets, view_index
 from .telemetry import Clock, step_record
 
 __all__ = ["EGN", "Solution"]
@@ -81,6 +83,7 @@ class Solution:
     jitter: float = 0.0
     Ku: torch.Tensor | None = None
     tKu: torch.Tensor | None = None
+    layout: Any = None                # per-position losses: the kept positions (sequence.Layout), else None
 
 
 class EGN(GaussNewtonOptimizer):
@@ -164,6 +167,7 @@ class EGN(GaussNewtonOptimizer):
 
     PER_GROUP = ()
     IGNORE_INDEX = True   # samples labelled ignore_index are dropped (inputs.drop_ignored)
+    LOSS_VIEWS = staticmethod(view_index)   # losses on output.reshape(-1, C), output.transpose(1, 2), ...
     ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
                          "Gram assembler hooks their layers); build a new EGN with every parameter to train")
 
@@ -218,7 +222,7 @@ class EGN(GaussNewtonOptimizer):
             raise ValueError(f"EGN: the model's parameters mix {sorted(map(str, dtypes))}; its forward, Gram and "
                              "solve need one dtype: convert the model with model.double() or model.float()")
         self.model = model
-        self._per_sample_checked: set = set()   # input shapes whose forward passed _check_per_sample
+        self._per_sample_checked: dict = {}   # input shape -> output shape, for forwards that passed _check_per_sample
         self._assembler = gram_assembler(model, params, gram, memory_limit, gram_block_rows)
         self.shards = shards
         # The one data-parallel seam: every exchange of the step goes through self._ranks (the
@@ -334,6 +338,9 @@ class EGN(GaussNewtonOptimizer):
             rhs, g, gg = self._sampled_rhs(f, factor, params, b)
         clock.lap("gram")
         damped = assembly.gram
+        live = None if sol.layout is None else sol.layout.live(damped.shape[0] // (sol.layout.b * sol.layout.width))
+        if live is not None:   # the rows of samples with fewer kept positions than the longest are zero
+            damped = damped[live][:, live]
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
         chol = gram_factor_from_gram_unchecked(damped[None], damped.new_zeros(1))
         info, jitter = torch.stack([chol.info.reshape(()).to(chol.jitter.dtype), chol.jitter.reshape(())]).tolist()
@@ -359,7 +366,7 @@ class EGN(GaussNewtonOptimizer):
             u = u.reshape(b, m)
             back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
             direction = torch._foreach_neg(back_projection)
-        bad = assembly.disagreeing(u, back_projection)
+        bad = assembly.disagreeing(u if sol.layout is None else sol.layout.padded(u), back_projection)
         if bad:
             self._assembler.route_to_functional(bad)
             return None
@@ -373,23 +380,29 @@ class EGN(GaussNewtonOptimizer):
         not finite; the Solution begun)."""
         group = self.param_groups[0]
         ranks = self._ranks
+        seq = isinstance(y, SequenceTargets)
 
         def check():
-            check_inputs(x, y, self.model, group["params"][0])
+            check_inputs(x, y.y if seq else y, self.model, group["params"][0], batch_y=not seq or y.index is None)
             check_samplewise(self.model)
             f = forward_naming_x(forward, x)
-            self._check_per_sample(x, f)
-            return f, targets(y, f, group)
+            shape = self._check_per_sample(x, f)
+            if not seq:
+                return f, targets(y, f, group), None
+            layout = build_layout(y, shape, f)   # the kept positions: their logits are the rows of the loss
+            f = layout.gather(f)
+            return f, targets(layout.y, f, group), layout
 
-        f, y = ranks.agree(check, lambda: x.shape[0], like=x)
+        f, y, layout = ranks.agree(check, lambda: x.shape[0], like=x)
         clock.lap("forward")
         if group.get("curvature", "exact") == "sampled":   # before the draws are made: (b k)^2 Gram entries
-            check_memory(ranks.total * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
-                         f" for batch {ranks.total} with samples={group['samples']} drawn labels per sample "
+            rows = ranks.total if layout is None else f.shape[0]
+            check_memory(rows * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
+                         f" for {rows} samples or positions with samples={group['samples']} drawn labels each "
                          "(curvature='sampled'; use fewer samples)")
         factor = curvature_factor(group["loss"], group.get("curvature", "exact"), f.detach(), y,
                                   group.get("samples", 1))
-        sol = Solution(f, y, factor, f.shape[0], factor.loss.detach(), clock.times)
+        sol = Solution(f, y, factor, f.shape[0], factor.loss.detach(), clock.times, layout=layout)
         finite = _all_finite([factor.loss, factor.residual if factor.target is None else factor.target])
         if ranks.world > 1:  # global loss and a global verdict, in one all_reduce
             loss_sum, nonfinite = ranks.sum_tensors([factor.loss.reshape(1) * sol.b,
@@ -401,14 +414,16 @@ class EGN(GaussNewtonOptimizer):
         if factor.target is None and not lam > 0:
             raise ValueError("curvature='sampled' needs damping > 0 (the gradient is not in the range of "
                              "the sampled factor, so the step uses Woodbury's identity, which divides by it)")
-        return factor_matrix(factor).permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
+        S = factor_matrix(factor)
+        return (S.permute(2, 0, 1) if layout is None else layout.columns(S)), sol   # columns[a, i] = S_i[:, a]
 
-    def _check_per_sample(self, x, f) -> None:
-        """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing)."""
+    def _check_per_sample(self, x, f) -> tuple:
+        """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing);
+        returns the model's output shape."""
         key = (tuple(x.shape), x.dtype)
         if key not in self._per_sample_checked:
-            check_per_sample(self.model, x, f)
-            self._per_sample_checked.add(key)
+            self._per_sample_checked[key] = check_per_sample(self.model, x, f)
+        return self._per_sample_checked[key]
 
     @staticmethod
     def _sampled_rhs(f, factor, params, b):
@@ -439,12 +454,12 @@ class EGN(GaussNewtonOptimizer):
         alpha = float(group["lr"])
         if gTd is None:
             _set_params(params, backup, d_step, alpha)
-            return True, alpha, self._loss_at(x, sol.y) if group["adaptive_damping"] else None
+            return True, alpha, self._loss_at(x, sol) if group["adaptive_damping"] else None
         if state.get("alpha", 0.0) > 0:   # a step at lr = 0 stores alpha 0: the next search starts at lr
             alpha = min(1.5 * state["alpha"], alpha)
         for tries in range(1, group["max_tries"] + 1):
             _set_params(params, backup, d_step, alpha)
-            new_loss = self._loss_at(x, sol.y)
+            new_loss = self._loss_at(x, sol)
             stats["line_search_tries"] = tries
             if bool(new_loss <= sol.loss + group["armijo"] * alpha * gTd):
                 return True, alpha, new_loss
@@ -453,9 +468,11 @@ class EGN(GaussNewtonOptimizer):
         return False, alpha, new_loss
 
     @torch.no_grad()
-    def _loss_at(self, x, y) -> torch.Tensor:
+    def _loss_at(self, x, sol: Solution) -> torch.Tensor:
         f = outputs_of(self.model, self.model(x), x.shape[0])
-        loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
+        if sol.layout is not None:
+            f = sol.layout.gather(f)
+        loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, sol.y).loss
         return self._ranks.mean(loss)
 
     def _model_terms(self, sol: Solution, d_step: list[torch.Tensor], with_momentum: bool):
@@ -504,8 +521,17 @@ class EGN(GaussNewtonOptimizer):
         def prepare():
             batch = self.batch(closure, y)
             spec = self.adopt_loss(batch)
-            self.checked_group()
-            x, kept = drop_ignored(self.param_groups[0], batch.x, batch.y)
+            group = self.checked_group()
+            # The closure's loss call has torch's layout (N, C, d1, ...); step(x, y) and a returned
+            # (output, target) pair have classes last, (b, ..., C).
+            y_ = loss_targets(spec, group, batch.x, batch.y, batch.output, batch.loss_input,
+                              1 if batch.spec is not None else -1)
+            if isinstance(y_, SequenceTargets):
+                if self._ranks.world > 1:
+                    raise ValueError("EGN: per-position losses (outputs (b, ..., C) with labels (b, ...), or a "
+                                     "loss on a view of the output) are not implemented with distributed=True")
+                return batch, batch.x, y_, float(y_.kept()) if spec.reduction == "sum" else 1.0
+            x, kept = drop_ignored(group, batch.x, y_)
             return batch, x, kept, self._loss_scale(spec, x, kept)
         if self._ranks.world == 1:
             return prepare()
