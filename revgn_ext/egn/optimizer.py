@@ -30,6 +30,7 @@ J^T S u = sum_r J_r^T S_r u_r is one local VJP per rank and one all_reduce (docs
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._hyper import egn_spec
 from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
@@ -385,7 +387,8 @@ class EGN(GaussNewtonOptimizer):
         def check():
             check_inputs(x, y.y if seq else y, self.model, group["params"][0], batch_y=not seq or y.index is None)
             check_samplewise(self.model)
-            f = forward_naming_x(forward, x)
+            with _twice_differentiable(group):
+                f = forward_naming_x(forward, x)
             shape = self._check_per_sample(x, f)
             if not seq:
                 return f, targets(y, f, group), None
@@ -544,6 +547,15 @@ class EGN(GaussNewtonOptimizer):
                 or x.dim() == 0 or y.dim() == 0:
             return 1.0
         return spec.scale(x.shape[0], y[0].numel() if y.dim() > 1 else 1)
+
+
+def _twice_differentiable(group: dict):
+    """The step's forward with scaled_dot_product_attention on its math backend where the step
+    differentiates twice (J d by double backward: curvature="sampled", a momentum direction's quadratic
+    model): the fused CPU/CUDA attention kernels have no derivative of their backward."""
+    double = group.get("curvature") == "sampled" or (group["momentum"] > 0 and (group["line_search"] or
+                                                                                 group["adaptive_damping"]))
+    return sdpa_kernel([SDPBackend.MATH]) if double else contextlib.nullcontext()
 
 
 def _set_params(params, base, direction, alpha: float) -> None:

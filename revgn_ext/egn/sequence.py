@@ -107,7 +107,7 @@ def loss_targets(spec, group: dict, x, y, output=None, loss_input=None, class_di
         if index is None or y.shape != index.shape:
             return y
         if bool((index.reshape(-1) == torch.arange(index.numel())).all()):
-            return y
+            return y if y.dim() and y.shape[0] == b else y.reshape(b, -1)
         out = torch.empty(index.numel(), dtype=y.dtype, device=y.device)
         out[index.reshape(-1).to(y.device)] = y.reshape(-1)
         return out.view(b, -1)
