@@ -17,6 +17,7 @@ from torch import nn
 from revgn_ext.egn import EGN
 from revgn_ext.egn import loss_factors as lf
 from revgn_ext.egn import optimizer as egn_optimizer
+from revgn_ext.egn.gram import UnsupportedModelError
 
 from _dense import dense_direction, dense_lm_direction, flat
 
@@ -413,3 +414,25 @@ def test_labels_that_do_not_fit_the_output_are_refused():
     with pytest.raises(ValueError, match=r"outside \[0, 7\)"):
         opt.step(x, torch.full((B, T), 9))
 
+
+
+def test_view_index_finds_each_element_of_a_view_and_nothing_else():
+    from revgn_ext.egn.sequence import view_index
+    out = torch.randn(3, 4, 5)
+    sliced = torch.randn(3, 4, 6)[..., :5]   # a non-contiguous output
+    for o in (out, sliced):
+        for inp in (o, o.reshape(-1, 5) if o.is_contiguous() else o, o.transpose(1, 2), o.permute(2, 0, 1),
+                    o.unsqueeze(1), o.movedim(0, -1)):
+            index = view_index(o, inp)
+            assert torch.equal(o.reshape(-1)[index], inp)
+    assert view_index(out, out[:, :-1]) is None                        # a slice
+    assert view_index(out, out.transpose(1, 2).contiguous()) is None   # a copy
+    assert view_index(out, out.expand(2, 3, 4, 5)) is None             # repeats elements
+    assert view_index(out, out.clone()) is None
+
+
+def test_columns_beyond_memory_limit_are_refused_before_the_backward_passes():
+    x, y = tokens()
+    opt = EGN(lm(), loss="cross_entropy", memory_limit=50_000)
+    with pytest.raises(UnsupportedModelError, match=r"kept positions .* memory_limit"):
+        opt.step(x, y)

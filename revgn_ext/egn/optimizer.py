@@ -100,8 +100,8 @@ class EGN(GaussNewtonOptimizer):
             must not interact (no BatchNorm in training mode).
         loss: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (``label_smoothing``, probability targets) or
             ``nn.BCEWithLogitsLoss`` with reduction "mean" or "sum"; or "mse" (0.5 ||f - y||^2 per
-            sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (one logit,
-            targets in [0, 1]), averaged over the batch. None: the closure's loss, or inferred from the
+            sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (logits,
+            targets in [0, 1], summed over a sample's outputs), averaged over the batch. None: the closure's loss, or inferred from the
             targets where unambiguous (:func:`revgn_ext._optim.infer_loss`). Damping applies to the
             loss as given: for a loss s L, lambda / s is used with L (docs/api.md).
         lr: step size alpha (the largest step when ``line_search`` is on). Default 0.1.
@@ -161,7 +161,10 @@ class EGN(GaussNewtonOptimizer):
     run again on x and on each half of the batch: a model whose outputs change (noise from its own
     generator, numpy) or depend on other samples (``h - h.mean(0)``) is refused, naming the cause.
     Cross-entropy's ``ignore_index`` (default -100) drops the samples with that label: they contribute
-    no row, and the mean runs over the kept ones, as torch's loss does.
+    no row, and the mean runs over the kept ones, as torch's loss does. Per-token losses: outputs
+    (b, ..., C) with labels (b, ...) (``step(x, y)``), or a closure's loss on a view of the output
+    (``out.reshape(-1, C)``, ``out.transpose(1, 2)``): one row per kept token and factor column, the
+    mean over the kept tokens of the whole batch (:mod:`.sequence`).
     """
 
     # Every group option and state entry, checked at construction, load_state_dict and each step.
@@ -418,7 +421,13 @@ class EGN(GaussNewtonOptimizer):
             raise ValueError("curvature='sampled' needs damping > 0 (the gradient is not in the range of "
                              "the sampled factor, so the step uses Woodbury's identity, which divides by it)")
         S = factor_matrix(factor)
-        return (S.permute(2, 0, 1) if layout is None else layout.columns(S)), sol   # columns[a, i] = S_i[:, a]
+        if layout is None:
+            return S.permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
+        rows = layout.b * layout.width * S.shape[2]   # before the rows of missing positions are dropped
+        check_memory(rows, rows * layout.c * f.element_size(), f.dtype, group["memory_limit"], self.model,
+                     f" for {f.shape[0]} kept positions ({layout.width} in the longest sample) with its "
+                     f"{rows} per-sample columns of {layout.c} outputs (use shorter sequences or a smaller batch)")
+        return layout.columns(S), sol
 
     def _check_per_sample(self, x, f) -> tuple:
         """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing);

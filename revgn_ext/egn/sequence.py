@@ -41,6 +41,16 @@ def _offsets(t: torch.Tensor) -> torch.Tensor:
     return off
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """t covers a block of t.numel() storage elements, each once (strides a permutation of contiguous)."""
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 def view_index(out, inp) -> torch.Tensor | None:
     """For ``inp`` a one-to-one rearrangement of all of ``out`` (a view sharing its storage: reshape,
     transpose, permute, squeeze), the index of every inp element in out's row-major order, shaped like
@@ -53,6 +63,8 @@ def view_index(out, inp) -> torch.Tensor | None:
             return None
     except (RuntimeError, NotImplementedError):
         return None
+    if out.is_contiguous() and _dense(inp) and inp.storage_offset() == out.storage_offset():
+        return _offsets(inp) - out.storage_offset()   # both cover the same block of storage, once each
     o = _offsets(out).reshape(-1)
     so, order = torch.sort(o)
     if bool((so[1:] == so[:-1]).any()):   # an expanded output: elements share storage
