@@ -26,6 +26,7 @@ output); anything else (a copy, a slice) is not the model's output.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,6 +189,9 @@ def build_layout(targets: SequenceTargets, raw_shape: tuple, f: torch.Tensor) ->
     y = targets.y.to(f.device)
     index = targets.index
     if index is None:
+        if math.prod(raw_shape) != b * c:
+            raise ValueError(f"the model's output for this x has {b * c} elements, not the {math.prod(raw_shape)} "
+                             f"of the shape {raw_shape} it had for inputs of this shape; EGN needs one output shape per input shape")
         if len(raw_shape) < 2:
             raise ValueError(f"cross_entropy needs the class logits in the model's output, got shape {raw_shape}")
         index = torch.arange(b * c, device=f.device).view(raw_shape)
