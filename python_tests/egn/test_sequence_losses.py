@@ -272,6 +272,8 @@ def test_label_smoothing_and_token_probabilities_equal_dense_lm_solve():
     ref = dense_lm_direction(copy.deepcopy(model), lambda o, t: F.cross_entropy(o.reshape(-1, V), t.reshape(-1, V)),
                              x, q, 0.3)
     assert_close(EGN(copy.deepcopy(model), damping=0.3, loss="cross_entropy").direction(x, q), ref)
+    opt = EGN(copy.deepcopy(model), damping=0.3)   # probabilities in torch's layout (N, C, T) in a closure
+    assert_close(opt.direction(lambda: F.cross_entropy(opt.model(x).transpose(1, 2), q.transpose(1, 2))), ref)
 
 
 @pytest.mark.parametrize("gram", ["auto", "layerwise", "functional"])

@@ -217,8 +217,10 @@ def build_layout(targets: SequenceTargets, raw_shape: tuple, f: torch.Tensor) ->
     else:
         want = positions.shape[:-1]
         if y.is_complex() or y.dtype == torch.bool or tuple(y.shape) != tuple(want):
+            hint = ("; for torch's (N, C, d1, ...) layout compute the loss in a closure, e.g. "
+                    "F.cross_entropy(model(x), y)") if targets.class_dim == -1 else ""
             raise ValueError(f"y of shape {tuple(y.shape)} ({y.dtype}) does not fit {where}: cross_entropy "
-                             f"needs integer class labels of shape {tuple(want)}")
+                             f"needs integer class labels of shape {tuple(want)}{hint}")
         labels = y.reshape(-1)
         keep = labels != targets.ignore_index
         labels = labels[keep].long()
