@@ -438,3 +438,26 @@ def test_columns_beyond_memory_limit_are_refused_before_the_backward_passes():
     opt = EGN(lm(), loss="cross_entropy", memory_limit=50_000)
     with pytest.raises(UnsupportedModelError, match=r"kept positions .* memory_limit"):
         opt.step(x, y)
+
+
+def test_position_columns_equal_their_dense_form():
+    """The assemblers' columns, formed one at a time, against the dense (width m, b, c) tensor:
+    column (s, a) of sample i is factor column a of its s-th kept token, at that token's logits."""
+    from revgn_ext.egn.sequence import SequenceTargets, build_layout
+    x, y = tokens()
+    f = lm()(x).detach().reshape(B, -1)
+    lay = build_layout(SequenceTargets(y, None, -1, -100), (B, T, V), f)
+    assert lay.width == 4 and lay.index.shape == (kept(y), V)
+    S = torch.randn(kept(y), V, 2, dtype=f64)
+    cols = lay.columns(S)
+    dense = torch.zeros(B, lay.width, 2, T * V, dtype=f64)
+    for p in range(kept(y)):
+        i, s = int(lay.sample[p]), int(lay.slot[p])
+        dense[i, s, :, lay.index[p] - i * T * V] = S[p].T
+    dense = dense.reshape(B, -1, T * V).permute(1, 0, 2)
+    assert cols.shape == dense.shape
+    assert all(torch.equal(cols[a], dense[a]) for a in range(cols.shape[0]))
+    w = torch.randn(B, cols.shape[0], dtype=f64)
+    assert torch.allclose(cols.weighted(w), torch.einsum("ia,aic->ic", w, dense), atol=1e-13, rtol=0)
+    jac = torch.randn(B, T * V, 4, dtype=f64)
+    assert torch.allclose(cols.rows(jac), torch.einsum("aik,ikd->iad", dense, jac), atol=1e-13, rtol=0)

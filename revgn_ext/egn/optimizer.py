@@ -424,10 +424,10 @@ class EGN(GaussNewtonOptimizer):
         if layout is None:
             return S.permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
         rows = layout.b * layout.width * S.shape[2]   # before the rows of missing positions are dropped
-        check_memory(rows, rows * layout.c * f.element_size(), f.dtype, group["memory_limit"], self.model,
-                     f" for {f.shape[0]} kept positions ({layout.width} in the longest sample) with its "
-                     f"{rows} per-sample columns of {layout.c} outputs (use shorter sequences or a smaller batch)")
-        return layout.columns(S), sol
+        check_memory(rows, 0, f.dtype, group["memory_limit"], self.model,
+                     f" for {f.shape[0]} kept positions ({layout.width} in the longest sample, {rows} rows "
+                     "before padding's are dropped; use shorter sequences or a smaller batch)")
+        return layout.columns(S), sol   # formed one column at a time (sequence.PositionColumns)
 
     def _check_per_sample(self, x, f) -> tuple:
         """Once per input shape, :func:`.inputs.check_per_sample` (a repeatable forward, no sample mixing);

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["view_index", "SequenceTargets", "Layout", "loss_targets", "build_layout"]
+__all__ = ["view_index", "SequenceTargets", "Layout", "PositionColumns", "loss_targets", "build_layout"]
 
 
 def _offsets(t: torch.Tensor) -> torch.Tensor:
@@ -156,15 +156,9 @@ class Layout:
         """The positions' logits (P, C) of outputs f (b, c), differentiably."""
         return f.reshape(-1)[self.index]
 
-    def columns(self, S: torch.Tensor) -> torch.Tensor:
-        """Per-position factors S (P, C, m) as the assemblers' columns (width m, b, c): column
-        (s, a) of sample i is S_p[:, a] of its s-th position p, placed at p's logits; zero where sample
-        i has fewer than s + 1 positions."""
-        P, C, m = S.shape
-        cols = S.new_zeros(self.b, self.width, m, self.c)
-        within = self.index - self.sample[:, None] * self.c
-        cols[self.sample[:, None].expand(P, C), self.slot[:, None].expand(P, C), :, within] = S
-        return cols.reshape(self.b, self.width * m, self.c).permute(1, 0, 2)
+    def columns(self, S: torch.Tensor) -> "PositionColumns":
+        """Per-position factors S (P, C, m) as the assemblers' columns (width m, b, c)."""
+        return PositionColumns(self, S)
 
     def live(self, m: int) -> torch.Tensor | None:
         """The rows of K (b width m, sample-major) that belong to a kept position; None if all do."""
@@ -180,6 +174,48 @@ class Layout:
         out = u.new_zeros(self.b, self.width, m)
         out[self.sample, self.slot] = u
         return out.reshape(self.b, self.width * m)
+
+
+class PositionColumns:
+    """The assemblers' columns (width m, b, c) of per-position factors S (P, C, m), formed on demand
+    (:mod:`revgn_ext.egn.gram.columns`): column (s, a) of sample i is S_p[:, a] of its s-th kept
+    position p, placed at p's logits, zero where sample i has fewer than s + 1 positions. Dense, they
+    would hold b width m c numbers (b T^2 k V for a language model), almost all zero; one at a time
+    they take b c."""
+
+    def __init__(self, layout: Layout, S: torch.Tensor):
+        self.layout, self.S = layout, S
+        self.m = S.shape[2]
+        self.shape = torch.Size((layout.width * self.m, layout.b, layout.c))
+        self._slots: dict = {}
+
+    def __getitem__(self, a: int) -> torch.Tensor:
+        s, r = divmod(int(a), self.m)
+        lay = self.layout
+        if s not in self._slots:
+            self._slots[s] = torch.nonzero(lay.slot == s).reshape(-1)
+        p = self._slots[s]
+        out = self.S.new_zeros(lay.b * lay.c)
+        out[lay.index[p]] = self.S[p, :, r]
+        return out.view(lay.b, lay.c)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        """sum_a w[i, a] columns[a, i] (b, c) for w (b, width m)."""
+        lay = self.layout
+        wp = w.reshape(lay.b, lay.width, self.m)[lay.sample, lay.slot]                # (P, m)
+        out = self.S.new_zeros(lay.b * lay.c)
+        out.index_put_((lay.index.reshape(-1),), torch.einsum("pcr,pr->pc", self.S, wp).reshape(-1),
+                       accumulate=True)
+        return out.view(lay.b, lay.c)
+
+    def rows(self, jac: torch.Tensor) -> torch.Tensor:
+        """S_i^T J_i (b, width m, d) from per-sample Jacobians jac (b, c, d)."""
+        lay = self.layout
+        d = jac.shape[2]
+        Vp = torch.einsum("pcr,pcd->prd", self.S, jac.reshape(lay.b * lay.c, d)[lay.index])   # (P, m, d)
+        out = jac.new_zeros(lay.b, lay.width, self.m, d)
+        out[lay.sample, lay.slot] = Vp
+        return out.reshape(lay.b, lay.width * self.m, d)
 
 
 def build_layout(targets: SequenceTargets, raw_shape: tuple, f: torch.Tensor) -> Layout:
