@@ -536,7 +536,7 @@ class EGN(GaussNewtonOptimizer):
             group = self.checked_group()
             # The closure's loss call has torch's layout (N, C, d1, ...); step(x, y) and a returned
             # (output, target) pair have classes last, (b, ..., C).
-            y_ = loss_targets(spec, group, batch.x, batch.y, batch.output, batch.loss_input,
+            y_ = loss_targets(spec, batch.x, batch.y, batch.output, batch.loss_input,
                               1 if batch.spec is not None else -1)
             if isinstance(y_, SequenceTargets):
                 if self._ranks.world > 1:

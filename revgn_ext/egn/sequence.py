@@ -101,7 +101,7 @@ class SequenceTargets:
         return int((self.y != self.ignore_index).sum())
 
 
-def loss_targets(spec, group: dict, x, y, output=None, loss_input=None, class_dim: int = -1):
+def loss_targets(spec, x, y, output=None, loss_input=None, class_dim: int = -1):
     """The targets of a step in the form the solve needs: ``y`` itself when the positions are the
     samples (labels (b,), outputs (b, c): the classic case), y rearranged into the model output's
     order for the element-wise losses, or :class:`SequenceTargets` for per-position cross-entropy.
