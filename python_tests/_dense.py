@@ -79,13 +79,20 @@ def brute_gram(model, x, S=None) -> torch.Tensor:
     return J @ J.T
 
 
-def dense_direction(model, x, y, loss: str, damping: float, S=None) -> torch.Tensor:
+def dense_direction(model, x, y, loss: str, damping: float, S=None, index=None) -> torch.Tensor:
     """-(J^T Q J / b + lambda I)^{-1} g, flat, for the mean loss ``loss`` ("mse", "cross_entropy",
     "binary_cross_entropy" of :mod:`revgn_ext.egn.loss_factors`) with Q = S S^T (default: the exact
-    loss Hessian) and g = J^T e / b its gradient."""
+    loss Hessian) and g = J^T e / b its gradient.
+
+    ``index`` (P, C): per-position losses; row p of the loss reads the outputs ``model(x).reshape(-1)
+    [index[p]]`` with target y[p], and b is P (the mean over positions, as torch's cross-entropy over
+    the kept tokens)."""
     J = jacobian(model, x)
     b, c, d = J.shape
     f = call_model(model, x).detach().reshape(b, c)
+    if index is not None:
+        J, f = J.reshape(b * c, d)[index], f.reshape(-1)[index]
+        b, c = index.shape
     exact = loss_factors.LOSS_FACTORS[loss](f, y)
     if S is None:
         S = loss_factors.factor_matrix(exact)

@@ -191,6 +191,8 @@ class Batch:
     spec: LossSpec | None = None
     returned: Any = None
     from_closure: bool = False
+    output: Any = None       # the model's output the loss read (closures), and the tensor the loss got:
+    loss_input: Any = None   # that output or a view of it (reshape, transpose; with LOSS_VIEWS only)
 
 
 class _LossRecorder(TorchFunctionMode):
@@ -275,6 +277,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     ADD_GROUP_MESSAGE = "parameter groups are fixed at construction"
     IGNORE_INDEX = False   # whether cross-entropy samples labelled ignore_index are dropped from the step
     SEVERAL_INPUTS = False  # whether the model may take several inputs (revgn_ext._inputs.ModelInputs)
+    LOSS_VIEWS = None      # a function (output, loss input) -> index or None: losses on views of the output
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -518,11 +521,15 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{who}.step(closure): the closure never called the model ({type(self._hook_module).__name__}) "
                              f"given to {who}; call it in the closure, e.g. loss = loss_fn(model(x), y)")
 
-        def model_call(output):   # (args, kwargs) of the model call that returned ``output``, or None
-            return next(((args, kwargs) for args, kwargs, out in reversed(calls) if _same_tensor(out, output)), None)
+        def model_call(output):   # (args, kwargs, output) of the call whose output ``output`` is (a view of)
+            for args, kwargs, out in reversed(calls):
+                if _same_tensor(out, output) or (self.LOSS_VIEWS and isinstance(output, torch.Tensor)
+                                                 and self.LOSS_VIEWS(out, output) is not None):
+                    return args, kwargs, out
+            return None
 
         def model_input(call):   # every argument of the call (EGN), or its one input tensor
-            return ModelInputs(*call) if self.SEVERAL_INPUTS else single_input(*call, who)
+            return ModelInputs(call[0], call[1]) if self.SEVERAL_INPUTS else single_input(call[0], call[1], who)
 
         if isinstance(returned, (tuple, list)) and len(returned) == 2 \
                 and all(isinstance(t, torch.Tensor) for t in returned):
@@ -532,7 +539,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{who}.step(closure): the loss was not computed on the model's output "
                                  f"(or a reshape of it, such as output.squeeze(1)); the Gauss-Newton step "
                                  f"needs loss(model(x), target)")
-            return Batch(model_input(call), target.detach(), None, None, True)
+            return Batch(model_input(call), target.detach(), None, None, True, call[2], output)
         if not recorder.calls:
             raise ValueError(f"{who}.step(closure): no loss the optimizer knows was computed in the "
                              f"closure; compute it with {[NN_LOSSES_NAMES[n] for n in self.LOSSES]} (or "
@@ -555,7 +562,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         spec = _spec_from_call(func, args, who, self.LOSSES)
         _check_elementwise_shapes(spec, args, who)
         target = args["target"].detach()
-        return Batch(model_input(call), target, spec, returned, True)
+        return Batch(model_input(call), target, spec, returned, True, call[2], args["input"])
 
     @staticmethod
     def step_result(batch: Batch, stats: dict):

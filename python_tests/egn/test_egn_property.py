@@ -8,6 +8,9 @@ parameters, activations, a loss, a curvature (exact or true-class) and a dtype (
 About a third of the cases call the model with several inputs (:class:`MultiInput`: a second per-sample
 input, a per-sample float gate and bool mask, a constant without a batch dimension and a non-tensor
 option), passed as a tuple or a dict.
+Sequence inputs sometimes keep their positions to the end (coupled by a running sum): outputs
+(b, T, c) with a loss per position, cross-entropy labels (b, T) padded with -100 at random, or
+per-element MSE / BCE targets of the output's shape.
 The reference is the parameter-space solve -(J^T S S^T J / b + lambda I)^{-1} g with J from
 torch.func.jacrev in float64. A silent wrong answer on any of these shows up as a mismatch.
 
@@ -69,6 +72,8 @@ class RandomNet(nn.Module):
                 h = h.mean(1)
             elif op[0] == "flatten":
                 h = h.flatten(1)
+            elif op[0] == "cumsum":   # couples the positions of a sample (a causal running sum)
+                h = h.cumsum(1)
             elif op[0] == "pool":
                 h = F.avg_pool2d(h, 2) if h.dim() == 4 else F.max_pool1d(h, 2)
         return h
@@ -83,8 +88,11 @@ class MultiInput(nn.Module):
         self.net, self.side = net, nn.Linear(width, c)
 
     def forward(self, x, side, gate, offset=None, scale=1.0, keep=None):
-        out = (self.net(x) + scale * self.side(torch.tanh(side))) * gate[:, None] + offset
-        return torch.where(keep[:, None], out, -out)
+        h = self.net(x)   # (b, c), or (b, T, c) for a loss per position
+        per = (-1,) + (1,) * (h.dim() - 1)
+        branch = self.side(torch.tanh(side)).view(h.shape[0], *(1,) * (h.dim() - 2), -1)
+        out = (h + scale * branch) * gate.view(per) + offset
+        return torch.where(keep.view(per), out, -out)
 
 
 def several_inputs(rng, net, x, c):
@@ -138,6 +146,7 @@ def build_case(seed):
     if kind == "tokens":
         add(nn.Embedding(6, rng.choice([2, 3]), padding_idx=rng.choice([None, 0])))
         kind = "sequence"
+    per_token = kind == "sequence" and rng.random() < 0.4   # outputs (b, T, c): a loss per position
     if kind in ("image", "image1d"):
         conv = nn.Conv2d if kind == "image" else nn.Conv1d
         for _ in range(rng.choice([1, 2])):
@@ -176,8 +185,12 @@ def build_case(seed):
             if rng.random() < 0.4:
                 add(nn.LayerNorm(probe.shape[-1]))
             act()
-        net.ops.append(("mean",) if rng.random() < 0.5 else ("flatten",))
-        probe = probe.mean(1) if net.ops[-1][0] == "mean" else probe.flatten(1)
+        if per_token:
+            net.ops.append(("cumsum",))
+            probe = probe.cumsum(1)
+        else:
+            net.ops.append(("mean",) if rng.random() < 0.5 else ("flatten",))
+            probe = probe.mean(1) if net.ops[-1][0] == "mean" else probe.flatten(1)
     # Feature stage, with ties and custom parameters.
     linears = []
     for _ in range(rng.choice([2, 3, 4])):
@@ -200,7 +213,7 @@ def build_case(seed):
             linears.append(len(net.mods) - 1)
         act()
     loss = rng.choice(["mse", "cross_entropy", "binary_cross_entropy"])
-    c = 1 if loss == "binary_cross_entropy" else rng.choice([2, 3])
+    c = rng.choice([1, 2]) if loss == "binary_cross_entropy" else rng.choice([2, 3])
     add(nn.Linear(probe.shape[-1], c))
     # Frozen parameters: each with probability 0.2, keeping at least one trainable.
     params = list(net.parameters())
@@ -209,12 +222,16 @@ def build_case(seed):
             p.requires_grad_(False)
     if not any(p.requires_grad for p in net.parameters()):
         params[-1].requires_grad_(True)
+    shape = (b, probe.shape[1]) if per_token else (b,)   # per token: labels (b, T), padding -100
     if loss == "mse":
-        y = torch.randn(b, c, dtype=torch.float64)
+        y = torch.randn(*shape, c, dtype=torch.float64)
     elif loss == "cross_entropy":
-        y = torch.randint(0, c, (b,))
+        y = torch.randint(0, c, shape)
+        if per_token:
+            y[torch.rand(shape) < 0.3] = -100
+            y[0, 0] = 0
     else:
-        y = torch.randint(0, 2, (b, 1)).double()
+        y = torch.randint(0, 2, (*shape, c)).double()
     curvature = "exact" if rng.random() < 0.7 else "true-class"
     dtype = rng.choice([torch.float32, torch.float64])
     damping = rng.choice([0.3, 1.0])
@@ -231,17 +248,31 @@ def _single(net, op):
     return one
 
 
-def true_class_S(model, x, y, loss):
-    """The observed-label factor S_i = e_i (b, c, 1) at the model's outputs."""
+def true_class_S(model, x, y, loss, index=None):
+    """The observed-label factor S_i = e_i (b, c, 1) at the model's outputs (per position with index)."""
     f = call_model(model, x).detach()
     f = f.reshape(f.shape[0], -1)
+    if index is not None:
+        f = f.reshape(-1)[index]
     return lf.factor_matrix(lf.true_class_factor(loss, f, y))
+
+
+def positions(net, x, y, loss):
+    """(targets, index) of the dense reference: per-token cross-entropy reads the kept positions'
+    logits (index (P, C) into the flattened outputs); other losses sum over a sample's outputs."""
+    if loss != "cross_entropy" or y.dim() == 1:
+        return y.reshape(y.shape[0], -1) if y.is_floating_point() else y, None
+    c = call_model(net, x).shape[-1]
+    keep = (y != -100).reshape(-1)
+    return y.reshape(-1)[keep], torch.arange(y.numel() * c).view(-1, c)[keep]
 
 
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_model_direction_equals_dense_solve(seed):
     net, x, y, loss, curvature, dtype, damping = build_case(seed)
-    ref = dense_direction(net, x, y, loss, damping, S=None if curvature == "exact" else true_class_S(net, x, y, loss))
+    yr, index = positions(net, x, y, loss)
+    ref = dense_direction(net, x, yr, loss, damping, index=index,
+                          S=None if curvature == "exact" else true_class_S(net, x, yr, loss, index))
     model = copy.deepcopy(net).to(dtype)
     xs = cast(x, dtype)
     ys = y.to(dtype) if y.is_floating_point() else y

@@ -29,8 +29,9 @@ def check_x_dtype(x, model: nn.Module) -> None:
     check_tensor("x", x)
 
 
-def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor) -> None:
-    """x and y against each other and against the model's parameters (dtype, device, batch)."""
+def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor, batch_y: bool = True) -> None:
+    """x and y against each other and against the model's parameters (dtype, device, batch; the batch
+    only with ``batch_y``: a loss on a view of the output, such as output.reshape(-1, C), has its own)."""
     for key, value in x.items():
         if isinstance(value, torch.Tensor):
             _check_input(x, key, value, model, p0)
@@ -41,7 +42,7 @@ def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor) -> None:
     check_tensor("y", y, float_only=False, finite=False)
     if y.device != first.device:
         raise ValueError(f"y is on {y.device} but {x.names[x.per_sample[0]]} is on {first.device}")
-    if y.dim() == 0 or y.shape[0] != b:
+    if batch_y and (y.dim() == 0 or y.shape[0] != b):
         raise ValueError(f"y must have the batch size of {_batch_of(x)}, got shape {tuple(y.shape)}")
     check_tensor("y", y, float_only=False)
 
@@ -109,9 +110,7 @@ def targets(y: torch.Tensor, f: torch.Tensor, group: dict) -> torch.Tensor:
         raise ValueError(f"y must hold {c} value(s) per sample to match the model output {tuple(f.shape)}, "
                          f"got shape {tuple(y.shape)}")
     y = y.reshape(b, c).to(f.dtype)
-    if loss == "binary_cross_entropy":
-        if c != 1:
-            raise ValueError(f"binary_cross_entropy needs one model output (logit), got {c}")
+    if loss == "binary_cross_entropy":   # one logit per output element
         if bool(((y < 0) | (y > 1)).any()):
             raise ValueError("y must lie in [0, 1] for binary_cross_entropy")
     return y
@@ -172,8 +171,9 @@ def drop_ignored(group: dict, x: ModelInputs, y):
     return x.slice(keep), y[keep]
 
 
-def check_per_sample(model: nn.Module, x: ModelInputs, f) -> None:
-    """The forward is repeatable (the same outputs again) and sample i's output
+def check_per_sample(model: nn.Module, x: ModelInputs, f) -> tuple:
+    """The model's output shape (before flattening to (b, c)), after checking that the forward is
+    repeatable (the same outputs again) and sample i's output
     depends on x_i only (the two halves of the batch alone give the same outputs); else the model is
     refused naming the cause, since no per-sample Jacobian describes it. With several inputs, each half
     slices every per-sample input and keeps the constants (:class:`ModelInputs`); a refusal then names
@@ -190,7 +190,8 @@ def check_per_sample(model: nn.Module, x: ModelInputs, f) -> None:
         return not bool(((a - f.detach()).abs() <= tol * (1.0 + scale)).all())
 
     with torch.no_grad():
-        if differs(outputs_of(model, x.call(model), b)):
+        out = x.call(model)
+        if differs(outputs_of(model, out, b)):
             raise UnsupportedModelError(
                 f"the forward of {type(model).__name__} gave different outputs for the same x: it draws random "
                 "numbers (from a generator of its own, numpy or Python's random), so no Gauss-Newton direction "
@@ -210,3 +211,4 @@ def check_per_sample(model: nn.Module, x: ModelInputs, f) -> None:
                 f"{type(model).__name__} mixes the samples of a batch (sample i's output depends on other "
                 "samples, e.g. h - h.mean(0) or attention across the batch dimension), so EGN's per-sample "
                 f"Jacobian does not apply; normalise per sample instead{inputs}")
+    return tuple(out.shape)

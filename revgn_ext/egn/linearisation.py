@@ -8,9 +8,12 @@ autograd graph of the outputs f.
 """
 from __future__ import annotations
 
-import torch
+import contextlib
 
-__all__ = ["vjp", "jvp"]
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = ["vjp", "jvp", "twice_differentiable"]
 
 
 def vjp(f: torch.Tensor, params, v: torch.Tensor) -> list[torch.Tensor]:
@@ -26,3 +29,12 @@ def jvp(f: torch.Tensor, params, tangents) -> torch.Tensor:
     transposed = torch.autograd.grad(f, params, grad_outputs=z, create_graph=True, allow_unused=True)
     pairs = [(h, d) for h, d in zip(transposed, tangents) if h is not None]
     return torch.autograd.grad([h for h, _ in pairs], z, grad_outputs=[d for _, d in pairs])[0].detach()
+
+
+def twice_differentiable(group: dict):
+    """The step's forward with scaled_dot_product_attention on its math backend where the step
+    differentiates twice (J d by double backward: curvature="sampled", a momentum direction's quadratic
+    model): the fused CPU/CUDA attention kernels have no derivative of their backward."""
+    double = group.get("curvature") == "sampled" or (group["momentum"] > 0 and (group["line_search"] or
+                                                                                 group["adaptive_damping"]))
+    return sdpa_kernel([SDPBackend.MATH]) if double else contextlib.nullcontext()

@@ -80,12 +80,13 @@ def cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
 
 
 def binary_cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
-    """Binary cross-entropy on one logit, l = -y log sigma(f) - (1 - y) log(1 - sigma(f)), y in [0, 1]:
+    """Binary cross-entropy of logits, per element l = -y log sigma(f) - (1 - y) log(1 - sigma(f)),
+    y in [0, 1], summed over a sample's elements (Q_i is diagonal):
 
     e = sigma(f) - y,  Q = q = sigma(f)(1 - sigma(f)),  S = sqrt(q),
     t = e / sqrt(q) = (1 - y) exp(f/2) - y exp(-f/2)   (since (1 - sigma)/sigma = exp(-f)).
 
-    f, y: (b, 1).
+    f, y: (b, c), one logit per element (the per-sample loss sums over them).
     """
     e = torch.sigmoid(f) - y
     s = (0.5 * (F.logsigmoid(f) + F.logsigmoid(-f))).exp()
@@ -187,10 +188,10 @@ def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1
     else:
         base = LOSS_FACTORS[loss](f, y)
         e = base.residual   # at the observed targets; the draws need none
-        if loss == "binary_cross_entropy":
-            q = torch.sigmoid(f)                                                              # (b, 1)
-            u = torch.rand(b, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
-            G = (q - (u < q).to(f.dtype))[:, None, :]                                         # (b, 1, k)
+        if loss == "binary_cross_entropy":   # one Bernoulli draw per logit
+            q = torch.sigmoid(f)[:, :, None]                                                  # (b, c, 1)
+            u = torch.rand(b, c, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
+            G = q - (u < q).to(f.dtype)                                                       # (b, c, k)
         else:
             G = -torch.randn(b, c, samples, generator=generator, dtype=f.dtype, device="cpu").to(f.device)
     return LossFactor(base.loss, e, None, None, None, G / math.sqrt(samples) if samples > 1 else G)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,21 +49,14 @@ from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_ass
 from .gram.verification import disagreement
 from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
     forward_naming_x, targets
-from .linearisation import jvp, vjp
+from .linearisation import jvp, twice_differentiable, vjp
+from .params import all_finite as _all_finite, set_params as _set_params
 from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
+from .sequence import SequenceTargets, build_layout, loss_targets, view_index
 from .telemetry import Clock, step_record
 
 __all__ = ["EGN", "Solution"]
-
-
-def _all_finite(tensors) -> bool:
-    """Every entry of every tensor finite: the max-norms (which cannot overflow, and are NaN or inf
-    exactly when an entry is) of all tensors in one fused call, one host sync."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
 
 
 @dataclass
@@ -85,6 +79,7 @@ class Solution:
     loss_value: float | None = None   # float(loss), likewise
     Ku: torch.Tensor | None = None
     tKu: torch.Tensor | None = None
+    layout: Any = None                # per-position losses: the kept positions (sequence.Layout), else None
 
 
 class EGN(GaussNewtonOptimizer):
@@ -100,8 +95,8 @@ class EGN(GaussNewtonOptimizer):
             ``torch.compile``-d or DDP-wrapped. Samples must not interact (no BatchNorm in training mode).
         loss: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` (``label_smoothing``, probability targets) or
             ``nn.BCEWithLogitsLoss`` with reduction "mean" or "sum"; or "mse" (0.5 ||f - y||^2 per
-            sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (one logit,
-            targets in [0, 1]), averaged over the batch. None: the closure's loss, or inferred from the
+            sample), "cross_entropy" (softmax, integer labels) or "binary_cross_entropy" (logits,
+            targets in [0, 1], summed over a sample's outputs), averaged over the batch. None: the closure's loss, or inferred from the
             targets where unambiguous (:func:`revgn_ext._optim.infer_loss`). Damping applies to the
             loss as given: for a loss s L, lambda / s is used with L (docs/api.md).
         lr: step size alpha (the largest step when ``line_search`` is on). Default 0.1.
@@ -162,7 +157,10 @@ class EGN(GaussNewtonOptimizer):
     outputs change (noise from its own generator, numpy) or depend on other samples
     (``h - h.mean(0)``) is refused, naming the cause.
     Cross-entropy's ``ignore_index`` (default -100) drops the samples with that label: they contribute
-    no row, and the mean runs over the kept ones, as torch's loss does.
+    no row, and the mean runs over the kept ones, as torch's loss does. Per-token losses: outputs
+    (b, ..., C) with labels (b, ...) (``step(x, y)``), or a closure's loss on a view of the output
+    (``out.reshape(-1, C)``, ``out.transpose(1, 2)``): one row per kept token and factor column, the
+    mean over the kept tokens of the whole batch (:mod:`.sequence`).
     """
 
     # Every group option and state entry, checked at construction, load_state_dict and each step.
@@ -171,6 +169,7 @@ class EGN(GaussNewtonOptimizer):
     PER_GROUP = ()
     IGNORE_INDEX = True   # samples labelled ignore_index are dropped (inputs.drop_ignored)
     SEVERAL_INPUTS = True  # model(*args, **kwargs): the closure's call is recorded whole (ModelInputs)
+    LOSS_VIEWS = staticmethod(view_index)   # losses on output.reshape(-1, C), output.transpose(1, 2), ...
     ADD_GROUP_MESSAGE = ("EGN solves one Gauss-Newton system over the parameters it was built with (its "
                          "Gram assembler hooks their layers); build a new EGN with every parameter to train")
 
@@ -225,7 +224,7 @@ class EGN(GaussNewtonOptimizer):
             raise ValueError(f"EGN: the model's parameters mix {sorted(map(str, dtypes))}; its forward, Gram and "
                              "solve need one dtype: convert the model with model.double() or model.float()")
         self.model = model
-        self._per_sample_checked: set = set()   # input shapes whose forward passed _check_per_sample
+        self._per_sample_checked: dict = {}   # input shape -> output shape, for forwards that passed _check_per_sample
         self._assembler = gram_assembler(model, params, gram, memory_limit, gram_block_rows)
         self.shards = shards
         # The one data-parallel seam: every exchange of the step goes through self._ranks (the
@@ -351,10 +350,15 @@ class EGN(GaussNewtonOptimizer):
         factor, b, f = sol.factor, sol.b, sol.f
         sampled = factor.target is None
         if sampled:
-            rhs, g, gg = self._sampled_rhs(f, factor, params, b, assembly if self._ranks.world == 1 else None)
+            # S^T J g from K's factors in a single process; per-position rows (a layout) by double backward
+            own = self._ranks.world == 1 and sol.layout is None
+            rhs, g, gg = self._sampled_rhs(f, factor, params, b, assembly if own else None)
         assembly.rows = None   # only S^T J g needs them: free the torch.func rows before the factorisation
         clock.lap("gram")
         damped = assembly.gram
+        live = None if sol.layout is None else sol.layout.live(damped.shape[0] // (sol.layout.b * sol.layout.width))
+        if live is not None:   # the rows of samples with fewer kept positions than the longest are zero
+            damped = damped[live][:, live]
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
         plain = plain_factor(damped)
         L, summary, mu = plain_cholesky(damped) + (b * lam,) if plain else factor_op(damped, b * lam)
@@ -365,7 +369,8 @@ class EGN(GaussNewtonOptimizer):
         while True:
             u, back_projection, direction = self._back_project(sol, L, mu, lam, rhs if sampled else None,
                                                                g if sampled else None, gg if sampled else None)
-            ids, flags = disagreement(assembly.checked, assembly.params, u, back_projection)
+            ids, flags = disagreement(assembly.checked, assembly.params,
+                                      u if sol.layout is None else sol.layout.padded(u), back_projection)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)))
             verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
                                  flags.to(f.dtype)]).tolist()
@@ -417,23 +422,30 @@ class EGN(GaussNewtonOptimizer):
         not finite; the Solution begun)."""
         group = self.param_groups[0]
         ranks = self._ranks
+        seq = isinstance(y, SequenceTargets)
 
         def check():
-            check_inputs(x, y, self.model, group["params"][0])
+            check_inputs(x, y.y if seq else y, self.model, group["params"][0], batch_y=not seq or y.index is None)
             check_samplewise(self.model)
-            f = forward_naming_x(forward, x)
-            self._check_per_sample(x, f)
-            return f, targets(y, f, group)
+            with twice_differentiable(group):
+                f = forward_naming_x(forward, x)
+            shape = self._check_per_sample(x, f)
+            if not seq:
+                return f, targets(y, f, group), None
+            layout = build_layout(y, shape, f)   # the kept positions: their logits are the rows of the loss
+            f = layout.gather(f)
+            return f, targets(layout.y, f, group), layout
 
-        f, y = ranks.agree(check, lambda: x.batch_size, like=x.first)
+        f, y, layout = ranks.agree(check, lambda: x.batch_size, like=x.first)
         clock.lap("forward")
         if group.get("curvature", "exact") == "sampled":   # before the draws are made: (b k)^2 Gram entries
-            check_memory(ranks.total * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
-                         f" for batch {ranks.total} with samples={group['samples']} drawn labels per sample "
+            rows = ranks.total if layout is None else f.shape[0]
+            check_memory(rows * group["samples"], 0, f.dtype, group["memory_limit"], self.model,
+                         f" for {rows} samples or positions with samples={group['samples']} drawn labels each "
                          "(curvature='sampled'; use fewer samples)")
         factor = curvature_factor(group["loss"], group.get("curvature", "exact"), f.detach(), y,
                                   group.get("samples", 1))
-        sol = Solution(f, y, factor, f.shape[0], factor.loss.detach(), clock.times)
+        sol = Solution(f, y, factor, f.shape[0], factor.loss.detach(), clock.times, layout=layout)
         finite = _all_finite([factor.loss, factor.residual if factor.target is None else factor.target])
         if ranks.world > 1:  # global loss and a global verdict, in one all_reduce
             loss_sum, nonfinite = ranks.sum_tensors([factor.loss.reshape(1) * sol.b,
@@ -445,15 +457,22 @@ class EGN(GaussNewtonOptimizer):
         if factor.target is None and not lam > 0:
             raise ValueError("curvature='sampled' needs damping > 0 (the gradient is not in the range of "
                              "the sampled factor, so the step uses Woodbury's identity, which divides by it)")
-        return factor_matrix(factor).permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
+        S = factor_matrix(factor)
+        if layout is None:
+            return S.permute(2, 0, 1), sol   # columns[a, i] = S_i[:, a]: (m, b, c)
+        rows = layout.b * layout.width * S.shape[2]   # before the rows of missing positions are dropped
+        check_memory(rows, 0, f.dtype, group["memory_limit"], self.model,
+                     f" for {f.shape[0]} kept positions ({layout.width} in the longest sample, {rows} rows "
+                     "before padding's are dropped; use shorter sequences or a smaller batch)")
+        return layout.columns(S), sol   # formed one column at a time (sequence.PositionColumns)
 
-    def _check_per_sample(self, x, f) -> None:
+    def _check_per_sample(self, x, f) -> tuple:
         """Once per input signature (shapes, dtypes, constants), :func:`.inputs.check_per_sample` (a
-        repeatable forward, no sample mixing)."""
+        repeatable forward, no sample mixing); returns the model's output shape."""
         key = x.signature()
         if key not in self._per_sample_checked:
-            check_per_sample(self.model, x, f)
-            self._per_sample_checked.add(key)
+            self._per_sample_checked[key] = check_per_sample(self.model, x, f)
+        return self._per_sample_checked[key]
 
     @staticmethod
     def _sampled_rhs(f, factor, params, b, assembly=None):
@@ -486,12 +505,12 @@ class EGN(GaussNewtonOptimizer):
         alpha = float(group["lr"])
         if gTd is None:
             _set_params(params, backup, d_step, alpha)
-            return True, alpha, self._loss_at(x, sol.y) if group["adaptive_damping"] else None
+            return True, alpha, self._loss_at(x, sol) if group["adaptive_damping"] else None
         if state.get("alpha", 0.0) > 0:   # a step at lr = 0 stores alpha 0: the next search starts at lr
             alpha = min(1.5 * state["alpha"], alpha)
         for tries in range(1, group["max_tries"] + 1):
             _set_params(params, backup, d_step, alpha)
-            new_loss = self._loss_at(x, sol.y)
+            new_loss = self._loss_at(x, sol)
             stats["line_search_tries"] = tries
             if bool(new_loss <= sol.loss + group["armijo"] * alpha * gTd):
                 return True, alpha, new_loss
@@ -500,9 +519,11 @@ class EGN(GaussNewtonOptimizer):
         return False, alpha, new_loss
 
     @torch.no_grad()
-    def _loss_at(self, x, y) -> torch.Tensor:
+    def _loss_at(self, x, sol: Solution) -> torch.Tensor:
         f = outputs_of(self.model, x.call(self.model), x.batch_size)
-        loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, y).loss
+        if sol.layout is not None:
+            f = sol.layout.gather(f)
+        loss = LOSS_FACTORS[self.param_groups[0]["loss"]](f, sol.y).loss
         return self._ranks.mean(loss)
 
     def _model_terms(self, sol: Solution, d_step: list[torch.Tensor], with_momentum: bool):
@@ -551,9 +572,18 @@ class EGN(GaussNewtonOptimizer):
         def prepare():
             batch = self.batch(closure, y)
             spec = self.adopt_loss(batch)
-            if self.shards is not None:   # (a single process: adopt_loss has checked every group)
-                self.checked_group()
-            x, kept = drop_ignored(self.param_groups[0], ModelInputs.of(batch.x), batch.y)
+            group = self.checked_group() if self.shards is not None else self.param_groups[0]
+            x = ModelInputs.of(batch.x)
+            # The closure's loss call has torch's layout (N, C, d1, ...); step(x, y) and a returned
+            # (output, target) pair have classes last, (b, ..., C).
+            y_ = loss_targets(spec, x, batch.y, batch.output, batch.loss_input,
+                              1 if batch.spec is not None else -1)
+            if isinstance(y_, SequenceTargets):
+                if self._ranks.world > 1:
+                    raise ValueError("EGN: per-position losses (outputs (b, ..., C) with labels (b, ...), or a "
+                                     "loss on a view of the output) are not implemented with distributed=True")
+                return batch, x, y_, float(y_.kept()) if spec.reduction == "sum" else 1.0
+            x, kept = drop_ignored(group, x, y_)
             return batch, x, kept, self._loss_scale(spec, x, kept)
         if self._ranks.world == 1:
             return prepare()
@@ -565,10 +595,3 @@ class EGN(GaussNewtonOptimizer):
         if spec.reduction == "batch_mean" or not isinstance(y, torch.Tensor) or y.dim() == 0:
             return 1.0
         return spec.scale(x.batch_size, y[0].numel() if y.dim() > 1 else 1)
-
-
-def _set_params(params, base, direction, alpha: float) -> None:
-    """w = base + alpha d, in place."""
-    with torch.no_grad():   # fused over the parameters: two calls
-        torch._foreach_copy_(params, base)
-        torch._foreach_add_(params, direction, alpha=alpha)

@@ -5,7 +5,8 @@ for one solve:
 
 1. the assembler hands ``system`` a ``forward`` function (the model on x, with whatever recording the
    assembler needs); ``system(forward)`` runs the caller's checks around that forward, forms the loss
-   factor and returns ``(columns, payload)``: ``columns`` (m, b, c) with ``columns[a, i] = S_i[:, a]``,
+   factor and returns ``(columns, payload)``: ``columns`` (m, b, c) with ``columns[a, i] = S_i[:, a]``
+   (a tensor, or formed column by column on demand: :mod:`.columns`),
    or None when no Gram is needed (a non-finite loss), and anything the caller wants back;
 2. the assembler forms K = S^T J J^T S (rows of every rank of ``ranks`` gathered: rank, then sample,
    then output), verifying its layer rules;

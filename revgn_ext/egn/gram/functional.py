@@ -8,6 +8,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from ..._inputs import ModelInputs
 from .assembly import Assembly
+from .columns import column_rows
 from .checks import DEFAULT_MEMORY_LIMIT, RandomForward, UnsupportedModelError, check_memory, check_recurrent, \
     outputs_of
 
@@ -36,7 +37,7 @@ def per_sample_jacobian_rows(model: nn.Module, x, names: list[str],
     except Exception as err:  # torch.func raises many error types for unsupported modules
         raise UnsupportedModelError(
             f"torch.func could not form per-sample Jacobians of {type(model).__name__} for {names}: {err}") from err
-    return {n: torch.einsum("aik,ikd->iad", columns, jac[n].reshape(b, c, -1)) for n in names}
+    return {n: column_rows(columns, jac[n].reshape(b, c, -1)) for n in names}
 
 
 class FunctionalGram:

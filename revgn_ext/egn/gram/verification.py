@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from .columns import weighted_columns
+
 __all__ = ["MISMATCH", "weighted", "disagreeing", "disagreement", "random_weight_check"]
 
 MISMATCH = ("its hooked per-layer gradient differs from autograd's (a use no layer rule sees, such as "
@@ -80,6 +82,6 @@ def random_weight_check(f: torch.Tensor, columns: torch.Tensor, factors, generat
     if not ours:
         return []
     checked = [p for p, _ in ours.values()]
-    grad_outputs = torch.einsum("ia,aic->ic", w, columns)
+    grad_outputs = weighted_columns(columns, w)
     truth = torch.autograd.grad(f, checked, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
     return compare(ours, truth, f.dtype)
