@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples"]
+__all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "parameter_ops"]
 
 _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
@@ -160,6 +160,49 @@ class LinearCapture(TorchFunctionMode):
             with self._linear_patched():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+        return f"F.{name}"
+    if module == "torch":
+        return f"torch.{name}"
+    return f"Tensor.{name}" if "TensorBase" in getattr(func, "__qualname__", "") else name
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Records which torch functions the forward passes each watched parameter (or a view of it) to; a
+    function of ``torch.nn.functional`` is seen as a whole (``F.multi_head_attention_forward``)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = list(params)
+        self.ops: dict[int, list[str]] = {id(p): [] for p in self.params}
+
+    def _scan(self, func, value):
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                self._scan(func, v)
+        elif isinstance(value, torch.Tensor):
+            for p in self.params:
+                if _same_storage(value, p) and _op_name(func) not in self.ops[id(p)]:
+                    self.ops[id(p)].append(_op_name(func))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._scan(func, list(args) + list(kwargs.values()))
+        return func(*args, **kwargs)
+
+
+def parameter_ops(forward, params) -> dict:
+    """{id(param): names of the torch functions that ``forward()`` (the model's forward) passes it to}, for
+    the message that refuses a parameter no rule covers."""
+    uses = _ParameterUses(params)
+    with torch.enable_grad(), uses:
+        forward()
+    return uses.ops
 
 
 # --------------------------------------------------------------------------------------------------

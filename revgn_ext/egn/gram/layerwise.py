@@ -13,7 +13,8 @@ projections, hand-written layers) are recorded by :class:`revgn_ext.egn.capture.
 the rule of :mod:`revgn_ext.egn.rules.functional_linear`; the sample axis of such a call is found once
 per call pattern (:func:`revgn_ext.egn.capture.resolve_layouts`). Parameters no rule covers otherwise
 fall back *per parameter* to torch.func (:mod:`.functional`);
-``fallback=False`` (``gram="layerwise"``) refuses them instead, naming the module. The factors are
+``fallback=False`` (``gram="layerwise"``) refuses them instead, naming the parameter, its module and
+the ops the forward passes it to. The factors are
 verified against autograd (:mod:`.verification`); a parameter that disagrees moves to torch.func from
 then on, with a RuntimeWarning naming it.
 """
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..._warn import user_stacklevel
-from ..capture import LinearCall, LinearCapture, resolve_layouts
+from ..capture import LinearCall, LinearCapture, parameter_ops, resolve_layouts
 from ..rules import KronInput, kron_per_sample, rule_for
 from ..rules.functional_linear import FunctionalLinearRule
 from . import factors as factor_forms
@@ -101,14 +102,21 @@ class LayerwiseGram:
         self.params = list(params)
         self.names = {id(p): n for n, p in model.named_parameters()}
         covered, uncovered = _coverage(model, self.params)
-        if uncovered and not fallback:
-            why = next(iter(uncovered.values()))
+        # A parameter of 1 or 2 dims may be the weight or bias of a linear call (F.linear, @), which
+        # LinearCapture records during the forward; ``gram="layerwise"`` refuses the others now, and those
+        # that no call covers after the forward (see _refuse_uncaptured).
+        # (A parameter of a module whose rule does not cover it is used by that module's own op.)
+        dims = {id(p): p.dim() for p in self.params}
+        ruled = {id(p) for m in model.modules() if rule_for(m) is not None for p in m.parameters(recurse=False)}
+        self.capturable = {pid for pid in uncovered if dims[pid] in (1, 2) and pid not in ruled}
+        hard = [why if pid in ruled else f"{why} (nor is a parameter of {dims[pid]} dims a linear call's weight or bias)"
+                for pid, why in uncovered.items() if pid not in self.capturable]
+        if hard and not fallback:
             raise UnsupportedModelError(
-                f"layerwise Gram unavailable for {type(model).__name__}: {why}; gram='auto' computes the "
+                f"layerwise Gram unavailable for {type(model).__name__}: {hard[0]}; gram='auto' computes the "
                 "per-sample Jacobian of such parameters with torch.func (vmap of jacrev), per layer")
+        self.uncovered = uncovered
         self.functional = set(uncovered)   # ids of parameters on the torch.func route unless captured
-        # Of those, the ones that a linear call may cover (``gram="auto"`` only): recorded by LinearCapture.
-        self.capturable = set(uncovered) if fallback else set()
         self.fallback = set(uncovered)     # this solve's torch.func route: functional less what was captured
         self.covered = covered
         self._layouts: dict = {}           # call pattern -> the calls' sample layouts (None: no layout)
@@ -218,7 +226,26 @@ class LayerwiseGram:
         tape.extend(_Use(call.name, call, _CALL_RULE, call.inp, call.out) for call in captured)
         # This solve's torch.func route: the uncovered parameters that no laid-out call covered.
         self.fallback = self.functional - {id(getattr(c, a)) for c in captured for a in _CALL_RULE.attrs(c)}
+        if self.fallback and not self.fallback_enabled:
+            self._refuse_uncaptured(x, capture.calls if capture is not None else [])
         return f
+
+    def _refuse_uncaptured(self, x, calls):
+        """``gram="layerwise"``: refuse the first parameter that neither a module rule nor a laid-out
+        linear call covers, naming it and the ops the forward passes it to (one more forward)."""
+        pid = next(p for p in (id(q) for q in self.params) if p in self.fallback)
+        param = next(p for p in self.params if id(p) == pid)
+        unlaid = [c for c in calls if c.layout is None and pid in (id(c.weight), id(c.bias))]
+        if unlaid:
+            how = (f"its linear call (input {tuple(unlaid[0].inp.shape)}, output {tuple(unlaid[0].out.shape)}) "
+                   "has no sample axis in its rows")
+        else:
+            ops = parameter_ops(lambda: self.model(x), [param])[pid]
+            how = (f"the forward passes it to {', '.join(ops) or 'no torch function'}, which no layer rule covers "
+                   "(rules cover it as the weight or bias of F.linear / @ / torch.matmul)")
+        raise UnsupportedModelError(
+            f"layerwise Gram unavailable for {type(self.model).__name__}: {self.uncovered[pid]}, and {how}; "
+            "gram='auto' computes the per-sample Jacobian of such parameters with torch.func (vmap of jacrev)")
 
     def _captured_calls(self, f: torch.Tensor, calls) -> list:
         """The recorded linear calls with their sample layout (found once per call pattern by two
