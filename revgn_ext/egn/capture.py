@@ -14,6 +14,10 @@ How calls are seen:
   runs its body without the mode, so while it runs, the module attribute ``torch.nn.functional.linear``
   (which that module's functions look up at call time) is a recording wrapper; it is restored on exit.
 
+Attention on few positions: ``F.scaled_dot_product_attention`` on CPU with at most 1024 query-key pairs
+(e.g. 32 x 32) runs its math backend while the capture is active (the same function; its backward,
+which the Gram takes once per output column, is faster there than the fused kernel's on such shapes).
+
 Which parameter a weight is: by storage. A weight argument that shares its storage with a tracked
 parameter is that parameter, a block of its rows (``w.split``, ``w.chunk``, ``w[a:b]``), or the
 transpose of either (``W.T`` in ``x @ W.T``; ``x @ W`` is the transpose of ``F.linear(x, W)``), read
@@ -31,6 +35,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "parameter_ops"]
@@ -38,12 +43,24 @@ __all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "para
 _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _RMATMUL = {torch.Tensor.__rmatmul__}
+_SDPA = torch._C._nn.scaled_dot_product_attention
+_MATH_PAIRS = 1024   # query-key pairs up to which attention on CPU runs its math backend (measured)
+
+
+def _attention(*args, **kwargs):
+    """F.scaled_dot_product_attention, on the math backend for few positions on CPU (see the module
+    docstring)."""
+    q, k = args[0], args[1] if len(args) > 1 else kwargs.get("key")
+    if q.device.type == "cpu" and q.dim() >= 2 and q.shape[-2] * k.shape[-2] <= _MATH_PAIRS:
+        with sdpa_kernel(SDPBackend.MATH):
+            return _SDPA(*args, **kwargs)
+    return _SDPA(*args, **kwargs)
 
 
 class LinearCall:
     """One call y = x W_u^T + b_u, with W_u a block of rows of ``weight`` (or its transpose) and b_u a
-    block of ``bias``. Attributes ``weight`` / ``bias`` are the parameters themselves (or None), so that
-    the call reads like a module to the assembler.
+    block of ``bias``. Attributes ``weight`` / ``bias`` are the parameters themselves (or None: not a
+    tracked parameter, e.g. frozen), so that the call reads like a module to the assembler.
 
     ``rows``: (first, last) rows of ``weight`` used; ``transposed``: the parameter is stored (in, out)
     (``x @ W``); ``bias_rows``: likewise for the bias. ``layout``: where the samples are in the call's
@@ -60,7 +77,7 @@ class LinearCall:
     @property
     def full(self) -> bool:
         """The whole weight, stored (out, in): the Kronecker form applies as for ``nn.Linear``."""
-        return not self.transposed and self.rows == (0, self.weight.shape[0])
+        return self.weight is not None and not self.transposed and self.rows == (0, self.weight.shape[0])
 
     def signature(self):
         return (id(self.weight), self.rows, self.transposed, id(self.bias), self.bias_rows,
@@ -114,15 +131,18 @@ class LinearCapture(TorchFunctionMode):
         self._patched = False
 
     def _record(self, x, weight, bias, compute):
-        """compute() -> y; records the call when ``weight`` is a tracked parameter (part)."""
+        """compute() -> y; records the call when ``weight`` or ``bias`` is a tracked parameter (part)."""
         part = _as_part(weight, self.params)
-        y = compute()
-        if part is None or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or not y.requires_grad:
-            return y
-        p, rows, transposed = part
         b_part = _as_part(bias, self.params) if bias is not None else None
+        y = compute()
+        if (part is None and b_part is None) or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
+                or not y.requires_grad:
+            return y
+        p, rows, transposed = part if part is not None else (None, None, False)
         bias_p, bias_rows = (b_part[0], b_part[1]) if b_part is not None and not b_part[2] else (None, None)
-        name = self.name_of.get(id(p), "?")
+        if p is None and bias_p is None:
+            return y
+        name = self.name_of.get(id(p if p is not None else bias_p), "?")
         self.calls.append(LinearCall(name, p, rows, transposed, bias_p, bias_rows, x.detach(), y))
         return y.clone()
 
@@ -135,13 +155,13 @@ class LinearCapture(TorchFunctionMode):
         if self._patched:
             yield
             return
-        original = F.linear
-        F.linear = self._linear
+        original, attention = F.linear, F.scaled_dot_product_attention
+        F.linear, F.scaled_dot_product_attention = self._linear, _attention
         self._patched = True
         try:
             yield
         finally:
-            F.linear = original
+            F.linear, F.scaled_dot_product_attention = original, attention
             self._patched = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -150,6 +170,8 @@ class LinearCapture(TorchFunctionMode):
             x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return self._linear(x, weight, bias)
+        if func is _SDPA:
+            return _attention(*args, **kwargs)
         if func in _MATMUL or func in _RMATMUL:
             a, w = (args[0], args[1]) if func in _MATMUL else (args[1], args[0])
             if isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(a, torch.Tensor) and a.dim() >= 1:

@@ -88,11 +88,13 @@ class KronFactor:
 
 
 class DenseFactor:
-    """Materialised per-sample gradients V (b, m, d_p) of one parameter (None: torch.func rows, which
-    the verification does not check)."""
+    """Materialised per-sample gradients V (b, m, d): of one parameter (``param``; None: torch.func rows,
+    which the verification does not check), or of several side by side in one buffer (``parts``: (param,
+    first column, last column)), so that their Gram is one matrix product."""
 
-    def __init__(self, param, V):
+    def __init__(self, param, V, parts=None):
         self.param, self.V = param, V
+        self.parts = parts if parts is not None else ([] if param is None else [(param, 0, V.shape[2])])
 
     def nbytes(self):
         return self.V.numel() * self.V.element_size()
@@ -109,19 +111,22 @@ class DenseFactor:
 
     def weighted_gradients(self, w):
         b, m, d = self.V.shape
-        return {self.param: (w.reshape(1, b * m) @ self.V.reshape(b * m, d)).reshape(self.param.shape)}
+        full = (w.reshape(1, b * m) @ self.V.reshape(b * m, d)).reshape(d)
+        return {p: full[lo:hi].reshape(p.shape) for p, lo, hi in self.parts}
 
 
 def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_limit: int) -> torch.Tensor:
     """K = sum of the factors' Grams, in blocks of rows: lower block triangle, then mirrored, so that a
     block's temporaries stay bounded (``block_rows`` rows, or 1/16 of ``memory_limit`` up to
-    :data:`DEFAULT_BLOCK_BYTES`)."""
+    :data:`DEFAULT_BLOCK_BYTES`, and at most about 1/8 of K's rows) and the upper triangle is not computed."""
     n = b * m
     K = like.new_zeros(n, n)
     if block_rows is None:
         budget = min(memory_limit // 16, DEFAULT_BLOCK_BYTES)
         per_sample = max([fa.row_bytes(b) for fa in factors] + [m * b * like.element_size()])
-        block = max(1, budget // max(per_sample, 1))
+        # At most about 1/8 of the rows per block (not under 64 rows): the lower block triangle then
+        # costs (1 + 1/blocks) / 2 of the square's multiply-adds.
+        block = max(1, min(budget // max(per_sample, 1), max(64, -(-n // 8)) // m))
     else:
         block = max(1, block_rows // m)
     starts = list(range(0, b, block))

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..._warn import user_stacklevel
 from ..capture import LinearCall, LinearCapture, parameter_ops, resolve_layouts
-from ..rules import KronInput, kron_per_sample, rule_for
+from ..rules import KronInput, rule_for
 from ..rules.functional_linear import FunctionalLinearRule
 from . import factors as factor_forms
 from .assembly import Assembly
@@ -76,13 +76,14 @@ def layerwise_obstacle(model: nn.Module, params) -> str | None:
 
 class _Use:
     """One recorded call of a covered module: its input, output, and where its gradients go."""
-    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense")
+    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense", "former")
 
     def __init__(self, name, module, rule, inp, out):
         self.name, self.module, self.rule, self.inp, self.out = name, module, rule, inp, out
         self.kron = {}    # attr -> KronInput
         self.slots = []   # (factor, first position) where this use's G goes
-        self.dense = []   # (attr, dense factor)
+        self.dense = []   # (attr, dense factor, first column, rows, copy): see _dense_factor
+        self.former = None   # g -> per-sample gradients of the dense attrs (the rule's dense_former)
 
 
 class LayerwiseGram:
@@ -304,7 +305,7 @@ class LayerwiseGram:
                 uses_of.setdefault(id(getattr(use.module, a)), []).append((use, a))
         for pid, why in bad.items():
             self._demote([pid], why)
-        factors = []
+        factors, dense = [], []
         merged: dict[int, list] = {}   # id(use) -> [(param, KronInput)] of single-use Kronecker parameters
         for pid, uses in uses_of.items():
             if pid in self.fallback:
@@ -330,10 +331,9 @@ class LayerwiseGram:
                     t0 += t
                 factors.append(factor)
             else:
-                factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
-                for u, a in uses:
-                    u.dense.append((a, factor))
-                factors.append(factor)
+                dense.append((p, uses))
+        if dense:
+            factors.append(_dense_factor(dense, b, m, like))
         for use in tape:
             group = merged.get(id(use))
             if not group:
@@ -368,6 +368,10 @@ class LayerwiseGram:
             for use, g in zip(uses, grads):
                 if g is not None:
                     self._fill_use(use, g, a)
+                else:   # no path to f: zero where this use would have written first
+                    for _, factor, c0, c1, _, copy in use.dense:
+                        if copy:
+                            factor.V[:, a, c0:c1].zero_()
 
     @staticmethod
     def _fill_use(use: _Use, g: torch.Tensor, a: int):
@@ -375,19 +379,19 @@ class LayerwiseGram:
             Gp = use.rule.positions(use.module, g)
             for factor, t0 in use.slots:
                 factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
-        if use.dense:
-            attrs = [attr for attr, _ in use.dense]
-            with_kron = [attr for attr in attrs if attr in use.kron]
-            grads = {}
-            if with_kron:
-                Gp = use.rule.positions(use.module, g)
-                grads.update({attr: kron_per_sample(use.kron[attr], Gp, getattr(use.module, attr).shape)
-                              for attr in with_kron})
-            rest = [attr for attr in attrs if attr not in use.kron]
-            if rest:
-                grads.update(use.rule.per_sample(use.module, use.inp, g, rest))
-            for attr, factor in use.dense:
-                factor.V[:, a] += grads[attr].reshape(factor.V.shape[0], -1)
+        if not use.dense:
+            return
+        if use.former is None:   # once per solve (a linear call's former gives its rows only)
+            use.former = use.rule.dense_former(use.module, use.inp, [e[0] for e in use.dense], use.kron)
+        grads = use.former(g)
+        for attr, factor, c0, c1, (r0, r1), copy in use.dense:
+            b = factor.V.shape[0]
+            region = factor.V[:, a, c0:c1].view(b, _rows_of(getattr(use.module, attr)), -1)[:, r0:r1]
+            src = grads[attr].reshape(region.shape)
+            if copy:
+                region.copy_(src)
+            else:
+                region.add_(src)
 
     def _random_check(self, signature, f, columns, factors, ranks) -> list[int]:
         """The random-weight verification for a new call pattern; one verdict on every rank."""
@@ -409,23 +413,62 @@ class LayerwiseGram:
         return bad
 
 
+def _rows_of(p) -> int:
+    return p.shape[0] if p.dim() else 1
+
+
+def _use_rows(use: _Use, attr: str, p) -> tuple:
+    """The rows of ``p`` that one use's gradient fills (a linear call may use a block of rows)."""
+    if isinstance(use.module, LinearCall):
+        return use.module.rows if attr == "weight" else use.module.bias_rows
+    return (0, _rows_of(p))
+
+
+def _dense_factor(groups, b: int, m: int, like: torch.Tensor) -> DenseFactor:
+    """One DenseFactor for the parameters given densely, [(param, [(use, attr)])], side by side in one
+    buffer (b, m, sum of their sizes), so that K takes one matrix product for all of them. Sets each
+    use's ``dense`` entries (attr, factor, first column, rows, copy): where the uses' row ranges tile a
+    parameter, the first use of each range writes by copy and repeated ranges add, with no zeroing;
+    otherwise its columns are zeroed and every use adds."""
+    parts, lo = [], 0
+    for p, _ in groups:
+        parts.append((p, lo, lo + p.numel()))
+        lo += p.numel()
+    factor = DenseFactor(None, like.new_empty(b, m, lo), parts)
+    for (p, uses), (_, c0, c1) in zip(groups, parts):
+        ranges = [_use_rows(u, a, p) for u, a in uses]
+        edges = sorted(set(ranges))
+        tiles = edges[0][0] == 0 and edges[-1][1] == _rows_of(p) and all(
+            r[1] == s[0] for r, s in zip(edges, edges[1:]))
+        if not tiles:
+            factor.V[:, :, c0:c1].zero_()
+        seen = set()
+        for (u, a), r in zip(uses, ranges):
+            u.dense.append((a, factor, c0, c1, r, tiles and r not in seen))
+            seen.add(r)
+    return factor
+
+
 # -- plans of verified call patterns -----------------------------------------------------------------
 
 def _describe(tape, factors) -> list:
     """How the factors were built from the tape, by tape index: for a Kronecker factor the uses whose
     inputs make X (one use: its parameters' inputs side by side; several: their inputs along positions),
-    its parts, vocabulary and G's shape; for a dense factor its parameter and uses."""
+    its parts, vocabulary and G's shape; for the dense factor its parameters and their uses."""
     index = {id(fa): k for k, fa in enumerate(factors)}
     specs = [["kron", [], None] if isinstance(fa, KronFactor) else ["dense", [], None] for fa in factors]
     for i, u in enumerate(tape):
         for fa, t0 in u.slots:
             specs[index[id(fa)]][1].append((i, t0))
-        for attr, fa in u.dense:
+        for attr, fa, *_ in u.dense:
             specs[index[id(fa)]][1].append((i, attr))
     out = []
     for fa, (kind, uses, _) in zip(factors, specs):
         if kind == "dense":
-            out.append(("dense", fa.param, uses))
+            of = {id(p): [] for p, _, _ in fa.parts}
+            for i, attr in uses:
+                of[id(getattr(tape[i].module, attr))].append((i, attr))
+            out.append(("dense", [(p, of[id(p)]) for p, _, _ in fa.parts]))
             continue
         def attr_of(u, p):
             return next(a for a in u.kron if getattr(u.module, a) is p)
@@ -441,17 +484,15 @@ def _describe(tape, factors) -> list:
 
 def _replay(plan, tape, b: int, m: int, like: torch.Tensor) -> list:
     """The factors of a tape whose call pattern has ``plan`` (from :func:`_describe`)."""
-    needed = {i for spec in plan for i, _ in spec[2 if spec[0] == "kron" else 2]}
+    needed = {i for spec in plan for i, _ in (spec[2] if spec[0] == "kron" else
+                                              [iu for _, uses in spec[1] for iu in uses])}
     for i in needed:
         u = tape[i]
         u.kron = u.rule.kron_inputs(u.module, u.inp)
     factors = []
     for spec in plan:
         if spec[0] == "dense":
-            _, p, uses = spec
-            factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
-            for i, attr in uses:
-                tape[i].dense.append((attr, factor))
+            factor = _dense_factor([(p, [(tape[i], a) for i, a in uses]) for p, uses in spec[1]], b, m, like)
         else:
             _, inputs, uses, parts, vocab, (T, q) = spec
             Xs = [tape[i].kron[a].X for i, a in inputs]
