@@ -190,3 +190,54 @@ def test_layerwise_refuses_a_2d_parameter_used_elementwise():
     opt = rg.EGN(model, loss="mse", gram="layerwise")
     with pytest.raises(UnsupportedModelError, match=r"'scale' of module 'Frozen2d'.*Tensor.mul"):
         opt.direction(torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+
+
+class RowBlocks(nn.Module):
+    """One parameter in row blocks: rows 0..3 twice (repeated range: the second use adds), rows 2..5
+    (overlapping), rows 6..7 never (zero), and a call whose output never reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4) / 2)
+        self.b = nn.Parameter(0.1 * torch.randn(8))
+        self.u = nn.Parameter(torch.randn(3, 4) / 2)
+
+    def forward(self, x):
+        h1 = torch.tanh(F.linear(x, self.w[:4], self.b[:4]))
+        h2 = torch.tanh(F.linear(h1, self.w[:4], self.b[:4]))
+        h3 = F.linear(x, self.w[2:6], self.b[2:6])
+        F.linear(x, self.u)   # unused output
+        return (h2 * h3).mean(1) + F.linear(x, self.u).mean(1).sin().sum(-1, keepdim=True)
+
+
+class Tiled(nn.Module):
+    """Row blocks that tile the parameter (filled by copy, no zeroing), one of them unused downstream."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4) / 2)
+
+    def forward(self, x):
+        a, b, c = F.linear(x, self.w[:2]), F.linear(x, self.w[2:5]), F.linear(x, self.w[5:])
+        return torch.cat([torch.tanh(a), b.sin()], -1).mean(1) + 0 * c.detach().sum()
+
+
+@pytest.mark.parametrize("make", [RowBlocks, Tiled])
+@pytest.mark.parametrize("gram", ["layerwise", "auto"])
+def test_row_blocks_of_a_parameter_are_exact(make, gram):
+    from revgn_ext.egn.gram import gram_matrix
+    from _dense import brute_gram
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    y = torch.randn(5, model(x).shape[1], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            K = gram_matrix(model, x, method=gram)
+            ref = brute_gram(model, x)
+            assert (K - ref).abs().max() <= TOL * ref.abs().max()
+        opt = rg.EGN(model, lr=0.1, damping=0.3, loss="mse", gram=gram)
+        ref = flat(dense_lm_direction(model, lambda o, t: 0.5 * (o - t).square().sum(1).mean(), x, y, 0.3))
+        for _ in range(2):
+            assert (flat(opt.direction(x, y)) - ref).abs().max() <= TOL * ref.abs().max()

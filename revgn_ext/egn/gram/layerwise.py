@@ -369,9 +369,9 @@ class LayerwiseGram:
                 if g is not None:
                     self._fill_use(use, g, a)
                 else:   # no path to f: zero where this use would have written first
-                    for _, factor, c0, c1, _, copy in use.dense:
+                    for attr, factor, c0, c1, rows, copy in use.dense:
                         if copy:
-                            factor.V[:, a, c0:c1].zero_()
+                            _region(factor, a, c0, c1, rows, getattr(use.module, attr)).zero_()
 
     @staticmethod
     def _fill_use(use: _Use, g: torch.Tensor, a: int):
@@ -384,9 +384,8 @@ class LayerwiseGram:
         if use.former is None:   # once per solve (a linear call's former gives its rows only)
             use.former = use.rule.dense_former(use.module, use.inp, [e[0] for e in use.dense], use.kron)
         grads = use.former(g)
-        for attr, factor, c0, c1, (r0, r1), copy in use.dense:
-            b = factor.V.shape[0]
-            region = factor.V[:, a, c0:c1].view(b, _rows_of(getattr(use.module, attr)), -1)[:, r0:r1]
+        for attr, factor, c0, c1, rows, copy in use.dense:
+            region = _region(factor, a, c0, c1, rows, getattr(use.module, attr))
             src = grads[attr].reshape(region.shape)
             if copy:
                 region.copy_(src)
@@ -415,6 +414,11 @@ class LayerwiseGram:
 
 def _rows_of(p) -> int:
     return p.shape[0] if p.dim() else 1
+
+
+def _region(factor: DenseFactor, a: int, c0: int, c1: int, rows, p) -> torch.Tensor:
+    """Column a's rows r0..r1 of parameter p in the dense factor's buffer: (b, r1 - r0, ...)."""
+    return factor.V[:, a, c0:c1].view(factor.V.shape[0], _rows_of(p), -1)[:, rows[0]:rows[1]]
 
 
 def _use_rows(use: _Use, attr: str, p) -> tuple:
