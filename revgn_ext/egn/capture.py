@@ -14,9 +14,10 @@ How calls are seen:
   runs its body without the mode, so while it runs, the module attribute ``torch.nn.functional.linear``
   (which that module's functions look up at call time) is a recording wrapper; it is restored on exit.
 
-Attention on few positions: ``F.scaled_dot_product_attention`` on CPU with at most 1024 query-key pairs
-(e.g. 32 x 32) runs its math backend while the capture is active (the same function; its backward,
-which the Gram takes once per output column, is faster there than the fused kernel's on such shapes).
+Attention: while the capture is active, ``F.scaled_dot_product_attention`` runs its math backend on CPU
+(the same function, differentiable twice: the fused CPU kernel's backward has no derivative, and
+``curvature="sampled"`` takes J g by double backward; on few positions its backward, which the Gram
+takes once per output column, is also faster), and on other devices for at most 1024 query-key pairs.
 
 Which parameter a weight is: by storage. A weight argument that shares its storage with a tracked
 parameter is that parameter, a block of its rows (``w.split``, ``w.chunk``, ``w[a:b]``), or the
@@ -44,14 +45,15 @@ _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _RMATMUL = {torch.Tensor.__rmatmul__}
 _SDPA = torch._C._nn.scaled_dot_product_attention
-_MATH_PAIRS = 1024   # query-key pairs up to which attention on CPU runs its math backend (measured)
+_MATH_PAIRS = 1024   # query-key pairs up to which attention on other devices runs its math backend
 
 
 def _attention(*args, **kwargs):
-    """F.scaled_dot_product_attention, on the math backend for few positions on CPU (see the module
-    docstring)."""
-    q, k = args[0], args[1] if len(args) > 1 else kwargs.get("key")
-    if q.device.type == "cpu" and q.dim() >= 2 and q.shape[-2] * k.shape[-2] <= _MATH_PAIRS:
+    """F.scaled_dot_product_attention on its math backend on CPU, elsewhere for few positions (see the
+    module docstring)."""
+    q = args[0] if args else kwargs.get("query")
+    k = args[1] if len(args) > 1 else kwargs.get("key")
+    if q.device.type == "cpu" or (q.dim() >= 2 and q.shape[-2] * k.shape[-2] <= _MATH_PAIRS):
         with sdpa_kernel(SDPBackend.MATH):
             return _SDPA(*args, **kwargs)
     return _SDPA(*args, **kwargs)
