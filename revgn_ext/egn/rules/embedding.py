@@ -36,6 +36,13 @@ class EmbeddingRule(Rule):
     def dense_former(self, module, inp, attrs, kron):
         k = kron["weight"] if "weight" in kron else self.kron_inputs(module, inp)["weight"]
         b, q = k.X.shape[0], module.weight.shape[1]
+        if k.X.shape[1] <= q:   # few positions: onehot(ids)^T g per sample, a batched product (ids -1: zero)
+            onehot_t = (k.X[:, None, :] == torch.arange(k.vocab, device=k.X.device)[None, :, None])
+            onehot_t = onehot_t.to(module.weight.dtype)
+
+            def former(g):
+                return {"weight": torch.bmm(onehot_t, g.reshape(b, -1, q))}
+            return former
         # row ``vocab`` collects the ids -1 (padding: no contribution)
         index = torch.where(k.X < 0, k.vocab, k.X)[:, :, None].expand(-1, -1, q)
 
