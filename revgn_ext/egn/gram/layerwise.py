@@ -169,7 +169,7 @@ class LayerwiseGram:
             self._demote(bad, MISMATCH)
             # Rebuild every factor without the demoted parameters (a merged factor may hold both kinds).
             for u in tape:
-                u.slots, u.dense = [], []
+                u.slots, u.dense, u.former = [], [], None
             factors = self._plan(tape, b, m, f)
             self._fill(tape, f, columns, factors)
         checked = list(factors)
