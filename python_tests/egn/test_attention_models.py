@@ -243,14 +243,28 @@ def test_row_blocks_of_a_parameter_are_exact(make, gram):
             assert (flat(opt.direction(x, y)) - ref).abs().max() <= TOL * ref.abs().max()
 
 
+class ModuleProjections(nn.Module):
+    """nn.Linear projections (module rules cover every parameter: no capture) and F.scaled_dot_product_attention
+    on (b, heads, T, d)."""
+
+    def __init__(self, d=4, classes=3):
+        super().__init__()
+        self.q, self.k, self.v, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = F.scaled_dot_product_attention(self.q(x)[:, None], self.k(x)[:, None], self.v(x)[:, None])[:, 0]
+        return self.head(torch.tanh(h).mean(1))
+
+
 @pytest.mark.parametrize("gram", ["layerwise", "auto"])
-def test_sampled_curvature_through_attention_on_many_positions(gram):
+@pytest.mark.parametrize("make", [lambda: Encoder(norm_first=True, d=4, heads=2, ff=6), ModuleProjections])
+def test_sampled_curvature_through_attention_on_many_positions(make, gram):
     """curvature='sampled' takes J g by double backward, which the fused CPU attention kernel does not
     have: on 40 positions (1600 query-key pairs) the step still equals the dense solve of the same draws."""
     from _dense import dense_direction
     from revgn_ext.egn import loss_factors as lf
     torch.manual_seed(0)
-    model = Encoder(norm_first=True, d=4, heads=2, ff=6).double().eval()
+    model = make().double().eval()
     x = torch.randn(3, 40, 4, dtype=torch.float64)
     y = torch.tensor([0, 2, 1])
     opt = rg.EGN(model, damping=0.3, loss="cross_entropy", curvature="sampled", gram=gram)

@@ -14,10 +14,11 @@ How calls are seen:
   runs its body without the mode, so while it runs, the module attribute ``torch.nn.functional.linear``
   (which that module's functions look up at call time) is a recording wrapper; it is restored on exit.
 
-Attention: while the capture is active, ``F.scaled_dot_product_attention`` runs its math backend on CPU
-(the same function, differentiable twice: the fused CPU kernel's backward has no derivative, and
-``curvature="sampled"`` takes J g by double backward; on few positions its backward, which the Gram
-takes once per output column, is also faster), and on other devices for at most 1024 query-key pairs.
+Attention: in the recorded forward, ``F.scaled_dot_product_attention`` runs its math backend on CPU
+(:func:`differentiable_attention`: the same function, differentiable twice; the fused CPU kernel's
+backward has no derivative, and ``curvature="sampled"`` takes J g by double backward; on few positions
+its backward, which the Gram takes once per output column, is also faster), and while the capture is
+active also on other devices for at most 1024 query-key pairs.
 
 Which parameter a weight is: by storage. A weight argument that shares its storage with a tracked
 parameter is that parameter, a block of its rows (``w.split``, ``w.chunk``, ``w[a:b]``), or the
@@ -39,13 +40,20 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "parameter_ops"]
+__all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "parameter_ops",
+           "differentiable_attention"]
 
 _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _RMATMUL = {torch.Tensor.__rmatmul__}
 _SDPA = torch._C._nn.scaled_dot_product_attention
 _MATH_PAIRS = 1024   # query-key pairs up to which attention on other devices runs its math backend
+
+
+def differentiable_attention(device):
+    """A context in which attention runs its math backend on CPU (see the module docstring); elsewhere
+    nothing."""
+    return sdpa_kernel(SDPBackend.MATH) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 def _attention(*args, **kwargs):

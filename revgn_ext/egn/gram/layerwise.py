@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..._warn import user_stacklevel
-from ..capture import LinearCall, LinearCapture, parameter_ops, resolve_layouts
+from ..capture import LinearCall, LinearCapture, differentiable_attention, parameter_ops, resolve_layouts
 from ..rules import KronInput, rule_for
 from ..rules.functional_linear import FunctionalLinearRule
 from . import factors as factor_forms
@@ -217,7 +217,8 @@ class LayerwiseGram:
         capturable = [p for p in self.params if id(p) in self.capturable]
         capture = LinearCapture(capturable, self.names) if capturable else None
         try:
-            with RandomForward(self.model, x), (capture if capture is not None else contextlib.nullcontext()):
+            with RandomForward(self.model, x), (capture if capture is not None else contextlib.nullcontext()), \
+                    differentiable_attention(self.params[0].device if self.params else "cpu"):
                 f = self.model(x)
         finally:
             for h in handles:
