@@ -17,8 +17,7 @@ How calls are seen:
 Attention: in the recorded forward, ``F.scaled_dot_product_attention`` runs its math backend on CPU
 (:func:`differentiable_attention`: the same function, differentiable twice; the fused CPU kernel's
 backward has no derivative, and ``curvature="sampled"`` takes J g by double backward; on few positions
-its backward, which the Gram takes once per output column, is also faster), and while the capture is
-active also on other devices for at most 1024 query-key pairs.
+its backward, which the Gram takes once per output column, is also faster).
 
 Which parameter a weight is: by storage. A weight argument that shares its storage with a tracked
 parameter is that parameter, a block of its rows (``w.split``, ``w.chunk``, ``w[a:b]``), or the
@@ -46,25 +45,11 @@ __all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "para
 _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _RMATMUL = {torch.Tensor.__rmatmul__}
-_SDPA = torch._C._nn.scaled_dot_product_attention
-_MATH_PAIRS = 1024   # query-key pairs up to which attention on other devices runs its math backend
-
-
 def differentiable_attention(device):
     """A context in which attention runs its math backend on CPU (see the module docstring); elsewhere
     nothing."""
     return sdpa_kernel(SDPBackend.MATH) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
-
-def _attention(*args, **kwargs):
-    """F.scaled_dot_product_attention on its math backend on CPU, elsewhere for few positions (see the
-    module docstring)."""
-    q = args[0] if args else kwargs.get("query")
-    k = args[1] if len(args) > 1 else kwargs.get("key")
-    if q.device.type == "cpu" or (q.dim() >= 2 and q.shape[-2] * k.shape[-2] <= _MATH_PAIRS):
-        with sdpa_kernel(SDPBackend.MATH):
-            return _SDPA(*args, **kwargs)
-    return _SDPA(*args, **kwargs)
 
 
 class LinearCall:
@@ -165,13 +150,13 @@ class LinearCapture(TorchFunctionMode):
         if self._patched:
             yield
             return
-        original, attention = F.linear, F.scaled_dot_product_attention
-        F.linear, F.scaled_dot_product_attention = self._linear, _attention
+        original = F.linear
+        F.linear = self._linear
         self._patched = True
         try:
             yield
         finally:
-            F.linear, F.scaled_dot_product_attention = original, attention
+            F.linear = original
             self._patched = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -180,8 +165,6 @@ class LinearCapture(TorchFunctionMode):
             x, weight = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return self._linear(x, weight, bias)
-        if func is _SDPA:
-            return _attention(*args, **kwargs)
         if func in _MATMUL or func in _RMATMUL:
             a, w = (args[0], args[1]) if func in _MATMUL else (args[1], args[0])
             if isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(a, torch.Tensor) and a.dim() >= 1:
