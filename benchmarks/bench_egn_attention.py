@@ -3,15 +3,23 @@
 Model: Embedding(50, 32) on b = 64 sequences of T = 16 token ids, TransformerEncoderLayer(d_model 32, 4 heads,
 feed-forward 64, dropout 0, batch_first, eval mode), mean over positions, Linear(32, 4); cross-entropy.
 
-* EGN: ``revgn_ext.EGN(model, lr=0.1, damping=1.0, loss="cross_entropy")`` (exact curvature).
+* EGN: ``revgn_ext.EGN(model, lr=0.1, damping=1.0, loss="cross_entropy")`` (exact curvature), and with
+  ``curvature="sampled"`` (one drawn label per sample: a b x b system, one backward pass for the Gram);
+* the same from another source tree (``--before TREE``, e.g. ``git archive main | tar -x -C TREE`` with
+  the compiled ``revgn_ext/_C*.so`` copied in), labelled "before";
 * naive: J per sample by ``vmap(jacrev)`` of the exact Gauss-Newton residual, dense (b c)^2 Gram,
-  Cholesky, dir = -A^T u (``bench_egn_peers.naive_step``).
+  Cholesky, dir = -A^T u (``bench_egn_peers.naive_step``);
+* "EGN c-1 columns" (``--reduced``): a prototype of an exact cross-entropy factor that is not in the
+  package: Q_i = diag p_i - p_i p_i^T has rank c - 1, so S'_i = diag(sqrt p_i) V_i with V_i an orthonormal
+  basis of sqrt(p_i)^perp (a Householder reflection) has S'_i S'_i^T = Q_i and t'_i = V_i^T t_i solves
+  S'_i t'_i = e_i: the same direction from a b (c - 1) system and c - 1 backward passes.
 
 Each method runs in its own process (one thread, float32): CPU time per step (median after 2 warm-up steps),
 and, in another fresh process, the peak resident memory of one step (VmHWM) and its growth over the resident
 memory after the set-up. ``--rounds`` interleaves the methods.
 
-Usage: python benchmarks/bench_egn_attention.py [--rounds 2] [--steps 10] [--out FILE (appends a section)]
+Usage: python benchmarks/bench_egn_attention.py [--rounds 2] [--steps 10] [--before TREE]
+       [--out FILE (appends a section)]
 """
 from __future__ import annotations
 
@@ -54,15 +62,35 @@ def _status_mib(field):
     return float("nan")
 
 
-def worker(method, what, steps):
-    sys.path.insert(0, os.path.dirname(HERE))
+def reduced_cross_entropy_factor(f, y):
+    """The exact CE factor with c - 1 columns (see the module docstring); a prototype, not in the package."""
+    import torch
+    from revgn_ext.egn import loss_factors as lf
+    base = lf.cross_entropy_factor(f, y)
+    s = base.s
+    b, c = s.shape
+    ej = torch.nn.functional.one_hot(s.argmax(1), c).to(s.dtype)
+    u = s + ej                                                    # H s = -e_j, |u|^2 = 2 + 2 s_j >= 2
+    H = torch.eye(c, dtype=s.dtype) - 2 * u[:, :, None] * u[:, None, :] / (u * u).sum(1)[:, None, None]
+    V = H[~ej.bool()[:, None, :].expand(b, c, c)].reshape(b, c, c - 1)   # the columns other than j
+    return lf.LossFactor(base.loss, base.residual, torch.einsum("icj,ic->ij", V, base.target), None, None,
+                         s[:, :, None] * V)
+
+
+def worker(method, what, steps, tree=None):
+    sys.path.insert(0, tree or os.path.dirname(HERE))
     import torch
     torch.set_num_threads(1)
     model, x, y = model_and_batch()
     info = {}
-    if method == "EGN":
+    if method.startswith("EGN"):
         import revgn_ext as rg
-        opt = rg.EGN(model, lr=0.1, damping=1.0, loss="cross_entropy")
+        if "c-1" in method:
+            from revgn_ext.egn import loss_factors as lf
+            lf.LOSS_FACTORS["cross_entropy"] = reduced_cross_entropy_factor
+        curvature = "sampled" if "sampled" in method else "exact"
+        opt = rg.EGN(model, lr=0.1, damping=1.0, loss="cross_entropy", curvature=curvature)
+        info["source"] = os.path.dirname(os.path.dirname(os.path.abspath(rg.__file__)))
 
         def step():
             info.update(gram=opt.step(x, y)["gram"])
@@ -86,8 +114,8 @@ def worker(method, what, steps):
     return {"cpu_ms": statistics.median(times) * 1e3, **info}
 
 
-def run(method, what, steps):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([method, what, steps])]
+def run(method, what, steps, tree=None):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([method, what, steps, tree])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
@@ -101,6 +129,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--title", default="Transformer classifier: EGN vs naive")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--before", default=None, help="another source tree, timed as 'before'")
+    parser.add_argument("--reduced", action="store_true", help="also the prototype c-1 column CE factor")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -110,11 +140,17 @@ def main():
     from _machine import cpu_name
     import torch
     before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    res = {m: {"time": [], "memory": []} for m in ("EGN", "naive")}
+    methods = {"EGN": None, "EGN sampled": None, "naive": None}
+    if args.before:
+        methods = {"EGN before": args.before, "EGN": None, "EGN sampled before": args.before, "EGN sampled": None,
+                   "naive": None}
+    if args.reduced:
+        methods["EGN c-1 columns"] = None
+    res = {m: {"time": [], "memory": []} for m in methods}
     for r in range(args.rounds):
-        for method in res:
+        for method in (res if r % 2 == 0 else reversed(list(res))):
             for what in ("time", "memory"):
-                out = run(method, what, args.steps)
+                out = run(method.replace(" before", ""), what, args.steps, methods[method])
                 res[method][what].append(out)
                 print(r, method, what, out, flush=True)
     after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -125,18 +161,20 @@ def main():
 
     rows = {m: (med(m, "time", "cpu_ms"), med(m, "memory", "peak_mib"), med(m, "memory", "growth_mib"))
             for m in res}
-    gram = next((o.get("gram") for o in res["EGN"]["time"] if "gram" in o), "?")
+    def gram(m):
+        return next((o.get("gram") for o in res[m]["time"] if "gram" in o), "-")
     lines = ["", f"## {args.title}", "",
              "Embedding 50x32 -> TransformerEncoderLayer(d 32, 4 heads, ff 64, dropout 0, eval) -> mean over "
              "positions -> Linear 32->4, cross-entropy, b = 64 x 16 tokens, float32, 1 thread; each number from "
              f"a fresh process, median over {args.rounds} interleaved rounds "
              "(`python benchmarks/bench_egn_attention.py`).", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}. `uptime` before: "
-             f"`{before}`; after: `{after}`. EGN's Gram route: `{gram}`.", "",
-             "| method | step CPU ms | naive / EGN | peak RSS MiB | growth in the step MiB | growth / naive's |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"`{before}`; after: `{after}`." + (f" Before: `{args.before}`." if args.before else ""), "",
+             "| method | Gram route | step CPU ms | naive / method | peak RSS MiB | growth in the step MiB | "
+             "growth / naive's |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for m, (ms, peak, growth) in rows.items():
-        lines.append(f"| {m} | {ms:.1f} | {rows['naive'][0] / ms:.2f}x | {peak:.0f} | {growth:.0f} | "
+        lines.append(f"| {m} | {gram(m)} | {ms:.1f} | {rows['naive'][0] / ms:.2f}x | {peak:.0f} | {growth:.0f} | "
                      f"{growth / rows['naive'][2]:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -14,6 +14,11 @@ How calls are seen:
   runs its body without the mode, so while it runs, the module attribute ``torch.nn.functional.linear``
   (which that module's functions look up at call time) is a recording wrapper; it is restored on exit.
 
+Attention: in the recorded forward, ``F.scaled_dot_product_attention`` runs its math backend on CPU
+(:func:`differentiable_attention`: the same function, differentiable twice; the fused CPU kernel's
+backward has no derivative, and ``curvature="sampled"`` takes J g by double backward; on few positions
+its backward, which the Gram takes once per output column, is also faster).
+
 Which parameter a weight is: by storage. A weight argument that shares its storage with a tracked
 parameter is that parameter, a block of its rows (``w.split``, ``w.chunk``, ``w[a:b]``), or the
 transpose of either (``W.T`` in ``x @ W.T``; ``x @ W`` is the transpose of ``F.linear(x, W)``), read
@@ -31,19 +36,26 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples"]
+__all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "parameter_ops",
+           "differentiable_attention"]
 
 _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _RMATMUL = {torch.Tensor.__rmatmul__}
+def differentiable_attention(device):
+    """A context in which attention runs its math backend on CPU (see the module docstring); elsewhere
+    nothing."""
+    return sdpa_kernel(SDPBackend.MATH) if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
 
 
 class LinearCall:
     """One call y = x W_u^T + b_u, with W_u a block of rows of ``weight`` (or its transpose) and b_u a
-    block of ``bias``. Attributes ``weight`` / ``bias`` are the parameters themselves (or None), so that
-    the call reads like a module to the assembler.
+    block of ``bias``. Attributes ``weight`` / ``bias`` are the parameters themselves (or None: not a
+    tracked parameter, e.g. frozen), so that the call reads like a module to the assembler.
 
     ``rows``: (first, last) rows of ``weight`` used; ``transposed``: the parameter is stored (in, out)
     (``x @ W``); ``bias_rows``: likewise for the bias. ``layout``: where the samples are in the call's
@@ -60,7 +72,7 @@ class LinearCall:
     @property
     def full(self) -> bool:
         """The whole weight, stored (out, in): the Kronecker form applies as for ``nn.Linear``."""
-        return not self.transposed and self.rows == (0, self.weight.shape[0])
+        return self.weight is not None and not self.transposed and self.rows == (0, self.weight.shape[0])
 
     def signature(self):
         return (id(self.weight), self.rows, self.transposed, id(self.bias), self.bias_rows,
@@ -114,15 +126,18 @@ class LinearCapture(TorchFunctionMode):
         self._patched = False
 
     def _record(self, x, weight, bias, compute):
-        """compute() -> y; records the call when ``weight`` is a tracked parameter (part)."""
+        """compute() -> y; records the call when ``weight`` or ``bias`` is a tracked parameter (part)."""
         part = _as_part(weight, self.params)
-        y = compute()
-        if part is None or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or not y.requires_grad:
-            return y
-        p, rows, transposed = part
         b_part = _as_part(bias, self.params) if bias is not None else None
+        y = compute()
+        if (part is None and b_part is None) or not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) \
+                or not y.requires_grad:
+            return y
+        p, rows, transposed = part if part is not None else (None, None, False)
         bias_p, bias_rows = (b_part[0], b_part[1]) if b_part is not None and not b_part[2] else (None, None)
-        name = self.name_of.get(id(p), "?")
+        if p is None and bias_p is None:
+            return y
+        name = self.name_of.get(id(p if p is not None else bias_p), "?")
         self.calls.append(LinearCall(name, p, rows, transposed, bias_p, bias_rows, x.detach(), y))
         return y.clone()
 
@@ -160,6 +175,49 @@ class LinearCapture(TorchFunctionMode):
             with self._linear_patched():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+        return f"F.{name}"
+    if module == "torch":
+        return f"torch.{name}"
+    return f"Tensor.{name}" if "TensorBase" in getattr(func, "__qualname__", "") else name
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Records which torch functions the forward passes each watched parameter (or a view of it) to; a
+    function of ``torch.nn.functional`` is seen as a whole (``F.multi_head_attention_forward``)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = list(params)
+        self.ops: dict[int, list[str]] = {id(p): [] for p in self.params}
+
+    def _scan(self, func, value):
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                self._scan(func, v)
+        elif isinstance(value, torch.Tensor):
+            for p in self.params:
+                if _same_storage(value, p) and _op_name(func) not in self.ops[id(p)]:
+                    self.ops[id(p)].append(_op_name(func))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._scan(func, list(args) + list(kwargs.values()))
+        return func(*args, **kwargs)
+
+
+def parameter_ops(forward, params) -> dict:
+    """{id(param): names of the torch functions that ``forward()`` (the model's forward) passes it to}, for
+    the message that refuses a parameter no rule covers."""
+    uses = _ParameterUses(params)
+    with torch.enable_grad(), uses:
+        forward()
+    return uses.ops
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,11 +20,6 @@ from ..rules import KronInput, kron_per_sample
 __all__ = ["KronFactor", "DenseFactor", "kron_cost", "dense_cost", "assemble", "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = 256 * 2**20
-# From SPLIT_ROWS rows on, K is formed in at least SPLIT_BLOCKS row blocks (one more per SPLIT_ROWS / 2
-# rows, up to 2 SPLIT_BLOCKS): only the lower block triangle is computed, (k + 1) / (2k) of the full
-# product for k blocks (5/8 for 4), as a symmetric rank-k update would.
-SPLIT_ROWS = 512
-SPLIT_BLOCKS = 4
 
 
 def kron_cost(b, m, T, p, q, ids):
@@ -117,11 +112,13 @@ class KronFactor:
 
 
 class DenseFactor:
-    """Materialised per-sample gradients V (b, m, d_p) of one parameter (the torch.func rows too, which
-    the verification does not check: they are not among the assembly's checked factors)."""
+    """Materialised per-sample gradients V (b, m, d): of one parameter (``param``; None: torch.func rows,
+    which the verification does not check), or of several side by side in one buffer (``parts``: (param,
+    first column, last column)), so that their Gram is one matrix product."""
 
-    def __init__(self, param, V):
+    def __init__(self, param, V, parts=None):
         self.param, self.V = param, V
+        self.parts = parts if parts is not None else ([] if param is None else [(param, 0, V.shape[2])])
 
     def nbytes(self):
         return self.V.numel() * self.V.element_size()
@@ -137,27 +134,30 @@ class DenseFactor:
         K[i0 * m:i1 * m, :j1 * m].addmm_(self.V[i0:i1].reshape((i1 - i0) * m, -1), self.V[:j1].reshape(j1 * m, -1).T)
 
     def apply(self, v):
+        """(b, m): the rows' products with a parameter-space vector v ({id(param): tensor}); the parts
+        lie side by side in the buffer, in order."""
         b, m, d = self.V.shape
-        return (self.V.reshape(b * m, d) @ v[id(self.param)].reshape(d)).view(b, m)
+        vec = torch.cat([v[id(p)].reshape(-1) for p, _, _ in self.parts])
+        return (self.V.reshape(b * m, d) @ vec).view(b, m)
 
     def weighted_gradients(self, w):
         b, m, d = self.V.shape
-        return {self.param: (w.reshape(1, b * m) @ self.V.reshape(b * m, d)).reshape(self.param.shape)}
+        full = (w.reshape(1, b * m) @ self.V.reshape(b * m, d)).reshape(d)
+        return {p: full[lo:hi].reshape(p.shape) for p, lo, hi in self.parts}
 
 
 def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_limit: int) -> torch.Tensor:
     """K = sum of the factors' Grams, in blocks of rows: lower block triangle, then mirrored, so that a
     block's temporaries stay bounded (``block_rows`` rows, or 1/16 of ``memory_limit`` up to
-    :data:`DEFAULT_BLOCK_BYTES`, and at least :data:`SPLIT_BLOCKS` blocks from :data:`SPLIT_ROWS` rows on)."""
+    :data:`DEFAULT_BLOCK_BYTES`, and at most about 1/8 of K's rows) and the upper triangle is not computed."""
     n = b * m
     K = like.new_zeros(n, n)
     if block_rows is None:
         budget = min(memory_limit // 16, DEFAULT_BLOCK_BYTES)
         per_sample = max([fa.row_bytes(b) for fa in factors] + [m * b * like.element_size()])
-        block = max(1, budget // max(per_sample, 1))
-        if n >= SPLIT_ROWS:
-            blocks = min(2 * SPLIT_BLOCKS, max(SPLIT_BLOCKS, 2 * n // SPLIT_ROWS))
-            block = min(block, -(-b // blocks))
+        # At most about 1/8 of the rows per block (not under 64 rows): the lower block triangle then
+        # costs (1 + 1/blocks) / 2 of the square's multiply-adds.
+        block = max(1, min(budget // max(per_sample, 1), max(64, -(-n // 8)) // m))
     else:
         block = max(1, block_rows // m)
     starts = list(range(0, b, block))

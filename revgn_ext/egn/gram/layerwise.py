@@ -13,7 +13,8 @@ projections, hand-written layers) are recorded by :class:`revgn_ext.egn.capture.
 the rule of :mod:`revgn_ext.egn.rules.functional_linear`; the sample axis of such a call is found once
 per call pattern (:func:`revgn_ext.egn.capture.resolve_layouts`). Parameters no rule covers otherwise
 fall back *per parameter* to torch.func (:mod:`.functional`);
-``fallback=False`` (``gram="layerwise"``) refuses them instead, naming the module. The factors are
+``fallback=False`` (``gram="layerwise"``) refuses them instead, naming the parameter, its module and
+the ops the forward passes it to. The factors are
 verified against autograd (:mod:`.verification`); a parameter that disagrees moves to torch.func from
 then on, with a RuntimeWarning naming it.
 """
@@ -27,8 +28,8 @@ from torch import nn
 
 from ..._inputs import ModelInputs
 from ..._warn import user_stacklevel
-from ..capture import LinearCall, LinearCapture, resolve_layouts
-from ..rules import KronInput, kron_per_sample, rule_for
+from ..capture import LinearCall, LinearCapture, differentiable_attention, parameter_ops, resolve_layouts
+from ..rules import KronInput, rule_for
 from ..rules.functional_linear import FunctionalLinearRule
 from . import factors as factor_forms
 from .assembly import Assembly
@@ -77,13 +78,14 @@ def layerwise_obstacle(model: nn.Module, params) -> str | None:
 
 class _Use:
     """One recorded call of a covered module: its input, output, and where its gradients go."""
-    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense")
+    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense", "former")
 
     def __init__(self, name, module, rule, inp, out):
         self.name, self.module, self.rule, self.inp, self.out = name, module, rule, inp, out
         self.kron = {}    # attr -> KronInput
         self.slots = []   # (factor, first position) where this use's G goes
-        self.dense = []   # (attr, dense factor)
+        self.dense = []   # (attr, dense factor, first column, rows, copy): see _dense_factor
+        self.former = None   # g -> per-sample gradients of the dense attrs (the rule's dense_former)
 
 
 class LayerwiseGram:
@@ -103,14 +105,21 @@ class LayerwiseGram:
         self.params = list(params)
         self.names = {id(p): n for n, p in model.named_parameters()}
         covered, uncovered = _coverage(model, self.params)
-        if uncovered and not fallback:
-            why = next(iter(uncovered.values()))
+        # A parameter of 1 or 2 dims may be the weight or bias of a linear call (F.linear, @), which
+        # LinearCapture records during the forward; ``gram="layerwise"`` refuses the others now, and those
+        # that no call covers after the forward (see _refuse_uncaptured).
+        # (A parameter of a module whose rule does not cover it is used by that module's own op.)
+        dims = {id(p): p.dim() for p in self.params}
+        ruled = {id(p) for m in model.modules() if rule_for(m) is not None for p in m.parameters(recurse=False)}
+        self.capturable = {pid for pid in uncovered if dims[pid] in (1, 2) and pid not in ruled}
+        hard = [why if pid in ruled else f"{why} (nor is a parameter of {dims[pid]} dims a linear call's weight or bias)"
+                for pid, why in uncovered.items() if pid not in self.capturable]
+        if hard and not fallback:
             raise UnsupportedModelError(
-                f"layerwise Gram unavailable for {type(model).__name__}: {why}; gram='auto' computes the "
+                f"layerwise Gram unavailable for {type(model).__name__}: {hard[0]}; gram='auto' computes the "
                 "per-sample Jacobian of such parameters with torch.func (vmap of jacrev), per layer")
+        self.uncovered = uncovered
         self.functional = set(uncovered)   # ids of parameters on the torch.func route unless captured
-        # Of those, the ones that a linear call may cover (``gram="auto"`` only): recorded by LinearCapture.
-        self.capturable = set(uncovered) if fallback else set()
         self.fallback = set(uncovered)     # this solve's torch.func route: functional less what was captured
         self.covered = covered
         self._layouts: dict = {}           # call pattern -> the calls' sample layouts (None: no layout)
@@ -164,7 +173,7 @@ class LayerwiseGram:
             self._demote(bad, MISMATCH)
             # Rebuild every factor without the demoted parameters (a merged factor may hold both kinds).
             for u in tape:
-                u.slots, u.dense = [], []
+                u.slots, u.dense, u.former = [], [], None
             factors = self._plan(tape, b, m, f)
             self._fill(tape, f, columns, factors)
         checked = list(factors)
@@ -215,7 +224,8 @@ class LayerwiseGram:
         capturable = [p for p in self.params if id(p) in self.capturable]
         capture = LinearCapture(capturable, self.names) if capturable else None
         try:
-            with RandomForward(self.model, x.first), (capture if capture is not None else contextlib.nullcontext()):
+            with RandomForward(self.model, x.first), (capture if capture is not None else contextlib.nullcontext()), \
+                    differentiable_attention(self.params[0].device if self.params else "cpu"):
                 f = x.call(self.model)
         finally:
             for h in handles:
@@ -225,7 +235,26 @@ class LayerwiseGram:
         tape.extend(_Use(call.name, call, _CALL_RULE, call.inp, call.out) for call in captured)
         # This solve's torch.func route: the uncovered parameters that no laid-out call covered.
         self.fallback = self.functional - {id(getattr(c, a)) for c in captured for a in _CALL_RULE.attrs(c)}
+        if self.fallback and not self.fallback_enabled:
+            self._refuse_uncaptured(x, capture.calls if capture is not None else [])
         return f
+
+    def _refuse_uncaptured(self, x, calls):
+        """``gram="layerwise"``: refuse the first parameter that neither a module rule nor a laid-out
+        linear call covers, naming it and the ops the forward passes it to (one more forward)."""
+        pid = next(p for p in (id(q) for q in self.params) if p in self.fallback)
+        param = next(p for p in self.params if id(p) == pid)
+        unlaid = [c for c in calls if c.layout is None and pid in (id(c.weight), id(c.bias))]
+        if unlaid:
+            how = (f"its linear call (input {tuple(unlaid[0].inp.shape)}, output {tuple(unlaid[0].out.shape)}) "
+                   "has no sample axis in its rows")
+        else:
+            ops = parameter_ops(lambda: x.call(self.model), [param])[pid]
+            how = (f"the forward passes it to {', '.join(ops) or 'no torch function'}, which no layer rule covers "
+                   "(rules cover it as the weight or bias of F.linear / @ / torch.matmul)")
+        raise UnsupportedModelError(
+            f"layerwise Gram unavailable for {type(self.model).__name__}: {self.uncovered[pid]}, and {how}; "
+            "gram='auto' computes the per-sample Jacobian of such parameters with torch.func (vmap of jacrev)")
 
     def _captured_calls(self, f: torch.Tensor, calls) -> list:
         """The recorded linear calls with their sample layout (found once per call pattern by two
@@ -284,7 +313,7 @@ class LayerwiseGram:
                 uses_of.setdefault(id(getattr(use.module, a)), []).append((use, a))
         for pid, why in bad.items():
             self._demote([pid], why)
-        factors = []
+        factors, dense = [], []
         merged: dict[int, list] = {}   # id(use) -> [(param, KronInput)] of single-use Kronecker parameters
         candidates: dict[int, list] = {}   # id(use) -> [(param, KronInput, T, q)] that may share one factor
         for pid, uses in uses_of.items():
@@ -311,25 +340,22 @@ class LayerwiseGram:
                     t0 += t
                 factors.append(factor)
             else:
-                factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
-                for u, a in uses:
-                    u.dense.append((a, factor))
-                factors.append(factor)
+                dense.append((p, uses))
         # One use's parameters (a weight and its bias) share one Kronecker factor (X side by side) or are
         # all dense: the shared factor's cost against the sum of the dense ones, with a slack for the
         # fixed cost of each factor beyond one (its fill, Gram block and check: ~10 small operations).
         for use in tape:
             group = candidates.get(id(use), [])
             T, q = (group[0][2], group[0][3]) if group else (0, 0)
-            dense = sum(factor_forms.dense_cost(b, m, T, p.numel() // q, q) for p, _, _, _ in group)
+            cost = sum(factor_forms.dense_cost(b, m, T, p.numel() // q, q) for p, _, _, _ in group)
             if group and factor_forms.kron_cost(b, m, T, sum(k.width for _, k, _, _ in group), q, False) \
-                    <= dense * (_MERGE_SLACK if len(group) > 1 else 1.0):
+                    <= cost * (_MERGE_SLACK if len(group) > 1 else 1.0):
                 merged[id(use)] = [(p, k) for p, k, _, _ in group]
                 continue
             for p, _, _, _ in group:
-                factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
-                use.dense.append((next(a for a in use.kron if getattr(use.module, a) is p), factor))
-                factors.append(factor)
+                dense.append((p, [(use, next(a for a in use.kron if getattr(use.module, a) is p))]))
+        if dense:
+            factors.append(_dense_factor(dense, b, m, like))
         for use in tape:
             group = merged.get(id(use))
             if not group:
@@ -364,6 +390,10 @@ class LayerwiseGram:
             for use, g in zip(uses, grads):
                 if g is not None:
                     self._fill_use(use, g, a)
+                else:   # no path to f: zero where this use would have written first
+                    for attr, factor, c0, c1, rows, copy in use.dense:
+                        if copy:
+                            _region(factor, a, c0, c1, rows, getattr(use.module, attr)).zero_()
 
     @staticmethod
     def _fill_use(use: _Use, g: torch.Tensor, a: int):
@@ -374,19 +404,18 @@ class LayerwiseGram:
                     factor.G = Gp[:, None]   # one column, one use holding all positions: G is Gp itself
                 else:
                     factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
-        if use.dense:
-            attrs = [attr for attr, _ in use.dense]
-            with_kron = [attr for attr in attrs if attr in use.kron]
-            grads = {}
-            if with_kron:
-                Gp = use.rule.positions(use.module, g)
-                grads.update({attr: kron_per_sample(use.kron[attr], Gp, getattr(use.module, attr).shape)
-                              for attr in with_kron})
-            rest = [attr for attr in attrs if attr not in use.kron]
-            if rest:
-                grads.update(use.rule.per_sample(use.module, use.inp, g, rest))
-            for attr, factor in use.dense:
-                factor.V[:, a] += grads[attr].reshape(factor.V.shape[0], -1)
+        if not use.dense:
+            return
+        if use.former is None:   # once per solve (a linear call's former gives its rows only)
+            use.former = use.rule.dense_former(use.module, use.inp, [e[0] for e in use.dense], use.kron)
+        grads = use.former(g)
+        for attr, factor, c0, c1, rows, copy in use.dense:
+            region = _region(factor, a, c0, c1, rows, getattr(use.module, attr))
+            src = grads[attr].reshape(region.shape)
+            if copy:
+                region.copy_(src)
+            else:
+                region.add_(src)
 
     def _random_check(self, signature, f, columns, factors, ranks) -> list[int]:
         """The random-weight verification for a new call pattern; one verdict on every rank."""
@@ -408,23 +437,67 @@ class LayerwiseGram:
         return bad
 
 
+def _rows_of(p) -> int:
+    return p.shape[0] if p.dim() else 1
+
+
+def _region(factor: DenseFactor, a: int, c0: int, c1: int, rows, p) -> torch.Tensor:
+    """Column a's rows r0..r1 of parameter p in the dense factor's buffer: (b, r1 - r0, ...)."""
+    return factor.V[:, a, c0:c1].view(factor.V.shape[0], _rows_of(p), -1)[:, rows[0]:rows[1]]
+
+
+def _use_rows(use: _Use, attr: str, p) -> tuple:
+    """The rows of ``p`` that one use's gradient fills (a linear call may use a block of rows)."""
+    if isinstance(use.module, LinearCall):
+        return use.module.rows if attr == "weight" else use.module.bias_rows
+    return (0, _rows_of(p))
+
+
+def _dense_factor(groups, b: int, m: int, like: torch.Tensor) -> DenseFactor:
+    """One DenseFactor for the parameters given densely, [(param, [(use, attr)])], side by side in one
+    buffer (b, m, sum of their sizes), so that K takes one matrix product for all of them. Sets each
+    use's ``dense`` entries (attr, factor, first column, rows, copy): where the uses' row ranges tile a
+    parameter, the first use of each range writes by copy and repeated ranges add, with no zeroing;
+    otherwise its columns are zeroed and every use adds."""
+    parts, lo = [], 0
+    for p, _ in groups:
+        parts.append((p, lo, lo + p.numel()))
+        lo += p.numel()
+    factor = DenseFactor(None, like.new_empty(b, m, lo), parts)
+    for (p, uses), (_, c0, c1) in zip(groups, parts):
+        ranges = [_use_rows(u, a, p) for u, a in uses]
+        edges = sorted(set(ranges))
+        tiles = edges[0][0] == 0 and edges[-1][1] == _rows_of(p) and all(
+            r[1] == s[0] for r, s in zip(edges, edges[1:]))
+        if not tiles:
+            factor.V[:, :, c0:c1].zero_()
+        seen = set()
+        for (u, a), r in zip(uses, ranges):
+            u.dense.append((a, factor, c0, c1, r, tiles and r not in seen))
+            seen.add(r)
+    return factor
+
+
 # -- plans of verified call patterns -----------------------------------------------------------------
 
 def _describe(tape, factors) -> list:
     """How the factors were built from the tape, by tape index: for a Kronecker factor the uses whose
     inputs make X (one use: its parameters' inputs side by side; several: their inputs along positions),
-    its parts, vocabulary and G's shape; for a dense factor its parameter and uses."""
+    its parts, vocabulary and G's shape; for the dense factor its parameters and their uses."""
     index = {id(fa): k for k, fa in enumerate(factors)}
     specs = [["kron", [], None] if isinstance(fa, KronFactor) else ["dense", [], None] for fa in factors]
     for i, u in enumerate(tape):
         for fa, t0 in u.slots:
             specs[index[id(fa)]][1].append((i, t0))
-        for attr, fa in u.dense:
+        for attr, fa, *_ in u.dense:
             specs[index[id(fa)]][1].append((i, attr))
     out = []
     for fa, (kind, uses, _) in zip(factors, specs):
         if kind == "dense":
-            out.append(("dense", fa.param, uses))
+            of = {id(p): [] for p, _, _ in fa.parts}
+            for i, attr in uses:
+                of[id(getattr(tape[i].module, attr))].append((i, attr))
+            out.append(("dense", [(p, of[id(p)]) for p, _, _ in fa.parts]))
             continue
         def attr_of(u, p):
             return next(a for a in u.kron if getattr(u.module, a) is p)
@@ -440,17 +513,15 @@ def _describe(tape, factors) -> list:
 
 def _replay(plan, tape, b: int, m: int, like: torch.Tensor) -> list:
     """The factors of a tape whose call pattern has ``plan`` (from :func:`_describe`)."""
-    needed = {i for spec in plan for i, _ in spec[2 if spec[0] == "kron" else 2]}
+    needed = {i for spec in plan for i, _ in (spec[2] if spec[0] == "kron" else
+                                              [iu for _, uses in spec[1] for iu in uses])}
     for i in needed:
         u = tape[i]
         u.kron = u.rule.kron_inputs(u.module, u.inp)
     factors = []
     for spec in plan:
         if spec[0] == "dense":
-            _, p, uses = spec
-            factor = DenseFactor(p, like.new_zeros(b, m, p.numel()))
-            for i, attr in uses:
-                tape[i].dense.append((attr, factor))
+            factor = _dense_factor([(p, [(tape[i], a) for i, a in uses]) for p, uses in spec[1]], b, m, like)
         else:
             _, inputs, uses, parts, vocab, (T, q) = spec
             Xs = [tape[i].kron[a].X for i, a in inputs]

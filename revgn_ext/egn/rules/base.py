@@ -53,6 +53,24 @@ class Rule:
         G = self.positions(module, g)
         return {a: kron_per_sample(kron[a], G, getattr(module, a).shape) for a in attrs}
 
+    def dense_former(self, module: nn.Module, inp: torch.Tensor, attrs, kron: dict):
+        """``g -> {attr: per-sample gradient (b, *shape)}`` for one use's ``attrs``, called once per output
+        column of a solve: what depends on the input alone is computed once, here. ``kron``: the use's
+        :meth:`kron_inputs`. Default: the Kronecker form contracted where there is one, else
+        :meth:`per_sample`."""
+        with_kron = [a for a in attrs if a in kron]
+        rest = [a for a in attrs if a not in kron]
+
+        def former(g):
+            out = {}
+            if with_kron:
+                G = self.positions(module, g)
+                out.update({a: kron_per_sample(kron[a], G, getattr(module, a).shape) for a in with_kron})
+            if rest:
+                out.update(self.per_sample(module, inp, g, rest))
+            return out
+        return former
+
 
 def kron_per_sample(k: KronInput, G: torch.Tensor, shape) -> torch.Tensor:
     """sum_t G[i, t] (x) X[i, t] per sample, in the parameter's shape. G: (b, T, q)."""

@@ -5,6 +5,7 @@ row id_it, i.e. sum_t onehot(id_it) g_it^T, the Kronecker form with the input ke
 over the whole batch, mixing samples) are not covered."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import KronInput, Rule
@@ -31,3 +32,22 @@ class EmbeddingRule(Rule):
 
     def positions(self, module, g):
         return g.reshape(g.shape[0], -1, g.shape[-1])
+
+    def dense_former(self, module, inp, attrs, kron):
+        k = kron["weight"] if "weight" in kron else self.kron_inputs(module, inp)["weight"]
+        b, q = k.X.shape[0], module.weight.shape[1]
+        if k.X.shape[1] <= q:   # few positions: onehot(ids)^T g per sample, a batched product (ids -1: zero)
+            onehot_t = (k.X[:, None, :] == torch.arange(k.vocab, device=k.X.device)[None, :, None])
+            onehot_t = onehot_t.to(module.weight.dtype)
+
+            def former(g):
+                return {"weight": torch.bmm(onehot_t, g.reshape(b, -1, q))}
+            return former
+        # row ``vocab`` collects the ids -1 (padding: no contribution)
+        index = torch.where(k.X < 0, k.vocab, k.X)[:, :, None].expand(-1, -1, q)
+
+        def former(g):
+            out = g.new_zeros(b, k.vocab + 1, q)
+            out.scatter_add_(1, index, g.reshape(b, -1, q))
+            return {"weight": out[:, :k.vocab]}
+        return former

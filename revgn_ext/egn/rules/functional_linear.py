@@ -20,7 +20,7 @@ class FunctionalLinearRule(Rule):
     types = (LinearCall,)
 
     def attrs(self, call):
-        return ["weight"] + (["bias"] if call.bias is not None else [])
+        return (["weight"] if call.weight is not None else []) + (["bias"] if call.bias is not None else [])
 
     def obstacle(self, call):
         return None if call.layout is not None else "no sample axis found in the call's rows"
@@ -29,10 +29,10 @@ class FunctionalLinearRule(Rule):
         return call.bias is None or call.bias_rows == (0, call.bias.shape[0])
 
     def kron_inputs(self, call, inp):
-        if not (call.full and self._bias_full(call)):
+        if not ((call.full or call.weight is None) and self._bias_full(call)):
             return {}
         X = self.samples(call, inp)
-        out = {"weight": KronInput(X)}
+        out = {"weight": KronInput(X)} if call.weight is not None else {}
         if call.bias is not None:
             out["bias"] = KronInput(X.new_ones(X.shape[0], X.shape[1], 1))
         return out
@@ -68,6 +68,22 @@ class FunctionalLinearRule(Rule):
                 full[:, r0:r1] = G.sum(1)
                 out["bias"] = full
         return out
+
+    def dense_former(self, call, inp, attrs, kron):
+        """Per-sample gradients of the rows the call uses only: {attr: (b, r1 - r0, ...)}, rows r0..r1 of
+        the parameter as stored ((in, out) for ``x @ W``: G^T X transposed)."""
+        X = self.samples(call, inp)
+        spec = "btq,btp->bpq" if call.transposed else "btq,btp->bqp"
+
+        def former(g):
+            G = self.samples(call, g)
+            out = {}
+            if "weight" in attrs:
+                out["weight"] = torch.einsum(spec, G, X)
+            if "bias" in attrs:
+                out["bias"] = G.sum(1)
+            return out
+        return former
 
 
 def linear_call_rows(f: torch.Tensor, calls, columns: torch.Tensor) -> dict:

@@ -36,15 +36,22 @@ class NormRule(Rule):
         return (x - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
 
     def per_sample(self, module, inp, g, attrs):
-        b = g.shape[0]
-        out = {}
+        return self.dense_former(module, inp, attrs, {})(g)
+
+    def dense_former(self, module, inp, attrs, kron):
+        b = inp.shape[0]
         if isinstance(module, (nn.LayerNorm,)) or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)):
             n = len(module.normalized_shape)
             reduce = lambda t: t.reshape(b, -1, *t.shape[t.dim() - n:]).sum(1)   # noqa: E731
         else:   # channel dimension 1
             reduce = lambda t: t.reshape(b, t.shape[1], -1).sum(-1)             # noqa: E731
-        if "weight" in attrs:
-            out["weight"] = reduce(g * self._normalised(module, inp))
-        if "bias" in attrs:
-            out["bias"] = reduce(g)
-        return out
+        normalised = self._normalised(module, inp) if "weight" in attrs else None
+
+        def former(g):
+            out = {}
+            if "weight" in attrs:
+                out["weight"] = reduce(g * normalised)
+            if "bias" in attrs:
+                out["bias"] = reduce(g)
+            return out
+        return former
