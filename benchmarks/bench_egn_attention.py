@@ -9,10 +9,8 @@ feed-forward 64, dropout 0, batch_first, eval mode), mean over positions, Linear
   the compiled ``revgn_ext/_C*.so`` copied in), labelled "before";
 * naive: J per sample by ``vmap(jacrev)`` of the exact Gauss-Newton residual, dense (b c)^2 Gram,
   Cholesky, dir = -A^T u (``bench_egn_peers.naive_step``);
-* "EGN c-1 columns" (``--reduced``): a prototype of an exact cross-entropy factor that is not in the
-  package: Q_i = diag p_i - p_i p_i^T has rank c - 1, so S'_i = diag(sqrt p_i) V_i with V_i an orthonormal
-  basis of sqrt(p_i)^perp (a Householder reflection) has S'_i S'_i^T = Q_i and t'_i = V_i^T t_i solves
-  S'_i t'_i = e_i: the same direction from a b (c - 1) system and c - 1 backward passes.
+* the exact cross-entropy factor has c - 1 columns (Q_i = diag p_i - p_i p_i^T has rank c - 1;
+  ``revgn_ext.egn.loss_factors.cross_entropy_factor``): a b (c - 1) system and c - 1 backward passes.
 
 Each method runs in its own process (one thread, float32): CPU time per step (median after 2 warm-up steps),
 and, in another fresh process, the peak resident memory of one step (VmHWM) and its growth over the resident
@@ -62,21 +60,6 @@ def _status_mib(field):
     return float("nan")
 
 
-def reduced_cross_entropy_factor(f, y):
-    """The exact CE factor with c - 1 columns (see the module docstring); a prototype, not in the package."""
-    import torch
-    from revgn_ext.egn import loss_factors as lf
-    base = lf.cross_entropy_factor(f, y)
-    s = base.s
-    b, c = s.shape
-    ej = torch.nn.functional.one_hot(s.argmax(1), c).to(s.dtype)
-    u = s + ej                                                    # H s = -e_j, |u|^2 = 2 + 2 s_j >= 2
-    H = torch.eye(c, dtype=s.dtype) - 2 * u[:, :, None] * u[:, None, :] / (u * u).sum(1)[:, None, None]
-    V = H[~ej.bool()[:, None, :].expand(b, c, c)].reshape(b, c, c - 1)   # the columns other than j
-    return lf.LossFactor(base.loss, base.residual, torch.einsum("icj,ic->ij", V, base.target), None, None,
-                         s[:, :, None] * V)
-
-
 def worker(method, what, steps, tree=None):
     sys.path.insert(0, tree or os.path.dirname(HERE))
     import torch
@@ -85,9 +68,6 @@ def worker(method, what, steps, tree=None):
     info = {}
     if method.startswith("EGN"):
         import revgn_ext as rg
-        if "c-1" in method:
-            from revgn_ext.egn import loss_factors as lf
-            lf.LOSS_FACTORS["cross_entropy"] = reduced_cross_entropy_factor
         curvature = "sampled" if "sampled" in method else "exact"
         opt = rg.EGN(model, lr=0.1, damping=1.0, loss="cross_entropy", curvature=curvature)
         info["source"] = os.path.dirname(os.path.dirname(os.path.abspath(rg.__file__)))
@@ -130,7 +110,6 @@ def main():
     parser.add_argument("--title", default="Transformer classifier: EGN vs naive")
     parser.add_argument("--out", default=None)
     parser.add_argument("--before", default=None, help="another source tree, timed as 'before'")
-    parser.add_argument("--reduced", action="store_true", help="also the prototype c-1 column CE factor")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -144,8 +123,6 @@ def main():
     if args.before:
         methods = {"EGN before": args.before, "EGN": None, "EGN sampled before": args.before, "EGN sampled": None,
                    "naive": None}
-    if args.reduced:
-        methods["EGN c-1 columns"] = None
     res = {m: {"time": [], "memory": []} for m in methods}
     for r in range(args.rounds):
         for method in (res if r % 2 == 0 else reversed(list(res))):

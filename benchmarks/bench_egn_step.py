@@ -88,8 +88,8 @@ def naive_egn_step(model, x, y, loss, lr, damping):
                in_dims=(None, 0))(params, x)
     J = torch.cat([j.reshape(b, c, -1) for j in jac.values()], -1)            # (b, c, d)
     factor = LOSS_FACTORS[loss](f, y if loss == "cross_entropy" else y.reshape(b, c))
-    A = torch.einsum("iba,ibk->iak", factor_matrix(factor), J).reshape(b * c, -1)  # S^T J
-    K = A @ A.T + b * damping * torch.eye(b * c, dtype=A.dtype, device=A.device)
+    A = torch.einsum("iba,ibk->iak", factor_matrix(factor), J).reshape(-1, J.shape[-1])  # S^T J (b m, d)
+    K = A @ A.T + b * damping * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     L = torch.linalg.cholesky(K)
     u = torch.cholesky_solve(factor.target.reshape(-1, 1), L)
     direction = -(A.T @ u).reshape(-1)
@@ -111,10 +111,11 @@ def backpack_egn_step(model, lossfn, x, y, lr, damping):
     params = [p for p in model.parameters() if p.requires_grad]
     V = torch.cat([p.sqrt_ggn_exact.reshape(p.sqrt_ggn_exact.shape[0], b, -1) for p in params], -1)   # (m, b, d)
     V = V.transpose(0, 1).reshape(-1, V.shape[-1])                                                      # (b m, d)
-    factor = LOSS_FACTORS["cross_entropy"](out.detach(), y)
+    logp = torch.log_softmax(out.detach(), 1)   # t = e / sqrt(p) for BackPACK's c x c factor
+    t = (0.5 * logp).exp() - torch.nn.functional.one_hot(y, logp.shape[1]).to(logp.dtype) * (-0.5 * logp).exp()
     K = V @ V.T + b * damping * torch.eye(V.shape[0], dtype=V.dtype)
     L = torch.linalg.cholesky(K)
-    u = torch.cholesky_solve(factor.target.reshape(-1, 1), L)
+    u = torch.cholesky_solve(t.reshape(-1, 1), L)
     direction = -(V.T @ u).reshape(-1)
     with torch.no_grad():
         offset = 0

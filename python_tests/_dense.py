@@ -5,7 +5,8 @@ loss Hessian by ``torch.func.hessian``) and solves with ``torch.linalg``; use fl
 
 * :func:`jacobian`, :func:`brute_gram`: J (b, c, d) and K = S^T J J^T S;
 * :func:`dense_direction`: the Gauss-Newton / LM direction -(J^T Q J / b + lambda I)^{-1} g of the
-  optimizers' own mean loss, Q = S S^T (default S: the exact Hessian square root);
+  optimizers' own mean loss, Q = S S^T for a given S, by default the exact Hessian from its closed form
+  (:func:`loss_hessian`, which does not use the package's factors);
 * :func:`dense_lm_direction`: the same for a user's loss function as given (any reduction), with its
   Hessian in the outputs: the reference for "the step of the loss you train with";
 * :func:`dense_problem`: J, Q, g and L of a problem for the per-sample loss :func:`per_sample_loss`;
@@ -25,7 +26,6 @@ from typing import NamedTuple
 
 from torch.func import functional_call, hessian, jacrev
 
-from revgn_ext.egn import loss_factors
 
 
 class Call(NamedTuple):
@@ -93,12 +93,27 @@ def dense_direction(model, x, y, loss: str, damping: float, S=None, index=None) 
     if index is not None:
         J, f = J.reshape(b * c, d)[index], f.reshape(-1)[index]
         b, c = index.shape
-    exact = loss_factors.LOSS_FACTORS[loss](f, y)
-    if S is None:
-        S = loss_factors.factor_matrix(exact)
-    A = torch.einsum("ica,icd->iad", S, J).reshape(-1, d)
-    g = torch.einsum("ic,icd->d", exact.residual, J) / b
-    return -torch.linalg.solve(A.T @ A / b + damping * torch.eye(d, dtype=J.dtype), g)
+    e, Q = loss_hessian(loss, f, y)
+    if S is not None:
+        Q = S @ S.transpose(1, 2)
+    g = torch.einsum("ic,icd->d", e, J) / b
+    G = torch.einsum("icd,ice,ief->df", J, Q, J) / b
+    return -torch.linalg.solve(G + damping * torch.eye(d, dtype=J.dtype), g)
+
+
+def loss_hessian(loss: str, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e_i = dl/df_i (b, c) and Q_i = d^2 l / df_i^2 (b, c, c) from their closed forms, independent of
+    :mod:`revgn_ext.egn.loss_factors`: MSE e = f - y, Q = I; cross-entropy (labels or class
+    probabilities q) e = p - q, Q = diag p - p p^T; binary CE e = sigma - y, Q = diag sigma (1 - sigma)."""
+    b, c = f.shape
+    if loss == "mse":
+        return f - y, torch.eye(c, dtype=f.dtype).expand(b, c, c)
+    if loss == "cross_entropy":
+        p = torch.softmax(f, 1)
+        q = y if y.is_floating_point() else F.one_hot(y, c).to(f.dtype)
+        return p - q, torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    sig = torch.sigmoid(f)
+    return sig - y, torch.diag_embed(sig * (1 - sig))
 
 
 def dense_lm_direction(model, loss_fn, x, y, damping: float) -> list[torch.Tensor]:

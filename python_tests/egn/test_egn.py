@@ -68,9 +68,11 @@ def test_loss_factor_is_exact_square_root_of_hessian(loss):
         assert torch.allclose(S[i] @ fac.target[i], e, atol=1e-12), "S t != e"
     expect = sum(per_sample_loss(loss, f[i], y[i]) for i in range(b)) / b
     assert torch.allclose(fac.loss, expect, atol=1e-13)
-    u = torch.randn(b, c, dtype=torch.float64)
+    assert S.shape == (b, c, c - 1 if loss == "cross_entropy" else c)   # Q_i has rank c - 1 for CE
+    u = torch.randn(b, S.shape[2], dtype=torch.float64)
+    v = torch.randn(b, c, dtype=torch.float64)
     assert torch.allclose(lf.apply_factor(fac, u), torch.einsum("iab,ib->ia", S, u), atol=1e-14)
-    assert torch.allclose(lf.apply_factor_transpose(fac, u), torch.einsum("iba,ib->ia", S, u), atol=1e-14)
+    assert torch.allclose(lf.apply_factor_transpose(fac, v), torch.einsum("iba,ib->ia", S, v), atol=1e-14)
 
 
 def test_cross_entropy_target_finite_for_confident_wrong_logits():

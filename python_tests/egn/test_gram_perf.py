@@ -64,7 +64,7 @@ def test_step_allocates_one_gram_sized_matrix(monkeypatch):
     # factor, checked in the step's one host sync); lowered here so that a small system takes the big path.
     import revgn_ext.egn.cholesky as egn_cholesky
     b, c = 80, 10
-    n = b * c
+    n = b * (c - 1)   # the exact cross-entropy factor has c - 1 columns
     monkeypatch.setattr(egn_cholesky, "PLAIN_MAX_ROWS", n - 1)
     model = mlp(6, 9, c)
     x, y = batch(b, 6, c)

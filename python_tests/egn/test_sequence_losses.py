@@ -211,7 +211,7 @@ def test_system_has_one_row_per_kept_token_and_column(curvature, samples):
     x, y = tokens()
     opt = EGN(lm(), damping=0.3, loss="cross_entropy", curvature=curvature, samples=samples)
     sizes = spy_system_size(opt, lambda: opt.direction(x, y))
-    per_token = {"exact": V, "sampled": samples, "true-class": 1}[curvature]
+    per_token = {"exact": V - 1, "sampled": samples, "true-class": 1}[curvature]   # exact CE: rank V - 1
     assert sizes == [kept(y) * per_token]   # padding tokens (and the wholly padded sample) have no row
 
 
@@ -435,7 +435,8 @@ def test_view_index_finds_each_element_of_a_view_and_nothing_else():
 
 def test_columns_beyond_memory_limit_are_refused_before_the_backward_passes():
     x, y = tokens()
-    opt = EGN(lm(), loss="cross_entropy", memory_limit=50_000)
+    # 3 samples x 4 kept positions at most x (V - 1) columns = 72 rows: 72^2 * 8 bytes > 40 000
+    opt = EGN(lm(), loss="cross_entropy", memory_limit=40_000)
     with pytest.raises(UnsupportedModelError, match=r"kept positions .* memory_limit"):
         opt.step(x, y)
 

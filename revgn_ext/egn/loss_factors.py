@@ -7,9 +7,10 @@ L = (1/b) sum_i l(f_i, y_i). Each factor below returns
 * S_i with S_i S_i^T = d^2 l / df_i^2 = Q_i, the exact square root of the loss Hessian,
 * t_i with S_i t_i = e_i, so that J^T e = (S^T J)^T t.
 
-S_i is stored implicitly as ``S_i = diag(s_i) - p_i s_i^T`` (``s`` None means S = I, ``p`` None means
-S_i = diag(s_i)); :func:`apply_factor`, :func:`apply_factor_transpose` and :func:`factor_matrix` use
-that form, so applying S or S^T costs O(b c) instead of O(b c^2).
+Diagonal factors (MSE, binary CE) are stored implicitly as ``S_i = diag(s_i) - p_i s_i^T`` (``s`` None
+means S = I, ``p`` None means S_i = diag(s_i)), so applying S or S^T costs O(b c); the exact
+cross-entropy factor has c - 1 columns (Q_i has rank c - 1) and is stored dense, (b, c, c - 1) in the
+field ``S``. :func:`apply_factor`, :func:`apply_factor_transpose` and :func:`factor_matrix` read either.
 
 Approximate curvatures (:func:`curvature_factor`) replace Q_i by a rank-k matrix S_i S_i^T with S_i a
 dense c x k factor (field ``S``): the Monte-Carlo ("sampled") and the observed-label ("true-class")
@@ -58,25 +59,47 @@ def cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
     """Softmax cross-entropy, l = -sum_a q_ia log softmax(f_i)_a, with p_i = softmax(f_i) and target
     distribution q_i (one-hot for a label; smoothed labels or class probabilities otherwise):
 
-    e_i = p_i - q_i,  Q_i = diag p_i - p_i p_i^T  (the same for every q_i with 1^T q_i = 1),
-    S_i = diag(sqrt p_i) - p_i sqrt(p_i)^T  (S_i S_i^T = Q_i because sqrt(p)^T sqrt(p) = 1),
-    t_i = e_i / sqrt(p_i)  (S_i t_i = e_i - p_i 1^T e_i = e_i because 1^T e_i = 0).
+    e_i = p_i - q_i,  Q_i = diag p_i - p_i p_i^T  (the same for every q_i with 1^T q_i = 1).
 
-    f: (b, c) logits; y: (b,) int64 class indices, or (b, c) floats q with rows summing to 1. Computed
-    from log-probabilities, so t stays finite while log p does: t_ia = sqrt(p_ia) - q_ia / sqrt(p_ia).
+    Q_i = diag(s_i) (I - s_i s_i^T) diag(s_i) with s_i = sqrt(p_i), |s_i| = 1, has rank c - 1, so the
+    factor has c - 1 columns: with j = argmax_a s_ia, u_i = s_i + e_j and the Householder reflection
+    H_i = I - 2 u_i u_i^T / |u_i|^2 (H_i s_i = -e_j), the columns V_i of H_i other than j are an
+    orthonormal basis of s_i^perp (V_i V_i^T = I - H_i e_j e_j^T H_i = I - s_i s_i^T), and
+
+    S_i = diag(s_i) V_i  (c x (c - 1)),  S_i S_i^T = diag(s_i) (I - s_i s_i^T) diag(s_i) = Q_i,
+    t_i = V_i^T r_i with r_i = e_i / s_i:  S_i t_i = diag(s_i) (I - s_i s_i^T) r_i = e_i - p_i 1^T e_i = e_i
+    (1^T e_i = 0: e_i lies in the range of Q_i).
+
+    The Gram system is b (c - 1) instead of b c rows, with c - 1 backward passes. |u_i|^2 = 2 + 2 s_ij
+    >= 2 (s_ij >= 1/sqrt(c)), so the reflection is well conditioned in float32. S is stored dense
+    (b, c, c - 1); no c x c x b identity is formed.
+
+    f: (b, c) logits, c >= 2; y: (b,) int64 class indices, or (b, c) floats q with rows summing to 1.
+    Computed from log-probabilities, so t stays finite while log p does: r_ia = s_ia - q_ia / s_ia.
     """
     logp = torch.log_softmax(f, dim=1)
     p = logp.exp()
     s = (0.5 * logp).exp()
+    b, c = f.shape
     if y.is_floating_point():
         q = y
-        loss = -torch.where(q > 0, q * logp, torch.zeros_like(logp)).sum() / f.shape[0]
+        loss = -torch.where(q > 0, q * logp, torch.zeros_like(logp)).sum() / b
     else:
-        q = F.one_hot(y, f.shape[1]).to(f.dtype)
-        loss = -logp.gather(1, y[:, None]).sum() / f.shape[0]
+        q = F.one_hot(y, c).to(f.dtype)
+        loss = -logp.gather(1, y[:, None]).sum() / b
     e = p - q
-    t = s - q * (-0.5 * logp).exp()
-    return LossFactor(loss, e, t, s, p)
+    r = s - q * (-0.5 * logp).exp()                               # e / s
+    j = s.argmax(1, keepdim=True)                                 # (b, 1)
+    u = s.scatter_add(1, j, torch.ones_like(s[:, :1]))            # s + e_j
+    w = 2 / (u * u).sum(1, keepdim=True)                          # 2 / |u|^2, |u|^2 >= 2
+    ar = torch.arange(c - 1, device=f.device)
+    cols = ar + (ar >= j).to(ar.dtype)                            # (b, c - 1): the columns other than j
+    u_cols = u.gather(1, cols)                                    # (b, c - 1)
+    t = r.gather(1, cols) - u_cols * (w * (u * r).sum(1, keepdim=True))   # V^T r = (H r)[cols]
+    # S[i, a, k] = s_ia (delta(a, cols_ik) - w_i u_ia u_i,cols_ik)
+    delta = torch.arange(c, device=f.device)[None, :, None] == cols[:, None, :]
+    S = s[:, :, None] * (delta.to(f.dtype) - (w * u)[:, :, None] * u_cols[:, None, :])
+    return LossFactor(loss, e, t, None, None, S)
 
 
 def binary_cross_entropy_factor(f: torch.Tensor, y: torch.Tensor) -> LossFactor:
@@ -168,7 +191,7 @@ def sampled_factor(loss: str, f: torch.Tensor, y: torch.Tensor, samples: int = 1
     """
     b, c = f.shape
     if loss == "cross_entropy":
-        # Only the loss and e at the observed targets, not the exact factor's s, p and t (O(b c) each).
+        # Only the loss and e at the observed targets, not the exact factor's S and t.
         logp = torch.log_softmax(f, 1)
         p = logp.exp()
         if y.is_floating_point():

@@ -5,7 +5,7 @@ Q = blockdiag(d^2 l / df_i^2) = S S^T and J = df/dw ((b c) x d), the LM directio
 
     (J^T Q J / b + lambda I) dir = -J^T e / b.
 
-With the push-through identity it becomes a (b c) x (b c) symmetric positive definite solve:
+With the push-through identity it becomes a (b m) x (b m) SPD solve (S_i c x m; m = c - 1 for CE):
 
     dir = -J^T S u,    (S^T J J^T S + b lambda I) u = t,    S t = e,
 
@@ -117,8 +117,8 @@ class EGN(GaussNewtonOptimizer):
         curvature: the per-sample loss Hessian Q_i = S_i S_i^T used (see
             :mod:`revgn_ext.egn.loss_factors` for the formulas):
 
-            * "exact": S_i the exact c x c square root; a (b c) x (b c) system, c backward passes for
-              the Gram. No bias.
+            * "exact": S_i the exact square root, c x c (cross-entropy: c x (c - 1), Q_i has rank c - 1);
+              a (b c) x (b c) (CE: b (c - 1) square) system, c (CE: c - 1) backward passes. No bias.
             * "sampled": Monte-Carlo GGN (Gauss-Newton-Bartlett), S_i = [dl(f_i, y^_is)/df_i]_s / sqrt(k)
               with k = ``samples`` labels y^ drawn from the model's predictive distribution (torch's
               default generator, anew at every step or ``direction`` call): a (b k) x (b k) system, k backward passes. Unbiased for the

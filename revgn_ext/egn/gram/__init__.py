@@ -2,7 +2,7 @@
 
 J = df/dw is the (b c) x d Jacobian of the outputs f (b, c) with respect to the trainable parameters,
 and S = blockdiag(S_i) a per-sample c x m factor (:mod:`revgn_ext.egn.loss_factors`; m = c for the
-exact curvature, m = k samples or 1 for the approximations), passed as ``columns`` (m, b, c) with
+exact curvature (c - 1 for cross-entropy), m = k samples or 1 for the approximations), passed as ``columns`` (m, b, c) with
 ``columns[a, i] = S_i[:, a]``. K is (b m) x (b m), rows ordered (i, a): sample-major.
 
 * :mod:`.assembly`: the one call of an assembler per solve and the :class:`Assembly` it returns;
