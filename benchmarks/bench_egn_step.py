@@ -511,7 +511,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "egn.md"))
+    # Not benchmarks/results/egn.md: that file gathers sections from several runs and suites by hand, and a
+    # run without --append rewrites its --out.
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      "build", "bench", "egn_step.md"),
+                        help="markdown file to write (default build/bench/egn_step.md; rewritten unless --append)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--append", action="store_true", help="add a section to --out instead of rewriting it")
     parser.add_argument("--suite", default="mlp", choices=["mlp", "models", "cnn", "transformer", "classes", "batch", "gram"])
@@ -523,6 +527,7 @@ def main():
                         help="gram suite: label:path pairs, comma-separated (empty path: the installed package)")
     parser.add_argument("--rounds", type=int, default=3, help="gram suite: rounds of fresh processes")
     args = parser.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.measure_memory:
         _measure_memory(json.loads(args.measure_memory))
         return
