@@ -1,20 +1,11 @@
 """EGN's writes to the parameters: the finiteness check before an update and the fused update."""
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .._checks import all_finite
+
 __all__ = ["all_finite", "set_params"]
-
-
-def all_finite(tensors) -> bool:
-    """Every entry of every tensor finite: the max-norms (which cannot overflow, and are NaN or inf
-    exactly when an entry is) of all tensors in one fused call, one host sync."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, ord=math.inf))).all())
 
 
 def set_params(params, base, direction, alpha: float) -> None:

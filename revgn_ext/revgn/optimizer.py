@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from .._checks import check_tensor
+from .._checks import all_finite, check_tensor
 from .._hyper import Context, revgn_spec
 from .._optim import GaussNewtonOptimizer, refuse, resolve_loss, unwrap_compiled
 from .._warn import user_stacklevel
@@ -361,7 +361,7 @@ class RevGN(GaussNewtonOptimizer):
         top = max(lr for _, _, lr in pairs)
         if not (math.isfinite(biggest) and biggest + top * norm < 0.5 * torch.finfo(flat[0].dtype).max):
             new = [torch.add(p, d, alpha=-lr) for p, d, lr in pairs]
-            if not bool(torch.stack([torch.isfinite(t).all() for t in new]).all()):
+            if not all_finite(new):
                 return False
             torch._foreach_copy_([p for p, _, _ in pairs], new)
         else:
