@@ -66,7 +66,19 @@ class KronFactor:
 
     def add_block(self, K, i0, i1, j1):
         """K[(i0..i1, :), (0..j1, :)] += this factor's Gram block."""
-        m, T, q = self.G.shape[1], self.positions, self.G.shape[3]
+        b, m, T, q = self.G.shape
+        if T == 1 and self.kron.kind == "features":   # one position: two matrix products and one addcmul
+            X, G = self.kron.X.reshape(b, -1), self.G.reshape(b * m, q)
+            whole = i0 == 0 and i1 == j1 == b
+            Xi, Gi = (X, G) if whole else (X[i0:i1], G[i0 * m:i1 * m])
+            Xj, Gj = (X, G) if whole else (X[:j1], G[:j1 * m])
+            Kx, Kg = torch.mm(Xi, Xj.t()), torch.mm(Gi, Gj.t())
+            rows = K if whole else K[i0 * m:i1 * m, :j1 * m]
+            if m == 1:
+                rows.addcmul_(Kx, Kg)
+            else:
+                rows.view(i1 - i0, m, j1, m).addcmul_(Kx.view(i1 - i0, 1, j1, 1), Kg.view(i1 - i0, m, j1, m))
+            return
         Kx = self._input_kernel(i0, i1, j1)
         rows = K[i0 * m:i1 * m, :j1 * m].view(i1 - i0, m, j1, m)
         if T == 1:
@@ -101,14 +113,25 @@ class KronFactor:
         """{param: sum_{i,a} w_ia grad_ia} from the factor (for the verification)."""
         b, m, T, q = self.G.shape
         if m == 1:
-            Gw = (w.reshape(b, 1) * self.G.reshape(b, T * q)).view(b, T, q)
+            Gw = self.G.reshape(b, T * q) * w.reshape(b, 1)
         else:
-            Gw = torch.bmm(w.reshape(b, 1, m), self.G.reshape(b, m, T * q)).view(b, T, q)   # sum_a w_ia G[i, a]
+            Gw = torch.bmm(w.reshape(b, 1, m), self.G.reshape(b, m, T * q))   # sum_a w_ia G[i, a]
         if self.kron.kind == "ids":
             (p, _, _), = self.parts
-            return {p: kron_per_sample(self.kron, Gw, p.shape).sum(0)}
-        full = Gw.reshape(b * T, q).T @ self.kron.X.reshape(b * T, -1)                   # sum_{i,t} Gw (x) X
-        return {p: full[:, lo:hi].reshape(p.shape) for p, lo, hi in self.parts}
+            return {p: kron_per_sample(self.kron, Gw.view(b, T, q), p.shape).sum(0)}
+        full = Gw.reshape(b * T, q).t() @ self.kron.X.reshape(b * T, -1)                 # sum_{i,t} Gw (x) X
+        return {p: _columns(full, lo, hi, p.shape) for p, lo, hi in self.parts}
+
+
+def _columns(full: torch.Tensor, lo: int, hi: int, shape) -> torch.Tensor:
+    """Columns lo..hi of ``full`` (q, p) in a parameter's shape, with as few view operations as that takes."""
+    if lo == 0 and hi == full.shape[1]:
+        part = full
+    elif hi - lo == 1 and len(shape) == 1:   # a bias beside its weight
+        return full.select(1, lo)
+    else:
+        part = full[:, lo:hi]
+    return part if part.shape == shape else part.reshape(shape)
 
 
 class DenseFactor:
@@ -165,7 +188,7 @@ def assemble(factors, b: int, m: int, like: torch.Tensor, block_rows, memory_lim
         i1 = min(b, i0 + block)
         for fa in factors:
             fa.add_block(K, i0, i1, i1)
-    for i0 in starts:   # upper block triangle from the lower one
+    for i0 in starts[:-1]:   # upper block triangle from the lower one (the last block row has none)
         i1 = min(b, i0 + block)
         K[i0 * m:i1 * m, i1 * m:] = K[i1 * m:, i0 * m:i1 * m].T
     return K
