@@ -577,7 +577,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
     def no_autocast(self):
         """The optimizers' own forward, Gram and solve run in the parameters' dtype."""
         device = self.param_groups[0]["params"][0].device.type
-        if torch.amp.is_autocast_available(device):
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             return torch.autocast(device, enabled=False)
         return contextlib.nullcontext()
 

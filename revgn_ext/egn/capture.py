@@ -48,7 +48,39 @@ _RMATMUL = {torch.Tensor.__rmatmul__}
 def differentiable_attention(device):
     """A context in which attention runs its math backend on CPU (see the module docstring); elsewhere
     nothing."""
-    return sdpa_kernel(SDPBackend.MATH) if torch.device(device).type == "cpu" else contextlib.nullcontext()
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    return _MathAttention() if _SDP_FLAGS else sdpa_kernel(SDPBackend.MATH)
+
+
+def _sdp_flags() -> list:
+    """(getter, setter, is math) of every attention backend flag, as ``sdpa_kernel`` reads and sets them;
+    empty where this torch names them differently (then ``sdpa_kernel`` itself is used)."""
+    try:
+        from torch.nn.attention import _backend_names
+        return [(getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"),
+                 value == "MATH") for name, value in _backend_names.items()]
+    except (ImportError, AttributeError):
+        return []
+
+
+_SDP_FLAGS = _sdp_flags()
+
+
+class _MathAttention:
+    """``sdpa_kernel(SDPBackend.MATH)`` with the flags' functions looked up once (the recorded forward
+    enters it at every step): only the math backend on entry, every flag as it was on exit."""
+
+    def __enter__(self):
+        self.previous = [get() for get, _, _ in _SDP_FLAGS]
+        for _, set_, math_only in _SDP_FLAGS:
+            set_(math_only)
+        return self
+
+    def __exit__(self, *_):
+        for (_, set_, _), enabled in zip(_SDP_FLAGS, self.previous):
+            set_(enabled)
+        return False
 
 
 

@@ -11,6 +11,7 @@ strict upper keeps K for the retries), deciding its retries on the device.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -46,6 +47,16 @@ def factor_op(damped: torch.Tensor, mu: float):
     return chol.L[0], torch.stack([chol.info.reshape(()).to(jitter.dtype), jitter]), mu + jitter
 
 
+def _rounded(value: float, dtype) -> float:
+    """``value`` rounded to ``dtype`` as torch rounds (float32 by struct, without a tensor)."""
+    if dtype == torch.float32 and abs(value) <= _FLOAT32_MAX:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def clean(summary, dtype) -> bool:
     """True exactly when :func:`revgn_ext.ops.gram.gram_factor_from_gram` would accept the plain factor
     without a retry: LAPACK succeeded, every pivot L_jj^2 above its floor PIVOT_FLOOR * eps * scale
@@ -54,5 +65,5 @@ def clean(summary, dtype) -> bool:
     status, scale, smallest, total = summary
     floor = scale * (PIVOT_FLOOR * torch.finfo(dtype).eps)
     if dtype != torch.float64:
-        floor = torch.tensor(floor, dtype=torch.float64).to(dtype).item()
+        floor = _rounded(floor, dtype)
     return status == 0 and scale > 0 and math.isfinite(total) and smallest > floor

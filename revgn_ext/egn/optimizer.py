@@ -369,9 +369,11 @@ class EGN(GaussNewtonOptimizer):
         while True:
             u, back_projection, direction = self._back_project(sol, L, mu, lam, rhs if sampled else None,
                                                                g if sampled else None, gg if sampled else None)
+            # ||J^T S u|| per parameter, for the check and (unless sampled) ||dir|| = ||-J^T S u||
+            norms = torch._foreach_norm(back_projection)
             ids, flags = disagreement(assembly.checked, assembly.params,
-                                      u if sol.layout is None else sol.layout.padded(u), back_projection)
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)))
+                                      u if sol.layout is None else sol.layout.padded(u), back_projection, norms)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction) if sampled else norms))
             verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
                                  flags.to(f.dtype)]).tolist()
             head, verdict = verdict[:len(summary)], verdict[len(summary):]

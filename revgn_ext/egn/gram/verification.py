@@ -41,15 +41,20 @@ def compare(ours: dict, truth, dtype) -> list[int]:
     return [pid for pid, flag in zip(checked, flags.tolist()) if flag]
 
 
-def mismatches(ours: dict, truth, dtype):
-    """(ids, flags): :func:`compare`'s verdict per parameter as a bool tensor, without a host sync."""
+def mismatches(ours: dict, truth, dtype, truth_norms=None):
+    """(ids, flags): :func:`compare`'s verdict per parameter as a bool tensor, without a host sync.
+    ``truth_norms``: the 2-norms of ``truth`` (0-dim tensors, aligned), where the caller has them."""
     checked = [p for p, _ in ours.values()]
     mine = [g for _, g in ours.values()]
     eps = torch.finfo(dtype).eps
     truth = [torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for p, g in zip(checked, truth)]
     # one fused call for ||a - g||, ||a|| and ||g|| of every parameter
-    norms = torch.stack(torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine, *truth])).view(3, -1)
-    errors, scales = norms[0], norms[1:].sum(0)
+    if truth_norms is None:
+        norms = torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine, *truth])
+    else:
+        norms = [*torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine]), *truth_norms]
+    norms = torch.stack(norms).view(3, -1)
+    errors, scales = norms[0], norms[1] + norms[2]
     # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
     # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
     floor = scales.norm().mul_(100 * eps).add_(torch.finfo(dtype).tiny)
@@ -63,14 +68,16 @@ def disagreeing(factors, params, u: torch.Tensor, products) -> list[int]:
     return [pid for pid, flag in zip(ids, flags.tolist()) if flag]
 
 
-def disagreement(factors, params, u: torch.Tensor, products):
+def disagreement(factors, params, u: torch.Tensor, products, norms=None):
     """(ids, flags): :func:`disagreeing`'s verdict per parameter as a bool tensor (no host sync), for
-    a caller that reads it together with other values."""
+    a caller that reads it together with other values. ``norms``: the 2-norms of ``products`` (0-dim
+    tensors), where the caller has them."""
     ours = weighted(factors, u)
     if not ours:
         return [], torch.zeros(0, dtype=torch.bool, device=u.device)
     index = {id(p): k for k, p in enumerate(params)}
-    return mismatches(ours, [products[index[pid]] for pid in ours], u.dtype)
+    at = [index[pid] for pid in ours]
+    return mismatches(ours, [products[k] for k in at], u.dtype, None if norms is None else [norms[k] for k in at])
 
 
 def random_weight_check(f: torch.Tensor, columns: torch.Tensor, factors, generator: torch.Generator) -> list[int]:
