@@ -160,8 +160,19 @@ class Spec:
         for relation in self.relations:
             relation(values, label)
 
-    def check_group(self, group: dict, index: int, ctx: Context) -> None:
+    def check_group(self, group: dict, index: int, ctx: Context, memo: dict | None = None) -> None:
+        """``memo`` (index -> what the last check that passed read): the options are checked again only
+        where one of them, or what the rules compare against, is another object than then. Options
+        are immutable values, so the same objects pass again; a group holding anything else (a list)
+        is checked every time."""
+        key = _options_key(group, ctx) if memo is not None else None
+        if key is not None and _same_key(memo.get(index), key):
+            return
+        if memo is not None:
+            memo.pop(index, None)
         self.check_values(group, lambda key: f"param_groups[{index}]['{key}']", ctx, partial=False)
+        if key is not None:
+            memo[index] = key
 
     def check_state(self, state, groups: list, ctx: Context, only: int | None = None) -> None:
         """The state of every parameter (of group ``only`` if given); labels use the parameter's index
@@ -253,3 +264,25 @@ def egn_spec(losses: tuple, curvatures: tuple, grams: tuple) -> Spec:
         state={"step": Integer(low=0), "alpha": Number(low=0.0),   # 0 after a line search at lr 0
                "momentum_buffer": LikeParam()},
         relations=(loss_relation(smoothing=True), _curvature_relation))
+
+
+_IMMUTABLE = (int, float, bool, str, type(None))
+
+
+def _options_key(group: dict, ctx: Context):
+    """What a group's check reads: its option names, and its values with the context's (compared by
+    identity in :func:`_same_key`); None where a value is mutable, so never memoised."""
+    names, values = [], [ctx.dtype, ctx.num_blocks, ctx.built]
+    for name, value in group.items():
+        if name == "params":
+            continue
+        if type(value) not in _IMMUTABLE and not (type(value) is tuple and all(type(v) in _IMMUTABLE for v in value)):
+            return None
+        names.append(name)
+        values.append(value)
+    return tuple(names), values
+
+
+def _same_key(old, new) -> bool:
+    return old is not None and old[0] == new[0] and len(old[1]) == len(new[1]) and all(
+        a is b for a, b in zip(old[1], new[1]))

@@ -395,7 +395,7 @@ class GaussNewtonOptimizer(torch.optim.Optimizer):
         everything untouched."""
         group = self.param_groups[index]
         ctx = self.hyper_context(deep)
-        self.HYPERPARAMETERS.check_group(group, index, ctx)
+        self.HYPERPARAMETERS.check_group(group, index, ctx, self.__dict__.setdefault("_passed_options", {}))
         self.HYPERPARAMETERS.check_state(self.state, self.param_groups, ctx, only=index)
         return group
 

@@ -11,6 +11,7 @@ from .._checks import check_tensor
 from .._inputs import ModelInputs
 from .gram import UnsupportedModelError, outputs_of
 from .loss_factors import CURVATURES
+from .params import all_finite
 
 __all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options",
            "drop_ignored", "check_per_sample", "ModelInputs"]
@@ -19,32 +20,51 @@ _SHAPE_ERROR = re.compile(r"shape|size|dimension|channel", re.IGNORECASE)
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_x_dtype(x, model: nn.Module) -> None:
-    """x is float32/float64 and finite, or integer token ids for a model that has an nn.Embedding."""
+def check_x_dtype(x, model: nn.Module, finite: list | None = None) -> None:
+    """x is float32/float64 and finite, or integer token ids for a model that has an nn.Embedding.
+    ``finite``: where given, (name, x) is appended to it for the caller's fused finiteness check
+    instead of being checked here."""
     if isinstance(x, torch.Tensor) and x.dtype in _INTEGER_DTYPES:
         if not any(isinstance(m, nn.Embedding) for m in model.modules()):
             raise ValueError(f"x holds integers ({x.dtype}) but {type(model).__name__} has no nn.Embedding to "
                              "take token ids; pass float32 or float64 features")
         return
-    check_tensor("x", x)
+    check_tensor("x", x, finite=finite is None)
+    if finite is not None:
+        finite.append(("x", x))
 
 
 def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor, batch_y: bool = True) -> None:
     """x and y against each other and against the model's parameters (dtype, device, batch; the batch
-    only with ``batch_y``: a loss on a view of the output, such as output.reshape(-1, C), has its own)."""
-    for key, value in x.items():
-        if isinstance(value, torch.Tensor):
-            _check_input(x, key, value, model, p0)
-    first, b = x.first, x.batch_size
-    if b == 0:
-        raise ValueError(f"{x.names[x.per_sample[0]]} must have a non-empty batch dimension, got shape "
-                         f"{tuple(first.shape)}")
-    check_tensor("y", y, float_only=False, finite=False)
-    if y.device != first.device:
-        raise ValueError(f"y is on {y.device} but {x.names[x.per_sample[0]]} is on {first.device}")
-    if batch_y and (y.dim() == 0 or y.shape[0] != b):
-        raise ValueError(f"y must have the batch size of {_batch_of(x)}, got shape {tuple(y.shape)}")
-    check_tensor("y", y, float_only=False)
+    only with ``batch_y``: a loss on a view of the output, such as output.reshape(-1, C), has its own).
+    The tensors that must be finite are read in one host sync; the errors come in the order of the
+    checks, each naming its argument."""
+    finite: list = []   # (name, tensor) whose finiteness is checked last, all at once
+    try:
+        for key, value in x.items():
+            if isinstance(value, torch.Tensor):
+                _check_input(x, key, value, model, p0, finite)
+        first, b = x.first, x.batch_size
+        if b == 0:
+            raise ValueError(f"{x.names[x.per_sample[0]]} must have a non-empty batch dimension, got shape "
+                             f"{tuple(first.shape)}")
+        check_tensor("y", y, float_only=False, finite=False)
+        if y.device != first.device:
+            raise ValueError(f"y is on {y.device} but {x.names[x.per_sample[0]]} is on {first.device}")
+        if batch_y and (y.dim() == 0 or y.shape[0] != b):
+            raise ValueError(f"y must have the batch size of {_batch_of(x)}, got shape {tuple(y.shape)}")
+    except ValueError:
+        _check_finite(finite)   # a non-finite tensor checked before the failing check is reported first
+        raise
+    if y.is_floating_point():
+        finite.append(("y", y))
+    if finite and not all_finite([t for _, t in finite]):
+        _check_finite(finite)
+
+
+def _check_finite(named: list) -> None:
+    for name, t in named:
+        check_tensor(name, t, float_only=False)
 
 
 def _batch_of(x: ModelInputs) -> str:
@@ -52,20 +72,22 @@ def _batch_of(x: ModelInputs) -> str:
         f"the inputs ({x.batch_size}, the first dimension of {x.names[x.per_sample[0]]})"
 
 
-def _check_input(x: ModelInputs, key, t: torch.Tensor, model: nn.Module, p0: torch.Tensor) -> None:
+def _check_input(x: ModelInputs, key, t: torch.Tensor, model: nn.Module, p0: torch.Tensor, finite: list) -> None:
     """One tensor input: on the parameters' device; a per-sample float input in their dtype; no NaN
     in a float input, and the first input finite (the others may hold -inf, as additive attention
-    masks do). A lone input ``model(x)`` is float features or token ids for an nn.Embedding."""
+    masks do; the first is appended to ``finite``). A lone input ``model(x)`` is float features or token
+    ids for an nn.Embedding."""
     name, batched = x.names[key], key in x.per_sample
     if x.single:
-        check_x_dtype(t, model)
+        check_x_dtype(t, model, finite)
     elif t.is_complex():
         raise ValueError(f"{name} is complex ({t.dtype}); the model's inputs must be real")
     elif t.is_floating_point():
         if batched and t.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{name} must be float32 or float64, got {t.dtype}")
         if key == x.per_sample[0]:
-            check_tensor(name, t, float_only=False)
+            check_tensor(name, t, float_only=False, finite=False)
+            finite.append((name, t))
         elif bool(torch.isnan(t).any()):
             raise ValueError(f"{name} contains NaN")
     if batched and t.is_floating_point() and t.dtype != p0.dtype:

@@ -1,0 +1,123 @@
+"""What the small step keeps from one step to the next is never served stale: the memo of checked
+hyper-parameters, the fused input checks, and the per-call-pattern plans of the layer-wise Gram, each
+against a changed value, shape, dtype or call pattern, with the step compared to the dense float64 solve."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import revgn_ext as rg
+
+from _dense import dense_direction, flat
+
+
+def mlp(out=2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, out)).double()
+
+
+def batch(b=9, c=2, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 5, generator=g, dtype=dtype), torch.randn(b, c, generator=g, dtype=dtype)
+
+
+def close(ours, ref, tol=1e-10):
+    return float((ours - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+# -- the memo of checked hyper-parameters -------------------------------------------------------------
+
+@pytest.mark.parametrize("key,bad", [("lr", math.nan), ("damping", -1.0), ("momentum", 1.0), ("max_tries", 0),
+                                     ("curvature", "diagonal"), ("gram", "functional"), ("lr", 1),
+                                     ("line_search", 1)])
+def test_a_value_written_into_param_groups_after_steps_is_checked(key, bad):
+    model = mlp()
+    opt = rg.EGN(model, lr=0.1, damping=0.5, loss="mse")
+    x, y = batch()
+    opt.step(x, y)
+    opt.step(x, y)   # the options passed twice: memoised
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0][key] = bad
+    if key == "lr" and bad == 1:   # an int step size is valid: the step runs, with lr 1
+        ref = dense_direction(model, x, y, "mse", 0.5)
+        opt.step(x, y)
+        assert close(flat([p.detach() - w for p, w in zip(model.parameters(), before)]), ref)
+        return
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\]"):
+        opt.step(x, y)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+def test_a_value_loaded_by_load_state_dict_is_used_and_later_writes_are_checked():
+    model = mlp()
+    opt = rg.EGN(model, lr=1.0, damping=0.5, loss="mse")
+    x, y = batch()
+    opt.step(x, y)
+    state = opt.state_dict()
+    state["param_groups"][0]["damping"] = 2.0
+    opt.load_state_dict(state)
+    ref = dense_direction(model, x, y, "mse", 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert close(flat(opt.direction(x, y)), ref)
+    opt.step(x, y)
+    state = opt.state_dict()
+    state["param_groups"][0]["damping"] = 0.25
+    opt.load_state_dict(state)
+    opt.step(x, y)
+    opt.param_groups[0]["damping"] = math.inf   # written after a load whose values passed
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['damping'\]"):
+        opt.step(x, y)
+
+
+def test_the_memo_reads_the_parameters_dtype():
+    """lr = 1e39 is a valid step size for float64 parameters, not for float32 ones (it overflows):
+    after the parameters change dtype in place, the memoised options are checked again."""
+    model = mlp()
+    opt = rg.EGN(model, lr=1e39, damping=0.5, loss="mse")
+    x, y = batch()
+    opt.direction(x, y)
+    opt.direction(x, y)
+    for p in model.parameters():
+        p.data = p.data.float()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] = 1e\+39 overflows the float32"):
+        opt.direction(x.float(), y.float())
+
+
+def test_a_mutable_option_is_checked_every_time():
+    model = mlp()
+    opt = rg.EGN(model, lr=0.1, damping=0.5, loss="mse")
+    x, y = batch()
+    opt.param_groups[0]["schedule"] = [1.0]   # a key the spec does not know: left alone, never memoised
+    opt.step(x, y)
+    opt.step(x, y)
+    opt.param_groups[0]["lr"] = -0.1
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\]"):
+        opt.step(x, y)
+
+
+# -- the fused input checks ---------------------------------------------------------------------------
+
+def test_input_errors_keep_their_order_and_names():
+    model = mlp()
+    opt = rg.EGN(model, lr=0.1, damping=0.5, loss="mse")
+    x, y = batch()
+    opt.step(x, y)
+    bad_x = x.clone()
+    bad_x[3, 1] = math.nan
+    bad_y = y.clone()
+    bad_y[0, 0] = math.inf
+    with pytest.raises(ValueError, match="^x contains NaN or Inf$"):
+        opt.step(bad_x, y)
+    with pytest.raises(ValueError, match="^y contains NaN or Inf$"):
+        opt.step(x, bad_y)
+    with pytest.raises(ValueError, match="^x contains NaN or Inf$"):   # x is checked before y
+        opt.step(bad_x, bad_y)
+    with pytest.raises(ValueError, match="^x contains NaN or Inf$"):   # ... and before y's batch size
+        opt.step(bad_x, y[:4])
+    with pytest.raises(ValueError, match="y must have the batch size"):
+        opt.step(x, y[:4])
+    ref = dense_direction(model, x, y, "mse", 0.5)
+    assert close(flat(opt.direction(x, y)), ref)
