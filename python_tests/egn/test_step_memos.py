@@ -121,3 +121,55 @@ def test_input_errors_keep_their_order_and_names():
         opt.step(x, y[:4])
     ref = dense_direction(model, x, y, "mse", 0.5)
     assert close(flat(opt.direction(x, y)), ref)
+
+
+# -- the layers' outputs handed on without copies -----------------------------------------------------
+
+class InPlaceAfter(nn.Module):
+    """A layer whose output the forward changes in place (as ReLU(inplace=True) does), from a step on."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 2)
+        self.inplace = inplace
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.inplace:
+            h.tanh_()
+        else:
+            h = torch.tanh(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_an_output_changed_in_place_is_seen_and_the_step_stays_exact(first):
+    torch.manual_seed(0)
+    model = InPlaceAfter(inplace=first).double()
+    opt = rg.EGN(model, lr=0.5, damping=0.3, loss="mse")
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a wrong output gradient would fail the checks and be demoted, warning
+        for step in range(4):
+            model.inplace = first or step >= 2
+            ref = dense_direction(model, x, y, "mse", 0.3)
+            assert close(flat(opt.direction(x, y)), ref)
+            opt.step(x, y)
+    assert opt._assembler._copy_outputs
+    assert opt.last_stats["gram"] == "layerwise"
+
+
+def test_all_finite_owned_sees_every_non_finite_entry_and_changes_no_value():
+    from revgn_ext.egn.params import all_finite_owned
+    for dtype in (torch.float32, torch.float64):
+        tensors = [torch.randn(3, dtype=dtype), torch.full((2, 2), 3e38 if dtype == torch.float32 else 1e308,
+                                                           dtype=dtype), torch.zeros(0, dtype=dtype),
+                   torch.tensor([1e-40, -0.0], dtype=dtype)]
+        before = [t.clone() for t in tensors]
+        assert all_finite_owned(tensors)
+        assert all(torch.equal(t, s) and torch.equal(t.signbit(), s.signbit()) for t, s in zip(tensors, before))
+        for where in (0, 1, 3):
+            for bad in (math.nan, math.inf, -math.inf):
+                trial = [t.clone() for t in tensors]
+                trial[where].view(-1)[-1] = bad
+                assert not all_finite_owned(trial)

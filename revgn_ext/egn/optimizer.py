@@ -50,7 +50,7 @@ from .gram.verification import disagreement
 from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
     forward_naming_x, targets
 from .linearisation import jvp, twice_differentiable, vjp
-from .params import all_finite as _all_finite, set_params as _set_params
+from .params import all_finite as _all_finite, all_finite_owned, set_params as _set_params
 from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
 from .sequence import SequenceTargets, build_layout, loss_targets, view_index
@@ -296,7 +296,7 @@ class EGN(GaussNewtonOptimizer):
             alpha, new_loss = float(group["lr"]), None
             with torch.no_grad():
                 new = torch._foreach_add(params, d_step, alpha=alpha)
-            accepted = _all_finite(new)
+            accepted = all_finite_owned(new)
             if accepted:
                 with torch.no_grad():
                     torch._foreach_copy_(params, new)

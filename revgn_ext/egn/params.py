@@ -5,7 +5,19 @@ import torch
 
 from .._checks import all_finite
 
-__all__ = ["all_finite", "set_params"]
+__all__ = ["all_finite", "all_finite_owned", "set_params"]
+
+
+def all_finite_owned(tensors) -> bool:
+    """:func:`all_finite` for tensors the caller owns and may write (the update's new values): one fused
+    check (torch's loss-scaling check, which multiplies them by 1 in place: no value changes), one host
+    sync."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    found = torch.zeros(1, device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=tensors[0].device))
+    return not bool(found)
 
 
 def set_params(params, base, direction, alpha: float) -> None:

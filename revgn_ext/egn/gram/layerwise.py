@@ -78,10 +78,11 @@ def layerwise_obstacle(model: nn.Module, params) -> str | None:
 
 class _Use:
     """One recorded call of a covered module: its input, output, and where its gradients go."""
-    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense", "former")
+    __slots__ = ("name", "module", "rule", "inp", "out", "kron", "slots", "dense", "former", "version")
 
-    def __init__(self, name, module, rule, inp, out):
+    def __init__(self, name, module, rule, inp, out, version=None):
         self.name, self.module, self.rule, self.inp, self.out = name, module, rule, inp, out
+        self.version = version   # out._version when recorded, where out was handed on itself (not a copy)
         self.kron = {}    # attr -> KronInput
         self.slots = []   # (factor, first position) where this use's G goes
         self.dense = []   # (attr, dense factor, first column, rows, copy): see _dense_factor
@@ -127,6 +128,7 @@ class LayerwiseGram:
         self._warned = set()
         self._generator = None
         self._verified: set = set()   # call patterns whose random-weight check passed
+        self._copy_outputs = False    # hand on copies of the layers' outputs (the forward changed one in place)
 
     @property
     def method(self) -> str:
@@ -209,15 +211,29 @@ class LayerwiseGram:
 
     def _recorded_forward(self, x: ModelInputs, tape: list) -> torch.Tensor:
         """f = model(*x.args, **x.kwargs) reshaped to (b, c), recording every call of a covered module
-        on ``tape``."""
+        on ``tape``. A layer's output is handed on itself, with its version counter noted; a forward
+        that changed one in place (``relu_``, ``h += ...``) is run again handing on copies, as every
+        later forward of this model is (an in-place change must not overwrite a recorded output)."""
+        start = len(tape)
+        f = self._recording(x, tape, self._copy_outputs)
+        changed = any(u.version is not None and u.out._version != u.version for u in tape[start:])
+        if changed and not self._copy_outputs:
+            self._copy_outputs = True
+            del tape[start:]
+            f = self._recording(x, tape, True)
+        return f
+
+    def _recording(self, x: ModelInputs, tape: list, copy: bool) -> torch.Tensor:
         def hook(name, module, rule):
             def record(mod, inputs, output):
                 if not (inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor)):
                     raise UnsupportedModelError(f"module '{name}' ({type(mod).__name__}) was called without a "
                                                 "tensor input or output")
-                # Hand on a copy so that an in-place operation after the layer cannot overwrite its output.
-                tape.append(_Use(name, mod, rule, inputs[0].detach(), output))
-                return output.clone()
+                if copy:
+                    tape.append(_Use(name, mod, rule, inputs[0].detach(), output))
+                    return output.clone()
+                tape.append(_Use(name, mod, rule, inputs[0].detach(), output, output._version))
+                return None
             return record
 
         handles = [m.register_forward_hook(hook(name, m, rule_for(m))) for name, m in self._hooked_modules()]
