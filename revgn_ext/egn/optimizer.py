@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -51,35 +49,13 @@ from .inputs import ModelInputs, check_curvature_options, check_inputs, check_pe
     forward_naming_x, targets
 from .linearisation import jvp, twice_differentiable, vjp
 from .params import all_finite as _all_finite, all_finite_owned, set_params as _set_params
-from .loss_factors import CURVATURES, LOSS_FACTORS, LossFactor, apply_factor, apply_factor_transpose, curvature_factor, \
+from .loss_factors import CURVATURES, LOSS_FACTORS, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
 from .sequence import SequenceTargets, build_layout, loss_targets, view_index
+from .solution import Solution
 from .telemetry import Clock, step_record
 
 __all__ = ["EGN", "Solution"]
-
-
-@dataclass
-class Solution:
-    """One solve on a batch: the pre-step loss, the LM direction and the quadratic model's terms.
-
-    ``b`` is the global batch size; ``direction`` is None when the loss, the Gram or its factor is not
-    finite. With dir the direction, S^T J dir = -``Ku`` (b, m) and g^T dir = -``tKu`` / b.
-    """
-    f: torch.Tensor                   # (b_r, c) outputs of this rank's samples, with their graph
-    y: torch.Tensor                   # the targets in the loss factor's form
-    factor: LossFactor
-    b: int
-    loss: torch.Tensor                # L at the current parameters (global mean)
-    time: dict = field(default_factory=dict)
-    direction: list | None = None
-    retries: int = 0                  # Cholesky jitter retries (negative: the Gram was not finite)
-    jitter: float = 0.0
-    norm: float | None = None         # ||direction||, read with the solve's verdicts
-    loss_value: float | None = None   # float(loss), likewise
-    Ku: torch.Tensor | None = None
-    tKu: torch.Tensor | None = None
-    layout: Any = None                # per-position losses: the kept positions (sequence.Layout), else None
 
 
 class EGN(GaussNewtonOptimizer):
@@ -397,7 +373,7 @@ class EGN(GaussNewtonOptimizer):
         return sol
 
     def _back_project(self, sol: Solution, L, mu: float, lam: float, rhs, g, gg):
-        """(u, J^T S u, dir) from the factor L of K + mu I (mu = b lambda + jitter); sets Ku and tKu."""
+        """(u, J^T S u, dir) from the factor L of K + mu I (mu = b lambda + jitter); sets how Ku and tKu form."""
         params = self.param_groups[0]["params"]
         factor, b, f = sol.factor, sol.b, sol.f
         m = L.shape[0] // b
@@ -407,14 +383,12 @@ class EGN(GaussNewtonOptimizer):
             back_projection = torch._foreach_sub(g, grads)   # J^T S u
             direction = torch._foreach_div(grads, -lam)
             # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
-            sol.Ku, sol.tKu = mu / lam * u, b / lam * (gg - (rhs * u).sum())
+            sol.set_terms(lambda: (mu / lam * u, b / lam * (gg - (rhs * u).sum())))
             return u, back_projection, direction
         t = self._ranks.gather_rows(factor.target).reshape(-1, 1)
-        u = cholesky_solve_lower(t, L)
+        u = cholesky_solve_lower(t, L).reshape(b, m)
         # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
-        sol.Ku = (t - mu * u).reshape(b, m)
-        sol.tKu = (t.reshape(b, m) * sol.Ku).sum()
-        u = u.reshape(b, m)
+        sol.set_terms(lambda: _push_through_terms(t.reshape(b, m), u, mu))
         back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
         return u, back_projection, torch._foreach_neg(back_projection)
 
@@ -597,3 +571,9 @@ class EGN(GaussNewtonOptimizer):
         if spec.reduction == "batch_mean" or not isinstance(y, torch.Tensor) or y.dim() == 0:
             return 1.0
         return spec.scale(x.batch_size, y[0].numel() if y.dim() > 1 else 1)
+
+
+def _push_through_terms(t, u, mu):
+    """(K u, t^T K u) with K u = t - mu u."""
+    Ku = t - mu * u
+    return Ku, (t * Ku).sum()

@@ -1,0 +1,51 @@
+"""What one EGN solve hands on to the rest of the step: :class:`Solution`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .loss_factors import LossFactor
+
+__all__ = ["Solution"]
+
+
+@dataclass
+class Solution:
+    """One solve on a batch: the pre-step loss, the LM direction and the quadratic model's terms.
+
+    ``b`` is the global batch size; ``direction`` is None when the loss, the Gram or its factor is not
+    finite. With dir the direction, S^T J dir = -``Ku`` (b, m) and g^T dir = -``tKu`` / b, formed on
+    first use (only the line search and the damping update read them) by ``terms``.
+    """
+    f: torch.Tensor                   # (b_r, c) outputs of this rank's samples, with their graph
+    y: torch.Tensor                   # the targets in the loss factor's form
+    factor: LossFactor
+    b: int
+    loss: torch.Tensor                # L at the current parameters (global mean)
+    time: dict = field(default_factory=dict)
+    direction: list | None = None
+    retries: int = 0                  # Cholesky jitter retries (negative: the Gram was not finite)
+    jitter: float = 0.0
+    norm: float | None = None         # ||direction||, read with the solve's verdicts
+    loss_value: float | None = None   # float(loss), likewise
+    terms: Callable | None = None     # () -> (Ku, tKu) of the last back-projection
+    layout: Any = None                # per-position losses: the kept positions (sequence.Layout), else None
+    _model: tuple | None = field(default=None, repr=False)
+
+    def set_terms(self, terms: Callable) -> None:
+        self.terms, self._model = terms, None
+
+    def _formed(self) -> tuple:
+        if self._model is None:
+            self._model = self.terms()
+        return self._model
+
+    @property
+    def Ku(self) -> torch.Tensor | None:
+        return None if self.terms is None else self._formed()[0]
+
+    @property
+    def tKu(self) -> torch.Tensor | None:
+        return None if self.terms is None else self._formed()[1]
