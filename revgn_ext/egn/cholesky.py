@@ -29,11 +29,11 @@ def plain_factor(damped: torch.Tensor) -> bool:
 
 
 def plain_cholesky(damped: torch.Tensor):
-    """(L, summary): the Cholesky factor of the damped Gram, and (LAPACK status, |mean diagonal|, the
+    """(L, summary): the Cholesky factor of the damped Gram, and (LAPACK status, mean diagonal, the
     smallest L_jj^2, sum of the entries and pivots) for :func:`clean`, without a host sync."""
     L, status = torch.linalg.cholesky_ex(damped)
     pivots = L.diagonal()
-    summary = [status.to(damped.dtype), damped.diagonal().mean().abs(), (pivots * pivots).amin(),
+    summary = [status.to(damped.dtype), damped.diagonal().mean(), (pivots * pivots).amin(),
                damped.sum() + pivots.sum()]
     return L, torch.stack(summary)
 
@@ -63,6 +63,7 @@ def clean(summary, dtype) -> bool:
     (computed in double and rounded to the dtype, as there), every entry and pivot finite (a non-finite
     one makes the sum inf or NaN)."""
     status, scale, smallest, total = summary
+    scale = abs(scale)
     floor = scale * (PIVOT_FLOOR * torch.finfo(dtype).eps)
     if dtype != torch.float64:
         floor = _rounded(floor, dtype)

@@ -129,6 +129,7 @@ class LayerwiseGram:
         self._generator = None
         self._verified: set = set()   # call patterns whose random-weight check passed
         self._copy_outputs = False    # hand on copies of the layers' outputs (the forward changed one in place)
+        self._hooked = None           # (torch.func route, the modules to record on it)
 
     @property
     def method(self) -> str:
@@ -199,6 +200,10 @@ class LayerwiseGram:
     # -- the pieces --------------------------------------------------------------------------------
 
     def _hooked_modules(self):
+        """(name, module, rule) of the modules to record, for this solve's torch.func route (kept per route)."""
+        key = frozenset(self.fallback)
+        if self._hooked is not None and self._hooked[0] == key:
+            return self._hooked[1]
         seen, out = set(), []
         for pid, owners in self.covered.items():
             if pid in self.fallback:
@@ -206,7 +211,8 @@ class LayerwiseGram:
             for mname, module, _ in owners:
                 if id(module) not in seen:
                     seen.add(id(module))
-                    out.append((mname, module))
+                    out.append((mname, module, rule_for(module)))
+        self._hooked = (key, out)
         return out
 
     def _recorded_forward(self, x: ModelInputs, tape: list) -> torch.Tensor:
@@ -236,7 +242,7 @@ class LayerwiseGram:
                 return None
             return record
 
-        handles = [m.register_forward_hook(hook(name, m, rule_for(m))) for name, m in self._hooked_modules()]
+        handles = [m.register_forward_hook(hook(name, m, rule)) for name, m, rule in self._hooked_modules()]
         capturable = [p for p in self.params if id(p) in self.capturable]
         capture = LinearCapture(capturable, self.names) if capturable else None
         try:
