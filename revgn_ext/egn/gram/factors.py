@@ -39,6 +39,14 @@ class KronFactor:
 
     def __init__(self, kron: KronInput, parts, G: torch.Tensor):
         self.kron, self.parts, self.G = kron, parts, G
+        self.G_rows = None    # G as (b m T, q) where its filler has it (then G is never written again)
+        self._X_rows = None   # X as (b T, p), formed once (X is never written)
+
+    def _rows(self):
+        """(X, G) as (b T, p) and (b m T, q) matrices for features."""
+        if self._X_rows is None:
+            self._X_rows = self.kron.X.reshape(-1, self.kron.X.shape[2])
+        return self._X_rows, self.G.reshape(-1, self.G.shape[3]) if self.G_rows is None else self.G_rows
 
     @property
     def positions(self):
@@ -53,8 +61,9 @@ class KronFactor:
         return (m * T * b * m * T + T * b * T) * self.G.element_size()
 
     def gather(self, ranks):
-        self.kron = KronInput(ranks.gather_rows(self.kron.X), self.kron.vocab)
-        self.G = ranks.gather_rows(self.G)
+        X, G = ranks.gather_rows(self.kron.X), ranks.gather_rows(self.G)
+        if X is not self.kron.X or G is not self.G:
+            self.kron, self.G, self.G_rows, self._X_rows = KronInput(X, self.kron.vocab), G, None, None
 
     def _input_kernel(self, i0, i1, j1):
         X = self.kron.X
@@ -68,7 +77,7 @@ class KronFactor:
         """K[(i0..i1, :), (0..j1, :)] += this factor's Gram block."""
         b, m, T, q = self.G.shape
         if T == 1 and self.kron.kind == "features":   # one position: two matrix products and one addcmul
-            X, G = self.kron.X.reshape(b, -1), self.G.reshape(b * m, q)
+            X, G = self._rows()
             whole = i0 == 0 and i1 == j1 == b
             Xi, Gi = (X, G) if whole else (X[i0:i1], G[i0 * m:i1 * m])
             Xj, Gj = (X, G) if whole else (X[:j1], G[:j1 * m])
@@ -112,6 +121,10 @@ class KronFactor:
     def weighted_gradients(self, w):
         """{param: sum_{i,a} w_ia grad_ia} from the factor (for the verification)."""
         b, m, T, q = self.G.shape
+        if self.kron.kind == "features" and T == 1 and m == 1:   # one row per sample: G (b, q) scaled by w
+            X, G = self._rows()
+            full = torch.mm((G * (w if w.shape == (b, 1) else w.reshape(b, 1))).t(), X)
+            return {p: _columns(full, lo, hi, p.shape) for p, lo, hi in self.parts}
         if m == 1:
             Gw = self.G.reshape(b, T * q) * w.reshape(b, 1)
         else:

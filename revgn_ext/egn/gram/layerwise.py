@@ -30,6 +30,7 @@ from ..._inputs import ModelInputs
 from ..._warn import user_stacklevel
 from ..capture import LinearCall, LinearCapture, differentiable_attention, parameter_ops, resolve_layouts
 from ..rules import KronInput, rule_for
+from ..rules.linear import LinearRule
 from ..rules.functional_linear import FunctionalLinearRule
 from . import factors as factor_forms
 from .assembly import Assembly
@@ -424,6 +425,7 @@ class LayerwiseGram:
             for factor, t0 in use.slots:
                 if factor.G.shape[1] == 1 and t0 == 0 and Gp.shape[1] == factor.G.shape[2]:
                     factor.G = Gp[:, None]   # one column, one use holding all positions: G is Gp itself
+                    factor.G_rows = g if g.dim() == 2 and type(use.rule) is LinearRule else None   # g is Gp's rows
                 else:
                     factor.G[:, a, t0:t0 + Gp.shape[1]] = Gp
         if not use.dense:
