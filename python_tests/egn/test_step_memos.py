@@ -159,8 +159,18 @@ def test_an_output_changed_in_place_is_seen_and_the_step_stays_exact(first):
     assert opt.last_stats["gram"] == "layerwise"
 
 
-def test_all_finite_owned_sees_every_non_finite_entry_and_changes_no_value():
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_all_finite_owned_sees_every_non_finite_entry_and_changes_no_value(default):
     from revgn_ext.egn.params import all_finite_owned
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)   # the check's own flag stays float32
+    try:
+        _check_all_finite_owned(all_finite_owned)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _check_all_finite_owned(all_finite_owned):
     for dtype in (torch.float32, torch.float64):
         tensors = [torch.randn(3, dtype=dtype), torch.full((2, 2), 3e38 if dtype == torch.float32 else 1e308,
                                                            dtype=dtype), torch.zeros(0, dtype=dtype),

@@ -15,8 +15,9 @@ def all_finite_owned(tensors) -> bool:
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
-    found = torch.zeros(1, device=tensors[0].device)
-    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=tensors[0].device))
+    device = tensors[0].device
+    found = torch.zeros(1, dtype=torch.float32, device=device)   # the op's flag and scale are float32
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, dtype=torch.float32, device=device))
     return not bool(found)
 
 
