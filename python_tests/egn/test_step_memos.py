@@ -183,3 +183,44 @@ def _check_all_finite_owned(all_finite_owned):
                 trial = [t.clone() for t in tensors]
                 trial[where].view(-1)[-1] = bad
                 assert not all_finite_owned(trial)
+
+
+# -- what the recorded forward keeps per torch.func route ----------------------------------------------
+
+def test_the_recorded_modules_follow_the_torch_func_route():
+    """Parameters moved to torch.func after steps: their module is no longer recorded, and the step stays
+    the dense one (a list of recorded modules kept across the route's change would still hook it)."""
+    model = mlp()
+    opt = rg.EGN(model, lr=0.2, damping=0.4, loss="mse")
+    x, y = batch()
+    opt.step(x, y)
+    assembler = opt._assembler
+    assert [name for name, _, _ in assembler._hooked_modules()] == ["0", "2", "4"]
+    with pytest.warns(RuntimeWarning, match="torch.func"):
+        assembler.route_to_functional([id(model[2].weight), id(model[2].bias)])
+    assert [name for name, _, _ in assembler._hooked_modules()] == ["0", "4"]
+    ref = dense_direction(model, x, y, "mse", 0.4)
+    assert close(flat(opt.direction(x, y)), ref)
+    assert assembler.method == "layerwise+functional"
+
+
+def test_the_attention_backend_flags_are_restored_after_a_step():
+    from revgn_ext.egn.capture import differentiable_attention
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+             torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.cudnn_sdp_enabled)
+    torch.backends.cuda.enable_flash_sdp(False)   # a user's own choice, kept across the step
+    try:
+        before = [f() for f in flags]
+        with differentiable_attention("cpu"):
+            assert [f() for f in flags] == [False, False, True, False]
+        assert [f() for f in flags] == before
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().eval()
+        model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 3, 2).double())
+        opt = rg.EGN(model, lr=0.1, damping=1.0, loss="mse")
+        x = torch.randn(4, 3, 8, dtype=torch.float64)
+        y = torch.randn(4, 2, dtype=torch.float64)
+        opt.step(x, y)
+        assert [f() for f in flags] == before
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
