@@ -36,7 +36,8 @@ def figure_metric(results: dict, tasks, optimizers, x_key: str, path: str, title
         ax.set_ylabel(metric_name(task))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title)
+    # One or two panels are narrower than the title: its parenthesis goes on a second line.
+    fig.suptitle(title if len(axes) > 2 else title.replace(" (", "\n(", 1))
     fig.tight_layout()
     return save(fig, plt, path)
 
