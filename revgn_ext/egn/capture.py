@@ -40,16 +40,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["LinearCall", "LinearCapture", "resolve_layouts", "to_samples", "parameter_ops",
-           "differentiable_attention"]
+           "differentiable_attention", "math_attention"]
 
 _LINEAR = torch._C._nn.linear
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
 _RMATMUL = {torch.Tensor.__rmatmul__}
+
+
 def differentiable_attention(device):
     """A context in which attention runs its math backend on CPU (see the module docstring); elsewhere
     nothing."""
-    if torch.device(device).type != "cpu":
-        return contextlib.nullcontext()
+    return math_attention() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
+
+def math_attention():
+    """``sdpa_kernel(SDPBackend.MATH)``: attention on its math backend (differentiable twice), with the
+    backend flags looked up once (:class:`_MathAttention`) where this torch names them as expected."""
     return _MathAttention() if _SDP_FLAGS else sdpa_kernel(SDPBackend.MATH)
 
 
@@ -81,7 +87,6 @@ class _MathAttention:
         for (_, set_, _), enabled in zip(_SDP_FLAGS, self.previous):
             set_(enabled)
         return False
-
 
 
 class LinearCall:

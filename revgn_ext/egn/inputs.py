@@ -7,11 +7,10 @@ import re
 import torch
 from torch import nn
 
-from .._checks import check_tensor
+from .._checks import all_finite, check_tensor
 from .._inputs import ModelInputs
 from .gram import UnsupportedModelError, outputs_of
 from .loss_factors import CURVATURES
-from .params import all_finite
 
 __all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options",
            "drop_ignored", "check_per_sample", "ModelInputs"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .capture import math_attention
 
 __all__ = ["vjp", "jvp", "twice_differentiable"]
 
@@ -37,4 +38,4 @@ def twice_differentiable(group: dict):
     model): the fused CPU/CUDA attention kernels have no derivative of their backward."""
     double = group.get("curvature") == "sampled" or (group["momentum"] > 0 and (group["line_search"] or
                                                                                  group["adaptive_damping"]))
-    return sdpa_kernel([SDPBackend.MATH]) if double else contextlib.nullcontext()
+    return math_attention() if double else contextlib.nullcontext()

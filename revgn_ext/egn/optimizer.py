@@ -36,6 +36,7 @@ import warnings
 import torch
 from torch import nn
 
+from .._checks import all_finite as _all_finite
 from .._hyper import egn_spec
 from .._optim import LOSS_NAMES, GaussNewtonOptimizer, LossSpec, refuse, resolve_loss, unwrap_compiled
 from .._warn import user_stacklevel
@@ -44,11 +45,10 @@ from ..ops.gram import cholesky_solve_lower
 from .cholesky import factor_op, plain_cholesky, plain_factor, clean
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
-from .gram.verification import disagreement
 from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
     forward_naming_x, targets
 from .linearisation import jvp, twice_differentiable, vjp
-from .params import all_finite as _all_finite, all_finite_owned, set_params as _set_params
+from .params import all_finite_owned, set_params as _set_params
 from .loss_factors import CURVATURES, LOSS_FACTORS, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
 from .sequence import SequenceTargets, build_layout, loss_targets, view_index
@@ -347,8 +347,8 @@ class EGN(GaussNewtonOptimizer):
                                                                g if sampled else None, gg if sampled else None)
             # ||J^T S u|| per parameter, for the check and (unless sampled) ||dir|| = ||-J^T S u||
             norms = torch._foreach_norm(back_projection)
-            ids, flags = disagreement(assembly.checked, assembly.params,
-                                      u if sol.layout is None else sol.layout.padded(u), back_projection, norms)
+            ids, flags = assembly.disagreement(u if sol.layout is None else sol.layout.padded(u),
+                                               back_projection, norms)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction) if sampled else norms))
             verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
                                  flags.to(f.dtype)]).tolist()

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import all_finite
-
-__all__ = ["all_finite", "all_finite_owned", "set_params"]
+__all__ = ["all_finite_owned", "set_params"]
 
 
 def all_finite_owned(tensors) -> bool:
-    """:func:`all_finite` for tensors the caller owns and may write (the update's new values): one fused
-    check (torch's loss-scaling check, which multiplies them by 1 in place: no value changes), one host
-    sync."""
+    """:func:`revgn_ext._checks.all_finite` for tensors the caller owns and may write (the update's new
+    values): one fused check (torch's loss-scaling check, which multiplies them by 1 in place: no value
+    changes), one host sync."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True

@@ -82,6 +82,11 @@ def view_index(out, inp) -> torch.Tensor | None:
     return index.view(inp.shape)
 
 
+def _identity(index: torch.Tensor) -> bool:
+    """The loss input is the model's output in its own order (``index`` from :func:`view_index`)."""
+    return bool((index.reshape(-1) == torch.arange(index.numel())).all())
+
+
 @dataclass
 class SequenceTargets:
     """Cross-entropy targets whose positions are not the samples: ``y`` as the loss got it (labels, or
@@ -126,7 +131,7 @@ def loss_targets(spec, x, y, output=None, loss_input=None, class_dim: int = -1):
     if spec.name != "cross_entropy":
         if index is None or y.shape != index.shape:
             return y
-        if bool((index.reshape(-1) == torch.arange(index.numel())).all()):
+        if _identity(index):
             return y if y.dim() and y.shape[0] == b else y.reshape(b, -1)
         out = torch.empty(index.numel(), dtype=y.dtype, device=y.device)
         out[index.reshape(-1).to(y.device)] = y.reshape(-1)
@@ -135,8 +140,7 @@ def loss_targets(spec, x, y, output=None, loss_input=None, class_dim: int = -1):
     plain = (y.dim() == 1 and not y.is_floating_point()) or (y.is_floating_point() and y.dim() == 2)
     if index is None and output is None and plain:
         return y   # step(x, y): labels (b,) or probabilities (b, C) of outputs (b, ...): the samples
-    if plain and shape == (b, output[0].numel()) and y.shape[0] == b and bool(
-            (index.reshape(-1) == torch.arange(index.numel())).all()):
+    if plain and shape == (b, output[0].numel()) and y.shape[0] == b and _identity(index):
         return y
     seq = SequenceTargets(y, index, class_dim, spec.ignore_index)
     if not y.is_floating_point() and seq.kept() == 0:

@@ -12,7 +12,7 @@ for one solve:
    then output), verifying its layer rules;
 3. it returns one :class:`Assembly`: the outputs f (with their autograd graph, for the caller's VJP),
    the caller's payload, K, and the factors that the step's back-projection J^T S u can be checked
-   against (:meth:`Assembly.disagreeing`).
+   against (:meth:`Assembly.disagreement`).
 
 Nothing of one call is kept for the next: the assembler remembers only which parameters take the
 torch.func route and which call patterns its random-weight check has passed.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .verification import disagreeing
+from .verification import disagreement
 
 __all__ = ["Assembly"]
 
@@ -49,7 +49,9 @@ class Assembly:
             out += factor.apply(by_id)
         return out
 
-    def disagreeing(self, u: torch.Tensor, products) -> list[int]:
-        """ids of the parameters whose rule factors disagree with autograd's back-projection
-        ``products`` = J^T S u (one tensor per parameter, summed over ranks); u (total b, m)."""
-        return disagreeing(self.checked, self.params, u, products) if self.checked else []
+    def disagreement(self, u: torch.Tensor, products, norms=None):
+        """(ids, flags): per parameter with a rule factor, whether that factor disagrees with autograd's
+        back-projection ``products`` = J^T S u (one tensor per parameter, summed over ranks; ``norms``
+        their 2-norms where the caller has them); u (total b, m). A bool tensor, read by the caller
+        with its other values (no host sync here)."""
+        return disagreement(self.checked, self.params, u, products, norms)

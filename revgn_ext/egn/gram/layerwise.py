@@ -265,8 +265,8 @@ class LayerwiseGram:
     def _refuse_uncaptured(self, x, calls):
         """``gram="layerwise"``: refuse the first parameter that neither a module rule nor a laid-out
         linear call covers, naming it and the ops the forward passes it to (one more forward)."""
-        pid = next(p for p in (id(q) for q in self.params) if p in self.fallback)
-        param = next(p for p in self.params if id(p) == pid)
+        param = next(p for p in self.params if id(p) in self.fallback)
+        pid = id(param)
         unlaid = [c for c in calls if c.layout is None and pid in (id(c.weight), id(c.bias))]
         if unlaid:
             how = (f"its linear call (input {tuple(unlaid[0].inp.shape)}, output {tuple(unlaid[0].out.shape)}) "

@@ -7,7 +7,7 @@ Both checks compare autograd's gradient of every checked parameter for some grad
 
 * :func:`random_weight_check`: the first Gram of every new call pattern, with random per-sample
   weights w (b, m): one more backward pass;
-* :func:`disagreeing` with w = u: the back-projection J^T S u that every step computes anyway (free).
+* :func:`disagreement` with w = u: the back-projection J^T S u that every step computes anyway (free).
 
 A parameter disagrees when its relative error exceeds sqrt(eps) of the dtype. Because the weights
 differ per sample, a wrong grouping of rows into samples is caught as well as a missing use.
@@ -20,7 +20,7 @@ import torch
 
 from .columns import weighted_columns
 
-__all__ = ["MISMATCH", "weighted", "disagreeing", "disagreement", "random_weight_check"]
+__all__ = ["MISMATCH", "weighted", "disagreement", "random_weight_check"]
 
 MISMATCH = ("its hooked per-layer gradient differs from autograd's (a use no layer rule sees, such as "
             "F.linear(h, layer.weight.t()), or a layer whose dim 0 is not the sample)")
@@ -61,17 +61,11 @@ def mismatches(ours: dict, truth, dtype, truth_norms=None):
     return [id(p) for p in checked], ~(errors <= torch.add(floor, scales, alpha=math.sqrt(eps)))
 
 
-def disagreeing(factors, params, u: torch.Tensor, products) -> list[int]:
-    """ids of the parameters whose ``sum_{i,a} u_ia V_p[(i, a)]`` differs from autograd's J^T S u
-    (``products``: one tensor per parameter of ``params``, summed over ranks)."""
-    ids, flags = disagreement(factors, params, u, products)
-    return [pid for pid, flag in zip(ids, flags.tolist()) if flag]
-
-
 def disagreement(factors, params, u: torch.Tensor, products, norms=None):
-    """(ids, flags): :func:`disagreeing`'s verdict per parameter as a bool tensor (no host sync), for
-    a caller that reads it together with other values. ``norms``: the 2-norms of ``products`` (0-dim
-    tensors), where the caller has them."""
+    """(ids, flags): per checked parameter, whether its ``sum_{i,a} u_ia V_p[(i, a)]`` differs from
+    autograd's J^T S u (``products``: one tensor per parameter of ``params``, summed over ranks), as a
+    bool tensor (no host sync), for a caller that reads it together with other values. ``norms``: the
+    2-norms of ``products`` (0-dim tensors), where the caller has them."""
     ours = weighted(factors, u)
     if not ours:
         return [], torch.zeros(0, dtype=torch.bool, device=u.device)
