@@ -57,6 +57,21 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def stepped(model, opt_step):
+    """The parameter change of one step (lr 1: the direction), and what the step returned."""
+    before = [p.detach().clone() for p in model.parameters()]
+    out = opt_step()
+    return [p.detach() - b for p, b in zip(model.parameters(), before)], out
+
+
+def assert_directions_close(got, want, tol=1e-10):
+    """max |got - want| <= tol max(1, max |want|) over the flattened directions, want not trivial."""
+    err = float((flat(got) - flat(want)).abs().max())
+    scale = max(1.0, float(flat(want).abs().max()))
+    assert err <= tol * scale, f"max error {err:.3g}"
+    assert float(flat(want).abs().max()) > 1e-6   # not a trivial comparison
+
+
 def _trainable(model):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return names, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

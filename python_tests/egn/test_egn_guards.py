@@ -21,31 +21,16 @@ from revgn_ext.egn import loss_factors as lf
 from revgn_ext.egn import optimizer as egn_optimizer
 from revgn_ext.egn.gram import UnsupportedModelError
 
-from _dense import dense_direction, dense_lm_direction, flat
+from _dense import assert_directions_close, dense_direction, dense_lm_direction, flat, stepped
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference.*:RuntimeWarning")
 
-TOL = 1e-10
 f64 = torch.float64
 
 
 def mlp(d_in=5, c=4, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, 7), nn.Tanh(), nn.Linear(7, c)).double()
-
-
-def stepped(model, opt_step):
-    """The parameter change of one step (lr 1: the direction)."""
-    before = [p.detach().clone() for p in model.parameters()]
-    out = opt_step()
-    return [p.detach() - b for p, b in zip(model.parameters(), before)], out
-
-
-def assert_directions_close(got, want, tol=TOL):
-    err = float((flat(got) - flat(want)).abs().max())
-    scale = max(1.0, float(flat(want).abs().max()))
-    assert err <= tol * scale, f"max error {err:.3g}"
-    assert float(flat(want).abs().max()) > 1e-6   # not a trivial comparison
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,7 +135,6 @@ def test_loss_mismatch_mse_sum_against_mean_is_refused():
     opt = EGN(model, loss=nn.MSELoss())
     with pytest.raises(ValueError, match=r"nn.MSELoss\(reduction='sum'\)"):
         opt.step(lambda: F.mse_loss(model(x), y, reduction="sum"))
-
 
 
 @pytest.mark.parametrize("loss_call", ["functional", "module"])

@@ -19,11 +19,10 @@ from revgn_ext.egn import loss_factors as lf
 from revgn_ext.egn import optimizer as egn_optimizer
 from revgn_ext.egn.gram import UnsupportedModelError
 
-from _dense import dense_direction, dense_lm_direction, flat
+from _dense import assert_directions_close, dense_direction, dense_lm_direction, flat, stepped
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*reference.*:RuntimeWarning")
 
-TOL = 1e-10
 f64 = torch.float64
 B, T, V = 3, 5, 7     # batch, tokens, vocabulary (= classes)
 
@@ -109,20 +108,6 @@ def kept(y, pad=-100):
     return int((y != pad).sum())
 
 
-def stepped(model, opt_step):
-    before = [p.detach().clone() for p in model.parameters()]
-    out = opt_step()
-    return [p.detach() - b for p, b in zip(model.parameters(), before)], out
-
-
-def assert_close(got, want, tol=TOL):
-    err = float((flat(got) - flat(want)).abs().max())
-    scale = max(1.0, float(flat(want).abs().max()))
-    assert err <= tol * scale, f"max error {err:.3g}"
-    assert float(flat(want).abs().max()) > 1e-6
-    return err
-
-
 # torch's spellings of a per-token cross-entropy, each as (the loss of (output, y), how the closure calls it)
 C_LAYOUTS = {
     "reshape": lambda o, y, **kw: F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1), **kw),
@@ -150,7 +135,7 @@ def test_closure_cross_entropy_layouts_equal_dense_lm_solve(layout, reduction):
         loss.backward()
         return loss
     d, returned = stepped(model, lambda: opt.step(closure))
-    assert_close(d, ref)
+    assert_directions_close(d, ref)
     assert float(returned.detach()) == pytest.approx(want, rel=1e-12)
     assert opt.last_stats["loss"] == pytest.approx(want, rel=1e-12)
     assert opt.last_stats["batch_size"] == kept(y) == 7
@@ -166,7 +151,7 @@ def test_step_xy_with_token_labels_equals_dense_lm_solve(reduction, ignore_index
     want = float(loss(model(x).reshape(-1, V), y.reshape(-1)).detach())
     opt = EGN(model, lr=1.0, damping=0.3, loss=loss)
     d, stats = stepped(model, lambda: opt.step(x, y))
-    assert_close(d, ref)
+    assert_directions_close(d, ref)
     assert stats["loss"] == pytest.approx(want, rel=1e-12)
     assert stats["batch_size"] == kept(y, ignore_index)
 
@@ -177,7 +162,7 @@ def test_named_loss_and_inferred_loss_mean_over_kept_tokens():
     ref = dense_lm_direction(copy.deepcopy(model), C_LAYOUTS["reshape"], x, y, 0.3)
     for loss in ("cross_entropy", None):
         opt = EGN(copy.deepcopy(model), damping=0.3, loss=loss)
-        assert_close(opt.direction(x, y), ref)
+        assert_directions_close(opt.direction(x, y), ref)
 
 
 def test_returned_output_target_pair_has_classes_last():
@@ -186,11 +171,11 @@ def test_returned_output_target_pair_has_classes_last():
     ref = dense_lm_direction(copy.deepcopy(model), C_LAYOUTS["reshape"], x, y, 0.3)
     opt = EGN(model, lr=1.0, damping=0.3, loss="cross_entropy")
     d, _ = stepped(model, lambda: opt.step(lambda: (model(x), y)))
-    assert_close(d, ref)
+    assert_directions_close(d, ref)
     model2 = lm()
     opt2 = EGN(model2, lr=1.0, damping=0.3, loss="cross_entropy")
     d2, _ = stepped(model2, lambda: opt2.step(lambda: (model2(x).view(-1, V), y.view(-1))))
-    assert_close(d2, ref)
+    assert_directions_close(d2, ref)
 
 
 def spy_system_size(opt, run):
@@ -228,7 +213,7 @@ def test_sampled_curvature_per_token_equals_dense_solve_of_same_draws(samples):
     torch.manual_seed(7)
     S = lf.sampled_factor("cross_entropy", f, y.reshape(-1)[keep], samples).S
     ref = dense_direction(model, x, y.reshape(-1)[keep], "cross_entropy", 0.3, S=S, index=index)
-    assert_close([d], [ref])
+    assert_directions_close([d], [ref])
 
 
 def test_sampled_per_token_gram_is_unbiased():
@@ -258,7 +243,7 @@ def test_true_class_per_token_equals_dense_solve():
     f = model(x).detach().reshape(-1)[index]
     yk = y.reshape(-1)[keep]
     e = torch.softmax(f, 1) - F.one_hot(yk, V).double()
-    assert_close([d], [dense_direction(model, x, yk, "cross_entropy", 0.3, S=e[:, :, None], index=index)])
+    assert_directions_close([d], [dense_direction(model, x, yk, "cross_entropy", 0.3, S=e[:, :, None], index=index)])
 
 
 def test_label_smoothing_and_token_probabilities_equal_dense_lm_solve():
@@ -267,13 +252,13 @@ def test_label_smoothing_and_token_probabilities_equal_dense_lm_solve():
     loss = nn.CrossEntropyLoss(label_smoothing=0.2)
     ref = dense_lm_direction(copy.deepcopy(model), lambda o, t: loss(o.transpose(1, 2), t), x, y, 0.3)
     opt = EGN(copy.deepcopy(model), damping=0.3)
-    assert_close(opt.direction(lambda: loss(opt.model(x).transpose(1, 2), y)), ref)
+    assert_directions_close(opt.direction(lambda: loss(opt.model(x).transpose(1, 2), y)), ref)
     q = torch.softmax(torch.randn(B, T, V, dtype=f64), -1)
     ref = dense_lm_direction(copy.deepcopy(model), lambda o, t: F.cross_entropy(o.reshape(-1, V), t.reshape(-1, V)),
                              x, q, 0.3)
-    assert_close(EGN(copy.deepcopy(model), damping=0.3, loss="cross_entropy").direction(x, q), ref)
+    assert_directions_close(EGN(copy.deepcopy(model), damping=0.3, loss="cross_entropy").direction(x, q), ref)
     opt = EGN(copy.deepcopy(model), damping=0.3)   # probabilities in torch's layout (N, C, T) in a closure
-    assert_close(opt.direction(lambda: F.cross_entropy(opt.model(x).transpose(1, 2), q.transpose(1, 2))), ref)
+    assert_directions_close(opt.direction(lambda: F.cross_entropy(opt.model(x).transpose(1, 2), q.transpose(1, 2))), ref)
 
 
 @pytest.mark.parametrize("gram", ["auto", "layerwise", "functional"])
@@ -282,7 +267,7 @@ def test_gram_routes_per_token(gram):
     model = lm(cls=PrefixMean)
     ref = dense_lm_direction(copy.deepcopy(model), C_LAYOUTS["transpose"], x, y, 0.3)
     opt = EGN(model, damping=0.3, gram=gram)
-    assert_close(opt.direction(lambda: C_LAYOUTS["transpose"](opt.model(x), y)), ref)
+    assert_directions_close(opt.direction(lambda: C_LAYOUTS["transpose"](opt.model(x), y)), ref)
     assert opt._assembler.method == {"auto": "layerwise", "layerwise": "layerwise", "functional": "functional"}[gram]
 
 
@@ -291,7 +276,7 @@ def test_causal_transformer_routes_per_token(gram):
     x, y = tokens()
     model = lm()
     ref = dense_lm_direction(copy.deepcopy(model), C_LAYOUTS["reshape"], x, y, 0.3)
-    assert_close(EGN(model, damping=0.3, loss="cross_entropy", gram=gram).direction(x, y), ref)
+    assert_directions_close(EGN(model, damping=0.3, loss="cross_entropy", gram=gram).direction(x, y), ref)
 
 
 def test_gru_tagger_through_torch_func_fallback():
@@ -302,7 +287,7 @@ def test_gru_tagger_through_torch_func_fallback():
     ref = dense_lm_direction(copy.deepcopy(model), C_LAYOUTS["permute"], x, y, 0.3)
     opt = EGN(model, lr=1.0, damping=0.3)
     d, _ = stepped(model, lambda: opt.step(lambda: C_LAYOUTS["permute"](model(x), y)))
-    assert_close(d, ref)
+    assert_directions_close(d, ref)
     assert {"cell.weight_ih", "cell.weight_hh"} <= set(opt._assembler.fallback_names)
 
 
@@ -339,7 +324,7 @@ def test_per_element_losses_equal_dense_lm_solve(loss, layout, reduction):
         opt = EGN(model, lr=1.0, damping=0.3)
         d, _ = stepped(model, lambda: opt.step(lambda: loss_fn(model(x), y)))
         stats = opt.last_stats
-    assert_close(d, ref)
+    assert_directions_close(d, ref)
     assert stats["loss"] == pytest.approx(want, rel=1e-12)
 
 
@@ -356,7 +341,7 @@ def test_sampled_bce_with_several_logits_equals_dense_solve_of_same_draws(sample
     torch.manual_seed(3)
     S = lf.sampled_factor("binary_cross_entropy", f, y.reshape(B, -1), samples).S
     assert S.shape == (B, T * 3, samples)
-    assert_close([d], [dense_direction(model, x, y.reshape(B, -1), "binary_cross_entropy", 0.3, S=S)])
+    assert_directions_close([d], [dense_direction(model, x, y.reshape(B, -1), "binary_cross_entropy", 0.3, S=S)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +400,6 @@ def test_labels_that_do_not_fit_the_output_are_refused():
         opt.step(x, torch.zeros(B, T + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"outside \[0, 7\)"):
         opt.step(x, torch.full((B, T), 9))
-
 
 
 def test_view_index_finds_each_element_of_a_view_and_nothing_else():
