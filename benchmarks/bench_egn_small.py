@@ -25,14 +25,12 @@ import statistics
 import subprocess
 import sys
 
-HARNESS = r'''
-import json, statistics, sys, time
+COMMON = r'''
+import json, math, statistics, sys, time
 import torch
 from torch import nn
-import revgn_ext as rg
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(1)
-out = {"file": rg.__file__}
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
@@ -44,6 +42,18 @@ def timed(fn, n):
     for _ in range(n):
         t = time.process_time(); fn(); ts.append(time.process_time() - t)
     return statistics.median(ts) * 1e3
+def adam_stepper(x, y):
+    am = mlp(); adam = torch.optim.Adam(am.parameters(), lr=1e-3)
+    def adam_step():
+        adam.zero_grad()
+        (0.5 * (am(x) - y).square().sum(1).mean()).backward()
+        adam.step()
+    return adam_step
+'''
+
+HARNESS = COMMON + r'''
+import revgn_ext as rg
+out = {"file": rg.__file__}
 for b in cfg["batches"]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, 8, generator=g); y = torch.randn(b, 1, generator=g)
@@ -53,28 +63,14 @@ for b in cfg["batches"]:
         s = opt.step(x, y)
         for k, v in s["time"].items():
             phases.setdefault(k, []).append(v * 1e3)
-    am = mlp(); adam = torch.optim.Adam(am.parameters(), lr=1e-3)
-    def adam_step():
-        adam.zero_grad()
-        (0.5 * (am(x) - y).square().sum(1).mean()).backward()
-        adam.step()
-    out[f"b={b}"] = {"egn": timed(egn_step, cfg["steps"]), "adam": timed(adam_step, cfg["steps"]),
+    out[f"b={b}"] = {"egn": timed(egn_step, cfg["steps"]), "adam": timed(adam_stepper(x, y), cfg["steps"]),
                      "phases": {k: statistics.median(v) for k, v in phases.items()}}
 print("RESULT " + json.dumps(out))
 '''
 
-SKETCH = r'''
-import json, math, statistics, sys, time
-import torch
-from torch import nn
-cfg = json.loads(sys.argv[1])
-torch.set_num_threads(1)
+SKETCH = COMMON + r'''
 torch._dynamo.config.trace_autograd_ops = True
 b, n = cfg["batch"], cfg["steps"]
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
-                         nn.Linear(32, 1))
 g = torch.Generator().manual_seed(1)
 x = torch.randn(b, 8, generator=g); y = torch.randn(b, 1, generator=g)
 model = mlp(); params = list(model.parameters())
@@ -122,21 +118,9 @@ def step(fn):
     verdict.tolist()
     with torch.no_grad():
         torch._foreach_copy_(params, torch._foreach_add(params, direction, alpha=0.0))  # lr 0: same point
-def timed(fn):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.process_time(); fn(); ts.append(time.process_time() - t)
-    return statistics.median(ts) * 1e3
-am = mlp(); adam = torch.optim.Adam(am.parameters(), lr=1e-3)
-def adam_step():
-    adam.zero_grad()
-    (0.5 * (am(x) - y).square().sum(1).mean()).backward()
-    adam.step()
-out = {"b": b, "eager": timed(lambda: step(solve)), "adam": timed(adam_step)}
+out = {"b": b, "eager": timed(lambda: step(solve), n), "adam": timed(adam_stepper(x, y), n)}
 t0 = time.time(); compiled = torch.compile(solve); step(compiled); out["compile_s"] = time.time() - t0
-out["compiled"] = timed(lambda: step(compiled))
+out["compiled"] = timed(lambda: step(compiled), n)
 print("RESULT " + json.dumps(out))
 '''
 
