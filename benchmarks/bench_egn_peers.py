@@ -66,7 +66,7 @@ LABELS = {
     "mlp784-ce-b128": "MLP 784-256-10 CE b=128",
     "cnn-ce-b128": "the EGN paper's CNN, CE b=128",
 }
-METHODS = ["EGN", "somax", "tlm", "naive", "Adam"]
+METHODS = ["EGN", "somax", "tlm", "naive", "Adam"]   # and "EGN-compiled": EGN(compile=True), on request
 CHECK_LAMBDAS = (1.0, 2.0 ** -10)
 
 
@@ -184,9 +184,10 @@ def torch_worker(method, name, data_path, out_path, check, damping, warmup, step
     x = torch.from_numpy(x)
     y = torch.from_numpy(y)
     loss = spec["loss"]
-    if method == "EGN":
+    if method in ("EGN", "EGN-compiled"):   # compiled: the warm-up's first step is eager, its second compiles
         import revgn_ext as rg
-        opt = rg.EGN(model, lr=ALPHA, damping=damping, loss="mse" if loss == "mse" else "cross_entropy")
+        opt = rg.EGN(model, lr=ALPHA, damping=damping, loss="mse" if loss == "mse" else "cross_entropy",
+                     compile=method == "EGN-compiled")
 
         def step():
             opt.step(x, y)
@@ -449,7 +450,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--core", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + ["EGN-compiled"])
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "egn_peers.md"))

@@ -13,7 +13,10 @@ the VJP, the direction check against the factors, the verdict read in one sync, 
 out for this MLP, eager and under ``torch.compile`` (``torch._dynamo.config.trace_autograd_ops = True``,
 so that both ``autograd.grad`` calls are traced into one graph), next to Adam; with the compile time.
 
-Usage: python benchmarks/bench_egn_small.py TREE [TREE ...] [--rounds 2] [--steps 300]
+``--compile``: also ``EGN(compile=True)`` in the same process (its first step eager, its second compiles
+the solve; both in the warm-up), with the compile time.
+
+Usage: python benchmarks/bench_egn_small.py TREE [TREE ...] [--rounds 2] [--steps 300] [--compile]
        python benchmarks/bench_egn_small.py --sketch [--steps 300]
 """
 from __future__ import annotations
@@ -65,6 +68,13 @@ for b in cfg["batches"]:
             phases.setdefault(k, []).append(v * 1e3)
     out[f"b={b}"] = {"egn": timed(egn_step, cfg["steps"]), "adam": timed(adam_stepper(x, y), cfg["steps"]),
                      "phases": {k: statistics.median(v) for k, v in phases.items()}}
+    if cfg.get("compile"):   # EGN(compile=True): the first step eager, the second compiles (in the warm-up)
+        copt = rg.EGN(mlp(), lr=0.1, damping=1.0, loss="mse", compile=True)
+        t0 = time.time(); copt.step(x, y); copt.step(x, y)
+        out[f"b={b}"]["compile_s"] = time.time() - t0
+        out[f"b={b}"]["compiled"] = timed(lambda: copt.step(x, y), cfg["steps"])
+        if "solve" not in copt.last_stats["time"]:
+            raise RuntimeError("EGN(compile=True) did not take the compiled solve")
 print("RESULT " + json.dumps(out))
 '''
 
@@ -153,6 +163,7 @@ def main():
     parser.add_argument("--labels", nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--compile", action="store_true", help="also time EGN(compile=True) (after its compile)")
     args = parser.parse_args()
     if args.sketch:
         before = os.getloadavg()
@@ -161,7 +172,7 @@ def main():
         return
     trees = [os.path.abspath(t) for t in args.trees]
     labels = args.labels or trees
-    cfg = {"batches": [32, 64, 128], "steps": args.steps}
+    cfg = {"batches": [32, 64, 128], "steps": args.steps, "compile": args.compile}
     runs = {t: [] for t in trees}
     before = os.getloadavg()
     for r in range(args.rounds):
@@ -171,8 +182,9 @@ def main():
     after = os.getloadavg()
     print(f"\nLoad average before {before[0]:.1f} / {before[1]:.1f} / {before[2]:.1f}, "
           f"after {after[0]:.1f} / {after[1]:.1f} / {after[2]:.1f}; median over {args.rounds} rounds.\n")
-    print("| tree | b | EGN step ms | Adam step ms | EGN / Adam | forward | gram | factor | backproject | rest |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    extra = " compiled ms | compiled / Adam | compile s |" if args.compile else ""
+    print("| tree | b | EGN step ms | Adam step ms | EGN / Adam | forward | gram | factor | backproject | rest |" + extra)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (3 if args.compile else 0))
     for t, label in zip(trees, labels):
         for b in cfg["batches"]:
             rows = [x[f"b={b}"] for x in runs[t]]
@@ -182,7 +194,10 @@ def main():
             ph = {k: statistics.median(r["phases"].get(k, float("nan")) for r in rows)
                   for k in ("forward", "gram", "factor", "backproject")}
             print(f"| {label} | {b} | {egn:.2f} | {adam:.2f} | {ratio:.2f}x | " +
-                  " | ".join(f"{v:.2f}" for v in ph.values()) + f" | {egn - sum(ph.values()):.2f} |")
+                  " | ".join(f"{v:.2f}" for v in ph.values()) + f" | {egn - sum(ph.values()):.2f} |" +
+                  (f" {statistics.median(r['compiled'] for r in rows):.2f} | "
+                   f"{statistics.median(r['compiled'] / r['adam'] for r in rows):.2f}x | "
+                   f"{statistics.median(r['compile_s'] for r in rows):.0f} |" if args.compile else ""))
 
 
 if __name__ == "__main__":

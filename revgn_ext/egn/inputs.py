@@ -33,11 +33,13 @@ def check_x_dtype(x, model: nn.Module, finite: list | None = None) -> None:
         finite.append(("x", x))
 
 
-def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor, batch_y: bool = True) -> None:
+def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor, batch_y: bool = True,
+                 read_finite: bool = True) -> None:
     """x and y against each other and against the model's parameters (dtype, device, batch; the batch
     only with ``batch_y``: a loss on a view of the output, such as output.reshape(-1, C), has its own).
-    The tensors that must be finite are read in one host sync; the errors come in the order of the
-    checks, each naming its argument."""
+    The tensors that must be finite are read in one host sync (``read_finite=False``: not read, for a
+    caller that reads a stricter verdict with its own values and runs these checks again when it
+    fails); the errors come in the order of the checks, each naming its argument."""
     finite: list = []   # (name, tensor) whose finiteness is checked last, all at once
     try:
         for key, value in x.items():
@@ -57,7 +59,7 @@ def check_inputs(x: ModelInputs, y, model: nn.Module, p0: torch.Tensor, batch_y:
         raise
     if y.is_floating_point():
         finite.append(("y", y))
-    if finite and not all_finite([t for _, t in finite]):
+    if read_finite and finite and not all_finite([t for _, t in finite]):
         _check_finite(finite)
 
 

@@ -43,6 +43,7 @@ from .._warn import user_stacklevel
 from ..distributed import SingleProcess, resolve
 from ..ops.gram import cholesky_solve_lower
 from .cholesky import factor_op, plain_cholesky, plain_factor, clean
+from .compiled import CompiledSolve, compile_options
 from .damping import gain_ratio, next_damping
 from .gram import DEFAULT_MEMORY_LIMIT, check_memory, check_samplewise, gram_assembler, outputs_of
 from .inputs import ModelInputs, check_curvature_options, check_inputs, check_per_sample, drop_ignored, \
@@ -155,8 +156,9 @@ class EGN(GaussNewtonOptimizer):
                  max_damping: float = 1e8, armijo: float = 0.1, backtrack: float = 0.8, max_tries: int = 15,
                  gram: str = "auto", memory_limit: int = DEFAULT_MEMORY_LIMIT, distributed: bool = False,
                  process_group=None, curvature: str = "exact", samples: int = 1,
-                 gram_block_rows: int | None = None, model: nn.Module | None = None):
+                 gram_block_rows: int | None = None, model: nn.Module | None = None, compile=False):
         params, model = self.split_model(params, model)
+        compile_opts = compile_options(compile)
         called = model                      # what the user calls (maybe compiled): closures are read off it
         model, shards = resolve(unwrap_compiled(model), distributed, process_group)
         model = unwrap_compiled(model)
@@ -208,6 +210,8 @@ class EGN(GaussNewtonOptimizer):
         self._ranks = SingleProcess() if shards is None else shards
         if shards is not None:
             shards.synchronise(model, self)  # same structure and hyper-parameters on every rank
+        # compile=True: verified call patterns solve in one torch.compile graph (egn/compiled.py)
+        self._compiled = None if compile_opts is None else CompiledSolve(self, compile_opts)
         self.finish_construction(called)
 
     # ----------------------------------------------------------------------------------------------
@@ -302,10 +306,13 @@ class EGN(GaussNewtonOptimizer):
         moves at least one parameter for good, so the loop ends after at most one retry per parameter.
         """
         x = ModelInputs.of(x)
-        while True:
+        compiled = self._compiled
+        sol = None if compiled is None else compiled.solve(self, x, y, lam)
+        while sol is None:
             sol = self._solve_once(x, y, lam)
-            if sol is not None:
-                return sol
+            if sol is not None and compiled is not None:
+                compiled.note_eager(self, x, sol)
+        return sol
 
     def _solve_once(self, x, y, lam: float) -> Solution | None:
         """One solve; None when the direction check failed and the solve must be redone.
