@@ -15,7 +15,6 @@ import revgn_ext as rg
 from _dense import assert_directions_close, dense_direction, dense_lm_direction, flat, stepped
 
 FAST = {"backend": "aot_eager"}
-torch._dynamo.config.cache_size_limit = 64   # many small models compile in one process here
 
 
 def mlp(d=5, out=3, bias=True, act=nn.Tanh):
@@ -194,16 +193,23 @@ class Positions(nn.Module):
         return self.head(torch.tanh(self.a(x[:, :, None])).mean(1))
 
 
-@pytest.mark.parametrize("make,kw", [
-    (lambda: CalledTwice().double(), {}),
-    (lambda: Conv().double(), {}),
-    (lambda: Positions().double(), {}),
-    (lambda: mlp(d=5, out=2), {"line_search": True}),
-    (lambda: mlp(d=5, out=2), {"adaptive_damping": True}),
-    (lambda: mlp(d=5, out=2), {"gram": "functional"}),
+@pytest.mark.parametrize("make,kw,said", [
+    (lambda: CalledTwice().double(), {}, None),   # decided per traced call pattern: no warning
+    (lambda: Positions().double(), {}, None),
+    (lambda: Conv().double(), {}, "only nn.Linear"),
+    (lambda: mlp(d=5, out=2), {"line_search": True}, "line_search"),
+    (lambda: mlp(d=5, out=2), {"adaptive_damping": True}, "adaptive_damping"),
+    (lambda: mlp(d=5, out=2), {"gram": "functional"}, "functional"),
 ])
-def test_what_it_does_not_cover_runs_eagerly_and_exactly(make, kw):
-    eager, comp = pair(make, lr=0.5, damping=0.3, loss="mse", **kw)
+def test_what_it_does_not_cover_runs_eagerly_and_exactly(make, kw, said):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager, comp = pair(make, lr=0.5, damping=0.3, loss="mse", **kw)
+    told = [str(w.message) for w in caught if "compile" in str(w.message)]
+    if said is None:
+        assert not told
+    else:
+        assert len(told) == 1 and said in told[0] and "eagerly" in told[0]
     d = 3 if isinstance(eager.model, CalledTwice) else 5
     for k in range(3):
         x, y = batch("mse", d=d, c=2, seed=k)
@@ -323,3 +329,58 @@ def test_drawn_models_losses_and_hyperparameters(seed):
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-11)
     assert compiled_taken(comp)
+
+
+def test_past_dynamos_recompile_limit_the_solve_stays_exact():
+    """Each input shape compiles anew; past torch._dynamo's recompile limit the same solve runs uncompiled."""
+    eager, comp = pair(mlp, lr=0.5, damping=0.3, loss="mse")
+    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # dynamo says once that the limit was hit
+        for b in (3, 4, 5, 6):
+            x, y = batch("mse", b=b, seed=b)
+            for _ in range(2):
+                eager.step(x, y)
+                comp.step(x, y)
+            assert compiled_taken(comp)
+    for p, q in zip(eager.model.parameters(), comp.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+
+
+def test_a_dropped_optimizer_leaves_no_hooks():
+    import gc
+    model = mlp()
+    opt = rg.EGN(model, loss="mse", compile=FAST)
+    assert all(len(m._forward_hooks) == 1 for m in model if isinstance(m, nn.Linear))
+    del opt
+    gc.collect()
+    assert all(len(m._forward_hooks) == 0 for m in model)
+
+
+def test_label_smoothing_and_per_token_losses():
+    """A smoothed cross-entropy compiles (class probabilities as targets); a per-token loss runs eagerly."""
+    eager, comp = pair(lambda: mlp(out=4), lr=1.0, damping=0.2)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    x, y = batch("cross_entropy", c=4)
+    for _ in range(2):
+        for opt in (eager, comp):
+            opt.step(lambda: crit(opt.model(x), y))
+    assert compiled_taken(comp)
+    for p, q in zip(eager.model.parameters(), comp.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+    want = dense_lm_direction(comp.model, crit, x, y, 0.2)
+    got, _ = stepped(comp.model, lambda: comp.step(lambda: crit(comp.model(x), y)))
+    assert_directions_close(got, want)
+
+    tagger = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    opt = rg.EGN(tagger, lr=1.0, damping=0.3, compile=FAST)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(6, 7, 3, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 4, (6, 7), generator=g)
+    ys[0, 3:] = -100
+    ce = nn.CrossEntropyLoss()
+    want = dense_lm_direction(tagger, lambda o, t: ce(o.reshape(-1, 4), t.reshape(-1)), xs, ys, 0.3)
+    for _ in range(2):
+        got, _ = stepped(tagger, lambda: opt.step(lambda: ce(tagger(xs).reshape(-1, 4), ys.reshape(-1))))
+        assert not compiled_taken(opt)
+        assert_directions_close(got, want)
+        want = dense_lm_direction(tagger, lambda o, t: ce(o.reshape(-1, 4), t.reshape(-1)), xs, ys, 0.3)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -86,6 +88,10 @@ class CompiledSolve:
     def __init__(self, owner, options: dict):
         self.options = options
         self.reason = _structure_obstacle(owner)   # why no step compiles, or None
+        why = self.obstacle(owner, None, None)
+        if why is not None:   # said once, at construction; options changed later are not announced
+            warnings.warn(f"EGN(compile=...): {why}; the steps run eagerly", RuntimeWarning,
+                          stacklevel=user_stacklevel())
         self.verified: dict = {}   # input signature -> output width c, after an eager step on it passed
         self.recorder = None
         self._fn = None
@@ -95,6 +101,7 @@ class CompiledSolve:
             self.linears = [m for m in owner.model.modules() if isinstance(m, nn.Linear)
                             and any(id(p) in owned for p in m.parameters(recurse=False))]
             self.recorder = _Recorder(self.linears)
+            weakref.finalize(owner, self.recorder.remove)   # no hooks left behind by a dropped optimizer
 
     def close(self):
         if self.recorder is not None:
@@ -106,13 +113,15 @@ class CompiledSolve:
             return self.reason
         group = owner.param_groups[0]
         if group["line_search"] or group["adaptive_damping"]:
-            return "line_search and adaptive_damping take the eager step"
+            return "line_search and adaptive_damping are not compiled"
         if group.get("curvature", "exact") != "exact":
-            return "curvature other than 'exact' takes the eager step"
-        if not isinstance(y, torch.Tensor):
-            return "per-position losses take the eager step"
+            return "curvature other than 'exact' is not compiled"
+        if y is not None and not isinstance(y, torch.Tensor):
+            return "per-position losses are not compiled"
         if owner._assembler.fallback or owner._assembler.capturable:
-            return "parameters outside nn.Linear's rule take the eager step"
+            return "parameters outside nn.Linear's rule are not compiled"
+        if group["params"][0].device.type != "cpu":
+            return "the compiled solve is tested on the CPU only"
         return None
 
     def note_eager(self, owner, x, sol) -> None:
@@ -162,8 +171,9 @@ class CompiledSolve:
         return sol
 
     def _compiled(self):
-        if self._fn is None:
-            self._fn = torch.compile(_solve, dynamic=False, **self.options)
+        if self._fn is None:   # a code object of its own: dynamo keeps its graphs (and its limit) per code
+            own = types.FunctionType(_solve.__code__.replace(co_name="_solve"), _solve.__globals__, "_solve")
+            self._fn = torch.compile(own, dynamic=False, **self.options)
         return self._fn
 
     def _warn(self, what: str) -> None:
@@ -190,9 +200,9 @@ def _structure_obstacle(owner) -> str | None:
     """Why the model's structure rules out the compiled solve, or None: every trainable parameter must
     be the weight or bias of an ``nn.Linear`` (not a subclass with its own forward) that owns it alone."""
     if owner._ranks.world > 1:
-        return "data-parallel EGN takes the eager step"
+        return "data-parallel EGN is not compiled"
     if not isinstance(owner._assembler, LayerwiseGram):
-        return "gram='functional' takes the eager step"
+        return "gram='functional' is not compiled"
     owners: dict[int, int] = {}
     for module in owner.model.modules():
         for p in module.parameters(recurse=False):
@@ -200,7 +210,7 @@ def _structure_obstacle(owner) -> str | None:
     for p in owner.param_groups[0]["params"]:
         mods = owner._assembler.covered.get(id(p), [])
         if len(mods) != 1 or owners.get(id(p)) != 1:
-            return "a parameter shared by several modules, or outside any module, takes the eager step"
+            return "a parameter shared by several modules, or outside any module, is not compiled"
         module = mods[0][1]
         if type(module).forward is not nn.Linear.forward:
             return f"only nn.Linear layers compile (the model has {type(module).__name__})"
