@@ -105,6 +105,15 @@ def test_closure_with_the_users_loss_and_momentum():
     for p, q in zip(eager_m.model.parameters(), comp_m.model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
     assert comp_m.state_dict()["state"].keys() == eager_m.state_dict()["state"].keys()
+    summed = nn.MSELoss(reduction="sum")   # the damping is relative to the user's loss: lambda / b here
+    eager_s, comp_s = pair(mlp, lr=1.0, damping=0.5)
+    x, y = batch("mse")
+    for opt in (eager_s, comp_s):
+        opt.step(lambda: summed(opt.model(x), y))
+    want = dense_lm_direction(comp_s.model, summed, x, y, 0.5)
+    got, loss = stepped(comp_s.model, lambda: comp_s.step(lambda: summed(comp_s.model(x), y)))
+    assert compiled_taken(comp_s) and float(loss) == pytest.approx(float(summed(eager_s.model(x), y).detach()), rel=1e-12)
+    assert_directions_close(got, want)
 
 
 def test_frozen_parameters_and_a_bias_free_layer():

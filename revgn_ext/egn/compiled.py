@@ -103,10 +103,6 @@ class CompiledSolve:
             self.recorder = _Recorder(self.linears)
             weakref.finalize(owner, self.recorder.remove)   # no hooks left behind by a dropped optimizer
 
-    def close(self):
-        if self.recorder is not None:
-            self.recorder.remove()
-
     def obstacle(self, owner, x, y) -> str | None:
         """Why this step takes the eager path (None: it may compile)."""
         if self.reason is not None:
