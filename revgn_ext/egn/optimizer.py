@@ -53,7 +53,7 @@ from .params import all_finite_owned, set_params as _set_params
 from .loss_factors import CURVATURES, LOSS_FACTORS, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
 from .sequence import SequenceTargets, build_layout, loss_targets, view_index
-from .solution import Solution
+from .solution import Solution, push_through_terms
 from .telemetry import Clock, step_record
 
 __all__ = ["EGN", "Solution"]
@@ -354,8 +354,9 @@ class EGN(GaussNewtonOptimizer):
                                                                g if sampled else None, gg if sampled else None)
             # ||J^T S u|| per parameter, for the check and (unless sampled) ||dir|| = ||-J^T S u||
             norms = torch._foreach_norm(back_projection)
+            # sampled: J^T S u = g - J^T (e / b - S u) carries g's rounding, so the check allows for it
             ids, flags = assembly.disagreement(u if sol.layout is None else sol.layout.padded(u),
-                                               back_projection, norms)
+                                               back_projection, norms, torch._foreach_norm(g) if sampled else None)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction) if sampled else norms))
             verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
                                  flags.to(f.dtype)]).tolist()
@@ -390,12 +391,13 @@ class EGN(GaussNewtonOptimizer):
             back_projection = torch._foreach_sub(g, grads)   # J^T S u
             direction = torch._foreach_div(grads, -lam)
             # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
-            sol.set_terms(lambda: (mu / lam * u, b / lam * (gg - (rhs * u).sum())))
+            sol.set_terms(lambda: (mu / lam * u, b / lam * (gg - (rhs * u).sum()),
+                                   u.new_zeros((), dtype=torch.bool)))
             return u, back_projection, direction
         t = self._ranks.gather_rows(factor.target).reshape(-1, 1)
         u = cholesky_solve_lower(t, L).reshape(b, m)
         # K u = (M + jitter I - mu I) u with (M + jitter I) u = t: no extra product.
-        sol.set_terms(lambda: _push_through_terms(t.reshape(b, m), u, mu))
+        sol.set_terms(lambda: push_through_terms(t.reshape(b, m), u, mu))
         back_projection = self._ranks.sum_tensors(vjp(f, params, apply_factor(factor, u[self._ranks.rows])))
         return u, back_projection, torch._foreach_neg(back_projection)
 
@@ -430,6 +432,12 @@ class EGN(GaussNewtonOptimizer):
                                   group.get("samples", 1))
         sol = Solution(f, y, factor, f.shape[0], factor.loss.detach(), clock.times, layout=layout)
         finite = _all_finite([factor.loss, factor.residual if factor.target is None else factor.target])
+        if not finite and factor.target is not None and ranks.world == 1 and lam > 0 and \
+                _all_finite([factor.loss, factor.residual]):
+            # A saturated softmax / sigmoid (log p below about -177 in float32) overflows t = V^T e / s
+            # while e and Q are finite: the same LM system by Woodbury's identity, as for sampled curvature.
+            factor = sol.factor = factor._replace(target=None)
+            finite = True
         if ranks.world > 1:  # global loss and a global verdict, in one all_reduce
             loss_sum, nonfinite = ranks.sum_tensors([factor.loss.reshape(1) * sol.b,
                                                      f.new_tensor([float(not finite)])])
@@ -516,8 +524,11 @@ class EGN(GaussNewtonOptimizer):
         momentum direction needs one VJP for g = J^T e / b and a JVP (double backward) for J d.
         """
         f, factor, b = sol.f, sol.factor, sol.b
-        if not with_momentum:
-            return float(-sol.tKu / b), float(sol.Ku.square().sum() / b)
+        if not with_momentum:   # from the Gram, unless its push-through terms may have cancelled
+            gTd, quad, doubtful = torch.stack([-sol.tKu / b, sol.Ku.square().sum() / b,
+                                               sol.doubtful.to(sol.Ku.dtype)]).tolist()
+            if not doubtful:
+                return gTd, quad
         params = self.param_groups[0]["params"]
         with torch.enable_grad():
             g = vjp(f, params, factor.residual / b)
@@ -578,9 +589,3 @@ class EGN(GaussNewtonOptimizer):
         if spec.reduction == "batch_mean" or not isinstance(y, torch.Tensor) or y.dim() == 0:
             return 1.0
         return spec.scale(x.batch_size, y[0].numel() if y.dim() > 1 else 1)
-
-
-def _push_through_terms(t, u, mu):
-    """(K u, t^T K u) with K u = t - mu u."""
-    Ku = t - mu * u
-    return Ku, (t * Ku).sum()

@@ -8,7 +8,7 @@ import torch
 
 from .loss_factors import LossFactor
 
-__all__ = ["Solution"]
+__all__ = ["Solution", "push_through_terms"]
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Solution:
     jitter: float = 0.0
     norm: float | None = None         # ||direction||, read with the solve's verdicts
     loss_value: float | None = None   # float(loss), likewise
-    terms: Callable | None = None     # () -> (Ku, tKu) of the last back-projection
+    terms: Callable | None = None     # () -> (Ku, tKu, doubtful) of the last back-projection
     layout: Any = None                # per-position losses: the kept positions (sequence.Layout), else None
     _model: tuple | None = field(default=None, repr=False)
 
@@ -49,3 +49,20 @@ class Solution:
     @property
     def tKu(self) -> torch.Tensor | None:
         return None if self.terms is None else self._formed()[1]
+
+    @property
+    def doubtful(self) -> torch.Tensor | None:
+        """True (a 0-dim tensor) where Ku and tKu may have lost more than half their digits."""
+        return None if self.terms is None else self._formed()[2]
+
+
+def push_through_terms(t, u, mu):
+    """(K u, t^T K u, doubtful) with K u = t - mu u; doubtful where that difference may have lost more
+    than half the digits (a confidently wrong sample makes t_i ~ 1/sqrt(p_i) large)."""
+    Ku = t - mu * u
+    tKu = (t * Ku).sum()
+    eps = torch.finfo(t.dtype).eps
+    slop = eps * (t.abs() + mu * u.abs())   # the rounding bound of each entry of K u
+    doubtful = ((t.abs() * slop).sum() > eps ** 0.5 * tKu.abs()) | \
+        (2 * (Ku.abs() * slop).sum() > eps ** 0.5 * Ku.square().sum())
+    return Ku, tKu, doubtful

@@ -49,9 +49,10 @@ class Assembly:
             out += factor.apply(by_id)
         return out
 
-    def disagreement(self, u: torch.Tensor, products, norms=None):
+    def disagreement(self, u: torch.Tensor, products, norms=None, slack=None):
         """(ids, flags): per parameter with a rule factor, whether that factor disagrees with autograd's
         back-projection ``products`` = J^T S u (one tensor per parameter, summed over ranks; ``norms``
-        their 2-norms where the caller has them); u (total b, m). A bool tensor, read by the caller
-        with its other values (no host sync here)."""
-        return disagreement(self.checked, self.params, u, products, norms)
+        their 2-norms where the caller has them; ``slack`` per-parameter norms that ``products`` carry
+        rounding of, where they were formed as a difference); u (total b, m). A bool tensor, read by
+        the caller with its other values (no host sync here)."""
+        return disagreement(self.checked, self.params, u, products, norms, slack)

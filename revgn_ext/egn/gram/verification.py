@@ -41,9 +41,10 @@ def compare(ours: dict, truth, dtype) -> list[int]:
     return [pid for pid, flag in zip(checked, flags.tolist()) if flag]
 
 
-def mismatches(ours: dict, truth, dtype, truth_norms=None):
+def mismatches(ours: dict, truth, dtype, truth_norms=None, slack=None):
     """(ids, flags): :func:`compare`'s verdict per parameter as a bool tensor, without a host sync.
-    ``truth_norms``: the 2-norms of ``truth`` (0-dim tensors, aligned), where the caller has them."""
+    ``truth_norms``: the 2-norms of ``truth`` (0-dim tensors, aligned), where the caller has them;
+    ``slack``: norms (aligned) added to each scale, for a ``truth`` formed as a difference of them."""
     checked = [p for p, _ in ours.values()]
     mine = [g for _, g in ours.values()]
     eps = torch.finfo(dtype).eps
@@ -55,23 +56,26 @@ def mismatches(ours: dict, truth, dtype, truth_norms=None):
         norms = [*torch._foreach_norm([*torch._foreach_sub(mine, truth), *mine]), *truth_norms]
     norms = torch.stack(norms).view(3, -1)
     errors, scales = norms[0], norms[1] + norms[2]
+    if slack is not None:
+        scales = scales + torch.stack(slack)
     # Relative to the parameter's own gradient, with a floor at rounding level of the whole gradient
     # (a gradient that vanishes identically, e.g. a bias under softmax's shift invariance).
     floor = scales.norm().mul_(100 * eps).add_(torch.finfo(dtype).tiny)
     return [id(p) for p in checked], ~(errors <= torch.add(floor, scales, alpha=math.sqrt(eps)))
 
 
-def disagreement(factors, params, u: torch.Tensor, products, norms=None):
+def disagreement(factors, params, u: torch.Tensor, products, norms=None, slack=None):
     """(ids, flags): per checked parameter, whether its ``sum_{i,a} u_ia V_p[(i, a)]`` differs from
     autograd's J^T S u (``products``: one tensor per parameter of ``params``, summed over ranks), as a
     bool tensor (no host sync), for a caller that reads it together with other values. ``norms``: the
-    2-norms of ``products`` (0-dim tensors), where the caller has them."""
+    2-norms of ``products`` (0-dim tensors), where the caller has them; ``slack``: see :func:`mismatches`."""
     ours = weighted(factors, u)
     if not ours:
         return [], torch.zeros(0, dtype=torch.bool, device=u.device)
     index = {id(p): k for k, p in enumerate(params)}
     at = [index[pid] for pid in ours]
-    return mismatches(ours, [products[k] for k in at], u.dtype, None if norms is None else [norms[k] for k in at])
+    return mismatches(ours, [products[k] for k in at], u.dtype, None if norms is None else [norms[k] for k in at],
+                      None if slack is None else [slack[k] for k in at])
 
 
 def random_weight_check(f: torch.Tensor, columns: torch.Tensor, factors, generator: torch.Generator) -> list[int]:
