@@ -6,7 +6,8 @@ LayerNorm/GroupNorm/BatchNorm-eval, pooling, attention on sequences: nn.Multihea
 TransformerEncoderLayer pre- or post-norm, hand-written attention through F.linear / x @ W.T /
 torch.matmul(x, W) / F.scaled_dot_product_attention; custom parameters no rule covers), tied weights (two
 modules sharing a weight, and a weight reused outside any module through F.linear(h, W.t())), frozen
-parameters, activations, a loss, a curvature (exact or true-class), a dtype (float32 or float64) and the
+parameters, activations, a loss, saturated outputs (the last layer's weight times 30, 300 or 3000 for
+cross-entropy and BCE, about a third of those), a curvature (exact or true-class), a dtype (float32 or float64) and the
 Gram route (``gram="auto"``, or ``"layerwise"``, which must refuse exactly the models with a use no rule
 covers).
 About a third of the cases call the model with several inputs (:class:`MultiInput`: a second per-sample
@@ -289,6 +290,10 @@ def build_case(seed):
     gram = rng.choice(["auto", "layerwise"])
     if rng.random() < 0.35:
         net, x = several_inputs(rng, net, x, c)
+    if loss != "mse" and rng.random() < 0.3:   # saturated outputs: log p of some labels far below -20
+        head = (net.net if isinstance(net, MultiInput) else net).mods[-1]
+        with torch.no_grad():
+            head.weight.mul_(rng.choice([30.0, 300.0, 3000.0]))   # 3000: float32 overflows t
     return net, x, y, loss, curvature, dtype, damping, gram
 
 
