@@ -395,3 +395,32 @@ def test_label_smoothing_and_per_token_losses():
         assert not compiled_taken(opt)
         assert_directions_close(got, want)
         want = dense_lm_direction(tagger, lambda o, t: ce(o.reshape(-1, 4), t.reshape(-1)), xs, ys, 0.3)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.b = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, z, scale=1.0):
+        return self.head(torch.tanh(self.a(x) + scale * self.b(z)))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_several_inputs_compile(as_dict):
+    eager, comp = pair(lambda: TwoInputs().double(), lr=1.0, damping=0.4, loss="mse")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    z = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    inputs = {"x": x, "z": z, "scale": 0.5} if as_dict else (x, z, 0.5)
+    for _ in range(2):
+        eager.step(inputs, y)
+        comp.step(inputs, y)
+    assert compiled_taken(comp)
+    want = dense_direction(comp.model, inputs, y, "mse", 0.4)
+    got, _ = stepped(comp.model, lambda: comp.step(inputs, y))
+    assert compiled_taken(comp)
+    assert (flat(got) - want).abs().max() <= 1e-10 * want.abs().max()
