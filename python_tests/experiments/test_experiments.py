@@ -423,3 +423,12 @@ def test_eval_every_is_refused_below_one_and_may_change_on_resume():
     with pytest.raises(ValueError, match="eval_every must be a positive int"):
         tiny_config(eval_every=0)
     tiny_config(eval_every=5).check_resumable(tiny_config(eval_every=1))
+
+
+def test_optimizer_stats_keep_finite_scalars_only():
+    """A refused step's non-finite direction norm stays out of the history row (as None does), so that a
+    run that goes on can be resumed (its rows hold finite numbers)."""
+    from revgn_ext.experiments.revgn_paper.runner import _scalar_stats
+    stats = {"direction_norm": float("inf"), "refused": True, "loss": torch.tensor(2.5), "rho": None,
+             "alpha": float("nan"), "time": {"solve": 0.1}, "lr": 0.1}
+    assert _scalar_stats(stats) == {"refused": 1.0, "loss": 2.5, "lr": 0.1}

@@ -226,12 +226,14 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _scalar_stats(stats) -> dict:
-    """Numeric scalars of an optimizer's stats dict (tensors of one element included)."""
+    """Finite numeric scalars of an optimizer's stats dict (tensors of one element included). A
+    non-finite one (the direction norm of a step refused for it) is left out, as None is: the refusal
+    is counted in ``refused``, and a history row of a run that goes on holds finite numbers only."""
     out = {}
     for k, v in (stats or {}).items():
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = v.item()
-        if isinstance(v, (int, float)):  # bools too, as 0.0 / 1.0
+        if isinstance(v, (int, float)) and math.isfinite(v):  # bools too, as 0.0 / 1.0
             out[k] = float(v)
     return out
 
