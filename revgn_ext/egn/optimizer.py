@@ -318,7 +318,7 @@ class EGN(GaussNewtonOptimizer):
         """One solve; None when the direction check failed and the solve must be redone.
 
         exact / true-class (push-through): dir = -J^T S u, (K + b lambda I) u = t with S t = e.
-        sampled (Woodbury, t does not exist): with g = J^T e / b and A = S^T J,
+        sampled (Woodbury; t does not exist, or overflowed): with g = J^T e / b and A = S^T J,
         (A^T A / b + lambda I)^{-1} g = (g - A^T (K + b lambda I)^{-1} A g) / lambda, so
         dir = -J^T (e / b - S u) / lambda with (K + b lambda I) u = S^T J g.
         In both, S^T J dir = -Ku and g^T dir = -tKu / b (the quadratic model's terms).
