@@ -38,7 +38,7 @@ from .._warn import user_stacklevel
 from .cholesky import PLAIN_MAX_ROWS, clean, plain_cholesky
 from .gram import LayerwiseGram, UnsupportedModelError, check_samplewise
 from .gram.checks import RandomForward
-from .gram.verification import mismatches
+from .gram.verification import aligned_mismatches
 from .inputs import check_inputs, targets
 from .loss_factors import apply_factor, curvature_factor, factor_matrix
 from .solution import Solution
@@ -88,7 +88,7 @@ class CompiledSolve:
     def __init__(self, owner, options: dict):
         self.options = options
         self.reason = _structure_obstacle(owner)   # why no step compiles, or None
-        why = self.obstacle(owner, None, None)
+        why = self.obstacle(owner, None)
         if why is not None:   # said once, at construction; options changed later are not announced
             warnings.warn(f"EGN(compile=...): {why}; the steps run eagerly", RuntimeWarning,
                           stacklevel=user_stacklevel())
@@ -103,7 +103,7 @@ class CompiledSolve:
             self.recorder = _Recorder(self.linears)
             weakref.finalize(owner, self.recorder.remove)   # no hooks left behind by a dropped optimizer
 
-    def obstacle(self, owner, x, y) -> str | None:
+    def obstacle(self, owner, y) -> str | None:
         """Why this step takes the eager path (None: it may compile)."""
         if self.reason is not None:
             return self.reason
@@ -129,7 +129,7 @@ class CompiledSolve:
         """The solve by the compiled graph, or None: the caller runs the eager solve."""
         key = (x.signature(), x.batch_size)
         c = self.verified.get(key)
-        if c is None or self.obstacle(owner, x, y) is not None:
+        if c is None or self.obstacle(owner, y) is not None:
             return None
         group = owner.param_groups[0]
         params = group["params"]
@@ -162,9 +162,8 @@ class CompiledSolve:
         summary, norm, loss_value, flags = values[:4], values[4], values[5], values[6:]   # flags[0]: inputs
         if not (clean(summary, f.dtype) and math.isfinite(norm) and math.isfinite(loss_value)) or any(flags):
             return None
-        sol = Solution(f, yt, None, b, loss, {"solve": time.perf_counter() - start}, direction=direction,
-                       norm=norm, loss_value=loss_value)
-        return sol
+        return Solution(f, yt, None, b, loss, {"solve": time.perf_counter() - start}, direction=direction,
+                        norm=norm, loss_value=loss_value)
 
     def _compiled(self):
         if self._fn is None:   # a code object of its own: dynamo keeps its graphs (and its limit) per code
@@ -260,9 +259,8 @@ def _solve(model, params, linears, rec, args, kwargs, y, damping, loss: str):
             ours[id(module.weight)] = (module.weight, Gu.T @ inp)
         if module.bias is not None and module.bias.requires_grad:
             ours[id(module.bias)] = (module.bias, Gu.sum(0))
-    index = {id(p): k for k, p in enumerate(params)}
     norms = torch._foreach_norm(truth)
-    ids, flags = mismatches(ours, [truth[index[pid]] for pid in ours], f.dtype, [norms[index[pid]] for pid in ours])
+    _, flags = aligned_mismatches(ours, params, truth, f.dtype, norms)
     norm = torch.linalg.vector_norm(torch.stack(norms))
     loss_value = factor.loss.detach()
     verdict = torch.cat([summary, norm.reshape(1), loss_value.reshape(1).to(f.dtype),

@@ -335,7 +335,7 @@ class EGN(GaussNewtonOptimizer):
         if sampled:
             # S^T J g from K's factors in a single process; per-position rows (a layout) by double backward
             own = self._ranks.world == 1 and sol.layout is None
-            rhs, g, gg = self._sampled_rhs(f, factor, params, b, assembly if own else None)
+            rhs, g, gg, g_norms = self._sampled_rhs(f, factor, params, b, assembly if own else None)
         assembly.rows = None   # only S^T J g needs them: free the torch.func rows before the factorisation
         clock.lap("gram")
         damped = assembly.gram
@@ -356,7 +356,7 @@ class EGN(GaussNewtonOptimizer):
             norms = torch._foreach_norm(back_projection)
             # sampled: J^T S u = g - J^T (e / b - S u) carries g's rounding, so the check allows for it
             ids, flags = assembly.disagreement(u if sol.layout is None else sol.layout.padded(u),
-                                               back_projection, norms, torch._foreach_norm(g) if sampled else None)
+                                               back_projection, norms, g_norms if sampled else None)
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction) if sampled else norms))
             verdict = torch.cat([summary, norm.reshape(1), sol.loss.reshape(1).to(f.dtype),
                                  flags.to(f.dtype)]).tolist()
@@ -467,12 +467,13 @@ class EGN(GaussNewtonOptimizer):
 
     @staticmethod
     def _sampled_rhs(f, factor, params, b, assembly=None):
-        """S^T J g, g = J^T e / b (one VJP) and g.g; S^T J g from K's factors (the rows of A = S^T J),
-        else J g by double backward."""
+        """S^T J g, g = J^T e / b (one VJP), g.g and ||g|| per parameter; S^T J g from K's factors (the
+        rows of A = S^T J), else J g by double backward."""
         g = vjp(f, params, factor.residual / b)
-        gg = torch.stack(torch._foreach_norm(g)).square().sum()
+        g_norms = torch._foreach_norm(g)
+        gg = torch.stack(g_norms).square().sum()
         Ag = assembly.apply(g) if assembly is not None else None
-        return (apply_factor_transpose(factor, jvp(f, params, g)) if Ag is None else Ag), g, gg
+        return (apply_factor_transpose(factor, jvp(f, params, g)) if Ag is None else Ag), g, gg, g_norms
 
     # -- momentum ----------------------------------------------------------------------------------
 

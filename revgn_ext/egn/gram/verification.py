@@ -20,7 +20,7 @@ import torch
 
 from .columns import weighted_columns
 
-__all__ = ["MISMATCH", "weighted", "disagreement", "random_weight_check"]
+__all__ = ["MISMATCH", "weighted", "disagreement", "aligned_mismatches", "random_weight_check"]
 
 MISMATCH = ("its hooked per-layer gradient differs from autograd's (a use no layer rule sees, such as "
             "F.linear(h, layer.weight.t()), or a layer whose dim 0 is not the sample)")
@@ -72,10 +72,18 @@ def disagreement(factors, params, u: torch.Tensor, products, norms=None, slack=N
     ours = weighted(factors, u)
     if not ours:
         return [], torch.zeros(0, dtype=torch.bool, device=u.device)
+    return aligned_mismatches(ours, params, products, u.dtype, norms, slack)
+
+
+def aligned_mismatches(ours: dict, params, products, dtype, norms=None, slack=None):
+    """:func:`mismatches` of ``ours`` ({id(param): (param, sum)}) against ``products``, ``norms`` and
+    ``slack`` given one per parameter of ``params`` (None: not given)."""
     index = {id(p): k for k, p in enumerate(params)}
     at = [index[pid] for pid in ours]
-    return mismatches(ours, [products[k] for k in at], u.dtype, None if norms is None else [norms[k] for k in at],
-                      None if slack is None else [slack[k] for k in at])
+
+    def pick(values):
+        return None if values is None else [values[k] for k in at]
+    return mismatches(ours, pick(products), dtype, pick(norms), pick(slack))
 
 
 def random_weight_check(f: torch.Tensor, columns: torch.Tensor, factors, generator: torch.Generator) -> list[int]:
