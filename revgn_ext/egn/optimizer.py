@@ -53,7 +53,7 @@ from .params import all_finite_owned, set_params as _set_params
 from .loss_factors import CURVATURES, LOSS_FACTORS, apply_factor, apply_factor_transpose, curvature_factor, \
     factor_matrix
 from .sequence import SequenceTargets, build_layout, loss_targets, view_index
-from .solution import Solution, push_through_terms
+from .solution import Solution, push_through_terms, woodbury_terms
 from .telemetry import Clock, step_record
 
 __all__ = ["EGN", "Solution"]
@@ -343,6 +343,7 @@ class EGN(GaussNewtonOptimizer):
         if live is not None:   # the rows of samples with fewer kept positions than the longest are zero
             damped = damped[live][:, live]
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
+        top = damped.diagonal().amax() if sampled else None   # ~ ||K + mu I||: the Woodbury terms' residual
         plain = plain_factor(damped)
         L, summary, mu = plain_cholesky(damped) + (b * lam,) if plain else factor_op(damped, b * lam)
         clock.lap("factor")
@@ -350,8 +351,8 @@ class EGN(GaussNewtonOptimizer):
         # plain factor, and the op with its jitter retries only when that one fails the op's policy;
         # elsewhere the op, which decides its retries on the device.
         while True:
-            u, back_projection, direction = self._back_project(sol, L, mu, lam, rhs if sampled else None,
-                                                               g if sampled else None, gg if sampled else None)
+            u, back_projection, direction = self._back_project(
+                sol, L, mu, lam, *((rhs, g, gg, top) if sampled else (None,) * 4))
             # ||J^T S u|| per parameter, for the check and (unless sampled) ||dir|| = ||-J^T S u||
             norms = torch._foreach_norm(back_projection)
             # sampled: J^T S u = g - J^T (e / b - S u) carries g's rounding, so the check allows for it
@@ -380,7 +381,7 @@ class EGN(GaussNewtonOptimizer):
         clock.lap("backproject")
         return sol
 
-    def _back_project(self, sol: Solution, L, mu: float, lam: float, rhs, g, gg):
+    def _back_project(self, sol: Solution, L, mu: float, lam: float, rhs, g, gg, top):
         """(u, J^T S u, dir) from the factor L of K + mu I (mu = b lambda + jitter); sets how Ku and tKu form."""
         params = self.param_groups[0]["params"]
         factor, b, f = sol.factor, sol.b, sol.f
@@ -390,9 +391,8 @@ class EGN(GaussNewtonOptimizer):
             grads = vjp(f, params, factor.residual / b - apply_factor(factor, u))
             back_projection = torch._foreach_sub(g, grads)   # J^T S u
             direction = torch._foreach_div(grads, -lam)
-            # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda.
-            sol.set_terms(lambda: (mu / lam * u, b / lam * (gg - (rhs * u).sum()),
-                                   u.new_zeros((), dtype=torch.bool)))
+            # S^T J dir = -(A g - K u) / lambda = -mu u / lambda;  g^T dir = -(g.g - (A g).u) / lambda
+            sol.set_terms(lambda: woodbury_terms(rhs.reshape(b, m), u, gg, mu, lam, b, top))
             return u, back_projection, direction
         t = self._ranks.gather_rows(factor.target).reshape(-1, 1)
         u = cholesky_solve_lower(t, L).reshape(b, m)

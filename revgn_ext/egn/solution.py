@@ -8,7 +8,7 @@ import torch
 
 from .loss_factors import LossFactor
 
-__all__ = ["Solution", "push_through_terms"]
+__all__ = ["Solution", "push_through_terms", "woodbury_terms"]
 
 
 @dataclass
@@ -66,3 +66,18 @@ def push_through_terms(t, u, mu):
     doubtful = ((t.abs() * slop).sum() > eps ** 0.5 * tKu.abs()) | \
         (2 * (Ku.abs() * slop).sum() > eps ** 0.5 * Ku.square().sum())
     return Ku, tKu, doubtful
+
+
+def woodbury_terms(rhs, u, gg, mu, lam, b, top):
+    """The quadratic model's terms of a Woodbury solve (K + mu I) u = A g, A = S^T J, dir = -(g - A^T u) /
+    lambda: (Ku, tKu, doubtful) in :class:`Solution`'s sense, S^T J dir = -mu u / lambda and g^T dir =
+    -(g.g - (A g).u) / lambda.
+
+    doubtful where either may have lost more than half its digits: g.g - (A g).u cancels when g lies
+    almost in A's row space and lambda is small; mu u carries the solve's residual, up to about
+    eps ||K + mu I|| ||u|| (``top``: the largest diagonal entry of K + mu I, a 0-dim tensor)."""
+    gu = rhs * u
+    diff = gg - gu.sum()
+    eps = torch.finfo(u.dtype).eps
+    doubtful = (eps * (gg + gu.abs().sum()) > eps ** 0.5 * diff.abs()) | (eps * top > eps ** 0.5 * mu)
+    return mu / lam * u, b / lam * diff, doubtful
