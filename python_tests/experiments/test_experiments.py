@@ -381,8 +381,15 @@ def test_combined_report_over_reproduce_folders_with_a_robustness_row(tmp_path):
         assert f"**{f}: " in text
     assert "NOT RUN" not in text.split("## Paper findings")[1].split("##")[0]     # both settings present
     assert "under `per-pixel` standardisation" in text
+    robust = text.split("## Robustness")[1]
+    assert "| gn-mini | " in robust and "| adam-mini | " in robust   # its final numbers, beside the verdict
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         report.read_runs(str(tmp_path))
+    # An interrupted run is refused by name, never read as a result.
+    metrics = pixel / "adam-mini" / "seed1" / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(ValueError, match=r"adam-mini/seed1 is unfinished \(epoch 1 of 2\)"):
+        report.combined_report([str(full), str(mini)], str(tmp_path / "again"), robustness=str(pixel))
 
 
 def test_eval_every_evaluates_on_its_epochs_and_the_last(tmp_path, monkeypatch):

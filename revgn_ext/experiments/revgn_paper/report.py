@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..common import protocol as P
 from ..common.markdown import markdown_table
@@ -296,7 +296,8 @@ def write_report(runs: dict, configs: dict, out_dir: str, figures: dict, command
 
 def read_runs(folder: str) -> tuple:
     """({(optimizer, setting): [history per seed]}, {key: RunConfig}) of a finished ``reproduce --out
-    folder`` (its ``<optimizer>-<setting>/seed<k>/`` runs)."""
+    folder`` (its ``<optimizer>-<setting>/seed<k>/`` runs). ValueError when a run has not reached its
+    configured length (and did not diverge): a report over it would read an unfinished run as a result."""
     import json
 
     from ..common.records import CONFIG_JSON, load_history
@@ -309,9 +310,19 @@ def read_runs(folder: str) -> tuple:
             if os.path.isdir(os.path.join(folder, name)) else []
         if setting not in SETTINGS or not seeds:
             continue
-        runs[(opt, setting)] = [load_history(os.path.join(folder, name, s)) for s in seeds]
-        with open(os.path.join(folder, name, seeds[0], CONFIG_JSON)) as f:
-            configs[(opt, setting)] = RunConfig.from_dict(json.load(f))
+        histories = []
+        for s in seeds:
+            where = os.path.join(folder, name, s)
+            with open(os.path.join(where, CONFIG_JSON)) as f:
+                cfg = RunConfig.from_dict(json.load(f))
+            history = load_history(where)
+            last = history[-1] if history else {}
+            if last.get("epoch", 0) < cfg.epochs and not last.get("diverged"):
+                raise ValueError(f"{where} is unfinished (epoch {last.get('epoch', 0)} of {cfg.epochs}); "
+                                 f"finish it with its reproduce command and --resume, or move it away")
+            histories.append(history)
+        runs[(opt, setting)] = histories
+        configs[(opt, setting)] = replace(cfg, seed=0)
     if not runs:
         raise FileNotFoundError(f"no finished runs (<optimizer>-<setting>/seed<k>/) in {folder}")
     return runs, configs
@@ -341,7 +352,18 @@ def combined_report(parts: list, out: str, robustness: str | None = None, comman
         std = next(iter(rc.values())).standardize
         sections += ["", "## Robustness: F2 under another input standardisation", "",
                      f"Runs of `{robustness}` (standardisation `{std}`); a robustness row, not a second verdict.", "",
-                     f"* **{f2.claim}** {f2.verdict} under `{std}` standardisation.", f"  Evidence: {f2.evidence}."]
+                     f"* **{f2.claim}** {f2.verdict} under `{std}` standardisation.", f"  Evidence: {f2.evidence}.",
+                     ""]
+        ev = eval_key(next(iter(rr.values())))
+        sections += [f"| optimizer | lr | epochs | seeds | train loss | {ev} loss | {ev} acc |", "|---|---|---|---|---|---|---|"]
+        for key, hs in rr.items():
+            cells = [_pm(stat(hs, lambda h, k=k: final(h, k))) for k in ("train_loss", f"{ev}_loss", f"{ev}_acc")]
+            sections.append(f"| {key[0]}-{key[1]} | {rc[key].lr:g} | {rc[key].epochs} | {len(hs)} | " + " | ".join(cells) + " |")
+        tuned = os.path.join(robustness, "tuned_rates.json")
+        if os.path.isfile(tuned):
+            payload = P.load_tuned(tuned)
+            sections += ["", f"Tuning of `{robustness}` (`{payload['command']}`):", ""]
+            sections += tuning_markdown(payload["details"].get("records", {}))
     figures = plots.make_figures(runs, os.path.join(out, "figures"), title)
     os.makedirs(out, exist_ok=True)
     extra = "Parts: " + ", ".join(f"`{p}`" for p in parts) + ". " + (
