@@ -122,9 +122,9 @@ def summary_rows(runs: dict, configs: dict) -> list:
     return rows
 
 
-def _pm(s: P.Stat, missing: str = "diverged") -> str:
-    """``m ± s`` over the seeds that have a value, naming how many have none and why."""
-    text = P.fmt_pm(s.mean, s.std)
+def _pm(s: P.Stat, missing: str = "diverged", unit: str = "") -> str:
+    """``m ± s`` (then ``unit``) over the seeds that have a value, naming how many have none and why."""
+    text = P.fmt_pm(s.mean, s.std) + unit
     return text + (f" ({s.diverged} of {s.n + s.diverged} seeds {missing})" if s.diverged else "")
 
 
@@ -210,7 +210,7 @@ def findings(runs: dict) -> list:
                 checks[f"{SETTING_TITLES[s]} at matched loss GN < {LABELS[o]}"] = P.compare(matched["gn"], matched[o])
             parts.append(f"{SETTING_TITLES[s]}: mean over training " + ", ".join(
                 f"{LABELS[o]} {change[o]:.3g}%" for o in OPTIMIZERS) + f"; at train loss {level:.3g}: " + ", ".join(
-                f"{LABELS[o]} {_pm(matched[o], 'never reached it')}%" for o in OPTIMIZERS))
+                f"{LABELS[o]} {_pm(matched[o], 'never reached it', '%')}" for o in OPTIMIZERS))
         parts.append(", ".join(f"{k}: {_outcome_text(v)}" for k, v in checks.items()))
         out.append(Finding(claim, test, P.verdict(checks.values()), "; ".join(parts)))
     else:
@@ -271,8 +271,14 @@ def write_report(runs: dict, configs: dict, out_dir: str, figures: dict, command
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [f"Dataset `{any_cfg.dataset}`, L = {any_cfg.blocks} blocks, M = {any_cfg.hidden}, "
-              f"activations {', '.join(any_cfg.activations)}, full batch = first {any_cfg.full_batch_size} "
+    widths = {}
+    for (_, setting), cfg in configs.items():
+        widths.setdefault(setting, set()).add(cfg.hidden)
+    width = str(any_cfg.hidden) if len(set().union(*widths.values())) == 1 else ", ".join(
+        f"{'/'.join(map(str, sorted(w)))} ({SETTING_TITLES.get(s, s)})" for s, w in widths.items())
+    stds = sorted({getattr(cfg, "standardize", "global") for cfg in configs.values()})
+    lines += [f"Dataset `{any_cfg.dataset}` (inputs standardised: {', '.join(stds)}), L = {any_cfg.blocks} blocks, "
+              f"M = {width}, activations {', '.join(any_cfg.activations)}, full batch = first {any_cfg.full_batch_size} "
               f"training samples (one step per epoch), mini-batch size {any_cfg.batch_size}. GN learning rates "
               f"are in this package's convention (official x L). Every number is mean ± std (sample std) "
               f"over {'/'.join(map(str, seeds))} seeds.", ""]
@@ -366,9 +372,7 @@ def combined_report(parts: list, out: str, robustness: str | None = None, comman
             sections += tuning_markdown(payload["details"].get("records", {}))
     figures = plots.make_figures(runs, os.path.join(out, "figures"), title)
     os.makedirs(out, exist_ok=True)
-    extra = "Parts: " + ", ".join(f"`{p}`" for p in parts) + ". " + (
-        "Settings differ in width where the parts do: " + ", ".join(
-            f"{k[0]}-{k[1]} M = {c.hidden}" for k, c in configs.items()) + ".")
+    extra = "Parts: " + ", ".join(f"`{p}`" for p in parts) + "."
     return write_report(runs, configs, out, figures, command, extra=extra, sections=sections, title=title)
 
 
