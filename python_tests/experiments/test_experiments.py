@@ -381,6 +381,7 @@ def test_combined_report_over_reproduce_folders_with_a_robustness_row(tmp_path):
         assert f"**{f}: " in text
     assert "NOT RUN" not in text.split("## Paper findings")[1].split("##")[0]     # both settings present
     assert "under `per-pixel` standardisation" in text
+    assert "GN's target: `identity`" in text and "(inputs standardised: global)" in text
     robust = text.split("## Robustness")[1]
     assert "| gn-mini | " in robust and "| adam-mini | " in robust   # its final numbers, beside the verdict
     with pytest.raises(FileNotFoundError, match="no finished runs"):

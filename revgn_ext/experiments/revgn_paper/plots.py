@@ -83,7 +83,10 @@ def _grid(runs: dict, columns: list, title: str):
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    width = 0.95 * 72 * 4.2 * len(columns)   # points across the figure; a character is about 0.6 x its size
+    if 0.6 * 12 * len(title) > width:          # a long title over narrow panels: wrap it at ": "
+        title = title.replace(": ", ":\n", 1)
+    fig.suptitle(title, fontsize=min(12, width / (0.6 * max(1, *map(len, title.split("\n"))))))
     fig.tight_layout()
     return fig, plt
 

@@ -277,10 +277,12 @@ def write_report(runs: dict, configs: dict, out_dir: str, figures: dict, command
     width = str(any_cfg.hidden) if len(set().union(*widths.values())) == 1 else ", ".join(
         f"{'/'.join(map(str, sorted(w)))} ({SETTING_TITLES.get(s, s)})" for s, w in widths.items())
     stds = sorted({getattr(cfg, "standardize", "global") for cfg in configs.values()})
+    targets = sorted({cfg.target for (opt, _), cfg in configs.items() if opt == "gn"})
+    gn_target = f"; GN's target: {', '.join(f'`{t}`' for t in targets)}" if targets else ""
     lines += [f"Dataset `{any_cfg.dataset}` (inputs standardised: {', '.join(stds)}), L = {any_cfg.blocks} blocks, "
               f"M = {width}, activations {', '.join(any_cfg.activations)}, full batch = first {any_cfg.full_batch_size} "
               f"training samples (one step per epoch), mini-batch size {any_cfg.batch_size}. GN learning rates "
-              f"are in this package's convention (official x L). Every number is mean ± std (sample std) "
+              f"are in this package's convention (official x L){gn_target}. Every number is mean ± std (sample std) "
               f"over {'/'.join(map(str, seeds))} seeds.", ""]
     if extra:
         lines += [extra, ""]
@@ -362,7 +364,7 @@ def combined_report(parts: list, out: str, robustness: str | None = None, comman
                      ""]
         ev = eval_key(next(iter(rr.values())))
         sections += [f"| optimizer | lr | epochs | seeds | train loss | {ev} loss | {ev} acc |", "|---|---|---|---|---|---|---|"]
-        for key, hs in rr.items():
+        for key, hs in sorted(rr.items(), key=lambda kv: (list(OPTIMIZERS) + [kv[0][0]]).index(kv[0][0])):
             cells = [_pm(stat(hs, lambda h, k=k: final(h, k))) for k in ("train_loss", f"{ev}_loss", f"{ev}_acc")]
             sections.append(f"| {key[0]}-{key[1]} | {rc[key].lr:g} | {rc[key].epochs} | {len(hs)} | " + " | ".join(cells) + " |")
         tuned = os.path.join(robustness, "tuned_rates.json")
@@ -378,6 +380,7 @@ def combined_report(parts: list, out: str, robustness: str | None = None, comman
 
 if __name__ == "__main__":
     import argparse
+    import shlex
     import sys
 
     ap = argparse.ArgumentParser(prog="python -m revgn_ext.experiments.revgn_paper.report",
@@ -388,7 +391,7 @@ if __name__ == "__main__":
     ap.add_argument("--title", default="RevGN vs Adam vs SGD")
     a = ap.parse_args()
     try:
-        print(combined_report(a.parts, a.out, a.robustness, " ".join(["python -m revgn_ext.experiments.revgn_paper"
-                                                                      ".report"] + sys.argv[1:]), a.title))
+        print(combined_report(a.parts, a.out, a.robustness, "python -m revgn_ext.experiments.revgn_paper.report "
+                              + shlex.join(sys.argv[1:]), a.title))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
