@@ -20,7 +20,7 @@ import time
 
 from ..common import protocol
 from ..common.options import command_line
-from ..common.records import load_history, machine, resolve_device
+from ..common.records import machine, resolve_device
 from . import lqr
 from .tasks import SUPERVISED
 from .claims import claims, target_times
@@ -238,9 +238,3 @@ def execute(args, argv) -> int:
         print(f"[{c.verdict}] {c.name}: {c.claim}")
     print(f"report:  {path}\nfigures: {fig_dir}/\nwall time: {ctx['wall']:.1f} s")
     return 0
-
-
-def load_results(out: str, tasks, optimizers, seeds) -> dict:
-    """The histories written by a finished ``egn`` invocation, {(task, optimizer): [history per seed]}."""
-    return {(t, o): [load_history(os.path.join(out, t, o, f"seed{s}")) for s in seeds]
-            for t in tasks for o in optimizers if os.path.isdir(os.path.join(out, t, o))}
