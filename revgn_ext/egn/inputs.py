@@ -11,6 +11,7 @@ from .._checks import all_finite, check_tensor
 from .._inputs import ModelInputs
 from .gram import UnsupportedModelError, outputs_of
 from .loss_factors import CURVATURES
+from .sequence import all_ignored
 
 __all__ = ["check_inputs", "targets", "forward_naming_x", "check_curvature_options",
            "drop_ignored", "check_per_sample", "ModelInputs"]
@@ -189,8 +190,7 @@ def drop_ignored(group: dict, x: ModelInputs, y):
     if bool(keep.all()):
         return x, y
     if not bool(keep.any()):
-        raise ValueError(f"every label of the batch equals ignore_index={group.get('ignore_index', -100)}, so "
-                         "the loss has no sample to average over (torch's loss is NaN); skip this batch")
+        raise all_ignored(group.get("ignore_index", -100), "sample")
     return x.slice(keep), y[keep]
 
 

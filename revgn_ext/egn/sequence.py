@@ -33,7 +33,13 @@ import torch
 
 from .._inputs import ModelInputs
 
-__all__ = ["view_index", "SequenceTargets", "Layout", "PositionColumns", "loss_targets", "build_layout"]
+__all__ = ["view_index", "SequenceTargets", "Layout", "PositionColumns", "loss_targets", "build_layout", "all_ignored"]
+
+
+def all_ignored(ignore_index: int, unit: str) -> ValueError:
+    """The error for a batch whose every label is ``ignore_index`` (``unit``: "sample" or "position")."""
+    return ValueError(f"every label of the batch equals ignore_index={ignore_index}, so the loss has no {unit} "
+                      "to average over (torch's loss is NaN); skip this batch")
 
 
 def _offsets(t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +150,7 @@ def loss_targets(spec, x, y, output=None, loss_input=None, class_dim: int = -1):
         return y
     seq = SequenceTargets(y, index, class_dim, spec.ignore_index)
     if not y.is_floating_point() and seq.kept() == 0:
-        raise ValueError(f"every label of the batch equals ignore_index={spec.ignore_index}, so the loss has "
-                         "no position to average over (torch's loss is NaN); skip this batch")
+        raise all_ignored(spec.ignore_index, "position")
     return seq
 
 
@@ -278,8 +283,7 @@ def build_layout(targets: SequenceTargets, raw_shape: tuple, f: torch.Tensor) ->
     if C < 2:
         raise ValueError("cross_entropy needs at least 2 classes; use binary_cross_entropy")
     if pos.shape[0] == 0:
-        raise ValueError(f"every label of the batch equals ignore_index={targets.ignore_index}, so the loss "
-                         "has no position to average over (torch's loss is NaN); skip this batch")
+        raise all_ignored(targets.ignore_index, "position")
     sample = pos[:, 0] // c
     if not bool((pos // c == sample[:, None]).all()):
         raise ValueError(f"a row of the cross_entropy over {where} reads the logits of several samples (a "
