@@ -383,7 +383,7 @@ def test_combined_report_over_reproduce_folders_with_a_robustness_row(tmp_path):
     assert "under `per-pixel` standardisation" in text
     assert "GN's target: `identity`" in text and "(inputs standardised: global)" in text
     robust = text.split("## Robustness")[1]
-    assert "| gn-mini | " in robust and "| adam-mini | " in robust   # its final numbers, beside the verdict
+    assert "| mini-batch | GN (RevGN) | " in robust and "| mini-batch | Adam | " in robust   # its final numbers
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         report.read_runs(str(tmp_path))
     # An interrupted run is refused by name, never read as a result.

@@ -343,7 +343,8 @@ class EGN(GaussNewtonOptimizer):
         if live is not None:   # the rows of samples with fewer kept positions than the longest are zero
             damped = damped[live][:, live]
         damped.diagonal().add_(b * lam)   # in place: K is large and only needed damped
-        top = damped.diagonal().amax() if sampled else None   # ~ ||K + mu I||: the Woodbury terms' residual
+        # The Woodbury solve's inputs; its largest damped diagonal entry ~ ||K + mu I|| bounds its residual
+        woodbury = (rhs, g, gg, damped.diagonal().amax()) if sampled else None
         plain = plain_factor(damped)
         L, summary, mu = plain_cholesky(damped) + (b * lam,) if plain else factor_op(damped, b * lam)
         clock.lap("factor")
@@ -351,8 +352,7 @@ class EGN(GaussNewtonOptimizer):
         # plain factor, and the op with its jitter retries only when that one fails the op's policy;
         # elsewhere the op, which decides its retries on the device.
         while True:
-            u, back_projection, direction = self._back_project(
-                sol, L, mu, lam, *((rhs, g, gg, top) if sampled else (None,) * 4))
+            u, back_projection, direction = self._back_project(sol, L, mu, lam, woodbury)
             # ||J^T S u|| per parameter, for the check and (unless sampled) ||dir|| = ||-J^T S u||
             norms = torch._foreach_norm(back_projection)
             # sampled: J^T S u = g - J^T (e / b - S u) carries g's rounding, so the check allows for it
@@ -381,12 +381,14 @@ class EGN(GaussNewtonOptimizer):
         clock.lap("backproject")
         return sol
 
-    def _back_project(self, sol: Solution, L, mu: float, lam: float, rhs, g, gg, top):
-        """(u, J^T S u, dir) from the factor L of K + mu I (mu = b lambda + jitter); sets how Ku and tKu form."""
+    def _back_project(self, sol: Solution, L, mu: float, lam: float, woodbury=None):
+        """(u, J^T S u, dir) from the factor L of K + mu I (mu = b lambda + jitter); sets how Ku and tKu form.
+        ``woodbury``: (S^T J g, g, g.g, K + mu I's largest diagonal entry) for the Woodbury solve, else None."""
         params = self.param_groups[0]["params"]
         factor, b, f = sol.factor, sol.b, sol.f
         m = L.shape[0] // b
-        if rhs is not None:   # sampled
+        if woodbury is not None:
+            rhs, g, gg, top = woodbury
             u = cholesky_solve_lower(rhs.reshape(-1, 1), L).reshape(b, m)
             grads = vjp(f, params, factor.residual / b - apply_factor(factor, u))
             back_projection = torch._foreach_sub(g, grads)   # J^T S u

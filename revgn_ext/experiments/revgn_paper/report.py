@@ -276,7 +276,7 @@ def write_report(runs: dict, configs: dict, out_dir: str, figures: dict, command
         widths.setdefault(setting, set()).add(cfg.hidden)
     width = str(any_cfg.hidden) if len(set().union(*widths.values())) == 1 else ", ".join(
         f"{'/'.join(map(str, sorted(w)))} ({SETTING_TITLES.get(s, s)})" for s, w in widths.items())
-    stds = sorted({getattr(cfg, "standardize", "global") for cfg in configs.values()})
+    stds = sorted({cfg.standardize for cfg in configs.values()})
     targets = sorted({cfg.target for (opt, _), cfg in configs.items() if opt == "gn"})
     gn_target = f"; GN's target: {', '.join(f'`{t}`' for t in targets)}" if targets else ""
     lines += [f"Dataset `{any_cfg.dataset}` (inputs standardised: {', '.join(stds)}), L = {any_cfg.blocks} blocks, "
@@ -336,6 +336,15 @@ def read_runs(folder: str) -> tuple:
     return runs, configs
 
 
+def _tuning_of(folder: str) -> list:
+    """Markdown lines: the tuning table of a ``reproduce --out`` folder's tuned_rates.json ([] without one)."""
+    tuned = os.path.join(folder, "tuned_rates.json")
+    if not os.path.isfile(tuned):
+        return []
+    payload = P.load_tuned(tuned)
+    return ["", f"Tuning of `{folder}` (`{payload['command']}`):", ""] + tuning_markdown(payload["details"].get("records", {}))
+
+
 def combined_report(parts: list, out: str, robustness: str | None = None, command: str = "",
                     title: str = "RevGN vs Adam vs SGD") -> str:
     """One REPORT.md over several ``reproduce`` folders (e.g. full batch at one width, mini-batch at
@@ -348,11 +357,7 @@ def combined_report(parts: list, out: str, robustness: str | None = None, comman
         r, c = read_runs(folder)
         runs |= r
         configs |= c
-        tuned = os.path.join(folder, "tuned_rates.json")
-        if os.path.isfile(tuned):
-            payload = P.load_tuned(tuned)
-            tuning += ["", f"Tuning of `{folder}` (`{payload['command']}`):", ""]
-            tuning += tuning_markdown(payload["details"].get("records", {}))
+        tuning += _tuning_of(folder)
     sections = ["## Learning rates", ""] + (tuning or ["(no tuned_rates.json in the parts)"])
     if robustness:
         rr, rc = read_runs(robustness)
@@ -361,17 +366,7 @@ def combined_report(parts: list, out: str, robustness: str | None = None, comman
         sections += ["", "## Robustness: F2 under another input standardisation", "",
                      f"Runs of `{robustness}` (standardisation `{std}`); a robustness row, not a second verdict.", "",
                      f"* **{f2.claim}** {f2.verdict} under `{std}` standardisation.", f"  Evidence: {f2.evidence}.",
-                     ""]
-        ev = eval_key(next(iter(rr.values())))
-        sections += [f"| optimizer | lr | epochs | seeds | train loss | {ev} loss | {ev} acc |", "|---|---|---|---|---|---|---|"]
-        for key, hs in sorted(rr.items(), key=lambda kv: (list(OPTIMIZERS) + [kv[0][0]]).index(kv[0][0])):
-            cells = [_pm(stat(hs, lambda h, k=k: final(h, k))) for k in ("train_loss", f"{ev}_loss", f"{ev}_acc")]
-            sections.append(f"| {key[0]}-{key[1]} | {rc[key].lr:g} | {rc[key].epochs} | {len(hs)} | " + " | ".join(cells) + " |")
-        tuned = os.path.join(robustness, "tuned_rates.json")
-        if os.path.isfile(tuned):
-            payload = P.load_tuned(tuned)
-            sections += ["", f"Tuning of `{robustness}` (`{payload['command']}`):", ""]
-            sections += tuning_markdown(payload["details"].get("records", {}))
+                     "", markdown_table(summary_rows(rr, rc))] + _tuning_of(robustness)
     figures = plots.make_figures(runs, os.path.join(out, "figures"), title)
     os.makedirs(out, exist_ok=True)
     extra = "Parts: " + ", ".join(f"`{p}`" for p in parts) + "."
